@@ -1,0 +1,79 @@
+"""The recurrence, step by step with `jax.lax.scan`: the oracle every fast path is checked against."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from iplr_jax._common import accum_dtype, check_inputs, default_scale
+
+_HI = jax.lax.Precision.HIGHEST
+
+
+def _step(S, q_t, k_t, v_t, a_t, b_t, scale):
+    """One step for state S [..., K, V] and per-step vectors [..., K] / [..., V]."""
+    aS = jnp.einsum("...k,...kv->...v", a_t, S, precision=_HI)
+    S = S + k_t[..., :, None] * v_t[..., None, :] + b_t[..., :, None] * aS[..., None, :]
+    o_t = scale * jnp.einsum("...k,...kv->...v", q_t, S, precision=_HI)
+    return S, o_t
+
+
+def naive(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    a: jax.Array,
+    b: jax.Array,
+    *,
+    scale: float | None = None,
+    initial_state: jax.Array | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array | None]:
+    """Reference IPLR recurrence: `S_t = (I + b_t a_t^T) S_{t-1} + k_t v_t^T`, `o_t = scale S_t^T q_t`.
+
+    Args:
+      q, k, a, b: [B, T, H, K].
+      v: [B, T, H, V].
+      scale: output scale, default `K ** -0.5`.
+      initial_state: [N, H, K, V], N = B (or the number of packed sequences).
+      output_final_state: also return the state after the last token of each sequence.
+      cu_seqlens: int [N + 1] offsets of packed sequences in a batch of 1 (may be traced).
+
+    Returns:
+      `o` [B, T, H, V] in v's dtype, and the final state [N, H, K, V] (float32, float64 for
+      float64 inputs) or None.
+    """
+    dims = check_inputs(q, k, v, a, b, scale=scale, initial_state=initial_state, cu_seqlens=cu_seqlens)
+    B, T, H, K, V, N = dims
+    acc = accum_dtype(q, k, v, a, b)
+    scale = default_scale(scale, K)
+    h0 = (
+        jnp.zeros((N, H, K, V), acc) if initial_state is None else jnp.asarray(initial_state, acc)
+    )
+    # time-major [T, B, H, D]
+    xs = tuple(jnp.moveaxis(jnp.asarray(x, acc), 1, 0) for x in (q, k, v, a, b))
+
+    if cu_seqlens is None:
+        def body(S, x):
+            return _step(S, *x, scale)
+
+        S, o = jax.lax.scan(body, h0, xs)
+        final = S
+    else:
+        cu = jnp.asarray(cu_seqlens, jnp.int32)
+        t = jnp.arange(T)
+        seq = jnp.clip(jnp.searchsorted(cu[1:], t, side="right"), 0, N - 1)
+        start = t == cu[seq]
+
+        def body(carry, x):
+            S, final = carry
+            seq_t, start_t, xt = x
+            S = jnp.where(start_t, h0[seq_t], S)
+            S, o_t = _step(S, *(y[0] for y in xt), scale)
+            # the last write for each sequence is its final state; empty sequences keep h0
+            return (S, final.at[seq_t].set(S)), o_t[None]
+
+        (_, final), o = jax.lax.scan(body, (h0[0], h0), (seq, start, xs))
+    o = jnp.moveaxis(o, 0, 1).astype(v.dtype)
+    return o, (final if output_final_state else None)
