@@ -1,0 +1,100 @@
+"""Bad inputs fail early with a ValueError naming the argument, the shape it got and the one it needs."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import iplr_jax
+
+OPS = {
+    "chunk": functools.partial(iplr_jax.chunk, implementation="xla"),
+    "fused_recurrent": functools.partial(iplr_jax.fused_recurrent, implementation="xla"),
+    "naive": iplr_jax.naive,
+}
+
+
+def _inputs(B=2, T=8, H=2, K=4, V=3):
+    z = lambda *s: jnp.ones(s, jnp.float32)
+    return z(B, T, H, K), z(B, T, H, K), z(B, T, H, V), z(B, T, H, K), z(B, T, H, K)
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize(
+    "which, bad, match",
+    [
+        (0, jnp.ones((2, 8, 2)), r"q must have shape \[B, T, H, K\], got shape \(2, 8, 2\)"),
+        (1, jnp.ones((2, 8, 2, 5)), r"k must have the shape of q.*\(2, 8, 2, 4\).*\(2, 8, 2, 5\)"),
+        (2, jnp.ones((2, 7, 2, 3)), r"v must have shape \[B, T, H, V\].*\(2, 7, 2, 3\)"),
+        (3, jnp.ones((2, 8, 3, 4)), r"a must have the shape of q"),
+        (4, jnp.ones((1, 8, 2, 4)), r"b must have the shape of q"),
+        (0, jnp.ones((2, 8, 2, 4), jnp.int32), r"q must be a floating-point array"),
+    ],
+)
+def test_bad_shapes(op, which, bad, match):
+    args = list(_inputs())
+    args[which] = bad
+    with pytest.raises(ValueError, match=match):
+        OPS[op](*args)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_bad_initial_state(op):
+    with pytest.raises(ValueError, match=r"initial_state must have shape \[N, H, K, V\] = \(2, 2, 4, 3\)"):
+        OPS[op](*_inputs(), initial_state=jnp.zeros((2, 2, 3, 4)))
+    # packed: N comes from cu_seqlens, not from B
+    q, k, v, a, b = _inputs(B=1)
+    cu = jnp.array([0, 3, 8], jnp.int32)
+    with pytest.raises(ValueError, match=r"\(2, 2, 4, 3\) \(N = len\(cu_seqlens\) - 1\), got \(1, 2, 4, 3\)"):
+        OPS[op](q, k, v, a, b, cu_seqlens=cu, initial_state=jnp.zeros((1, 2, 4, 3)))
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_bad_cu_seqlens(op):
+    with pytest.raises(ValueError, match=r"packed into a batch of 1: q must have shape \[1, T, H, K\], got \(2"):
+        OPS[op](*_inputs(), cu_seqlens=jnp.array([0, 4, 8], jnp.int32))
+    one = _inputs(B=1)
+    with pytest.raises(ValueError, match=r"non-decreasing offsets from 0 to T=8, got \[0, 5, 3, 8\]"):
+        OPS[op](*one, cu_seqlens=np.array([0, 5, 3, 8], np.int32))
+    with pytest.raises(ValueError, match=r"non-decreasing offsets from 0 to T=8, got \[0, 4\]"):
+        OPS[op](*one, cu_seqlens=np.array([0, 4], np.int32))
+    with pytest.raises(ValueError, match=r"cu_seqlens must be integer offsets"):
+        OPS[op](*one, cu_seqlens=np.array([0.0, 8.0]))
+    with pytest.raises(ValueError, match=r"cu_seqlens must have shape \[N \+ 1\]"):
+        OPS[op](*one, cu_seqlens=np.array([[0, 8]], np.int32))
+
+
+def test_bad_chunk_size():
+    for c in (8, 48, 128):
+        with pytest.raises(ValueError, match=rf"chunk_size must be a power of two in \(16, 32, 64\), got {c}"):
+            iplr_jax.chunk(*_inputs(), chunk_size=c, implementation="xla")
+
+
+@pytest.mark.parametrize("op", ["chunk", "fused_recurrent"])
+def test_bad_implementation(op):
+    fn = getattr(iplr_jax, op)
+    with pytest.raises(ValueError, match=r"implementation must be one of"):
+        fn(*_inputs(), implementation="triton")
+    if jax.default_backend() != "gpu":
+        with pytest.raises(ValueError, match=r'implementation="pallas" needs a GPU'):
+            fn(*_inputs(), implementation="pallas")
+
+
+@pytest.mark.parametrize("op", ["chunk", "fused_recurrent"])
+def test_kernel_head_size_limit(op):
+    q, k, v, a, b = _inputs(K=300)
+    with pytest.raises(ValueError, match=r"support K <= 256, got K=300"):
+        getattr(iplr_jax, op)(q, k, v, a, b, implementation="interpret")
+
+
+def test_validation_before_tracing_under_jit():
+    # shapes are static under jit, so the same ValueError surfaces, not a tracing error
+    f = jax.jit(lambda q, k, v, a, b: iplr_jax.chunk(q, k, v, a, b, implementation="xla"))
+    args = list(_inputs())
+    args[2] = jnp.ones((2, 8, 3, 3))
+    with pytest.raises(ValueError, match=r"v must have shape"):
+        f(*args)
