@@ -256,7 +256,8 @@ def main(argv=None) -> int:
         B, T, H, K, V = (int(n) for n in s.split(","))
         sizes[f"C{i + 1}"] = dict(B=B, T=T, H=H, K=K, V=V)
     impls = args.impls.split(",") if args.impls else (["pallas", "xla"] if has_gpu() else ["xla"])
-    rows = run(sizes, args.modes.split(","), impls, jnp.dtype(args.dtype).type, args.reps, fla=not args.no_fla)
+    dtype = jnp.dtype(args.dtype).type
+    rows = run(sizes, args.modes.split(","), impls, dtype, args.reps, fla=not args.no_fla)
 
     device = jax.devices()[0].device_kind
     meta = dict(

@@ -55,7 +55,8 @@ def test_bad_initial_state(op):
 
 @pytest.mark.parametrize("op", OPS)
 def test_bad_cu_seqlens(op):
-    with pytest.raises(ValueError, match=r"packed into a batch of 1: q must have shape \[1, T, H, K\], got \(2"):
+    msg = r"packed into a batch of 1: q must have shape \[1, T, H, K\], got \(2"
+    with pytest.raises(ValueError, match=msg):
         OPS[op](*_inputs(), cu_seqlens=jnp.array([0, 4, 8], jnp.int32))
     one = _inputs(B=1)
     with pytest.raises(ValueError, match=r"non-decreasing offsets from 0 to T=8, got \[0, 5, 3, 8\]"):
@@ -70,7 +71,8 @@ def test_bad_cu_seqlens(op):
 
 def test_bad_chunk_size():
     for c in (8, 48, 128):
-        with pytest.raises(ValueError, match=rf"chunk_size must be a power of two in \(16, 32, 64\), got {c}"):
+        msg = rf"chunk_size must be a power of two in \(16, 32, 64\), got {c}"
+        with pytest.raises(ValueError, match=msg):
             iplr_jax.chunk(*_inputs(), chunk_size=c, implementation="xla")
 
 
