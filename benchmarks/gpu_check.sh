@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The whole GPU check in one call: install, probe, GPU tests, benchmark with fla-core side by side.
+# Usage (device tool, carry .fla):  bash benchmarks/gpu_check.sh [pytest args...]
+# Env: BENCH_ARGS (default: all sizes), SKIP_TESTS=1, SKIP_BENCH=1.
+set -uo pipefail
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
+python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 || python3 -m pip install -q --no-deps -e . >>"$OUT/install.log" 2>&1
+python3 -m pip install -q --no-deps --target /tmp/fla .fla/*.whl >>"$OUT/install.log" 2>&1 && export PYTHONPATH=/tmp/fla
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import jax, torch, triton; print('jax', jax.__version__, jax.devices(), 'torch', torch.__version__, 'triton', triton.__version__)"
+python3 benchmarks/probe_triton.py 2>&1 | tail -3
+if [ -z "${SKIP_TESTS:-}" ]; then
+  timeout 400 python3 -m pytest -q -x --runslow -p no:cacheprovider "$@" 2>&1 | tee "$OUT/pytest.log" | tail -25
+fi
+if [ -z "${SKIP_BENCH:-}" ]; then
+  timeout 400 python3 -m iplr_jax bench ${BENCH_ARGS:-} --out "$OUT/bench.json" 2>&1 | tr '\r' '\n' | grep -v '%|' | tee "$OUT/bench.log"
+fi
