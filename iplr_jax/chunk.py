@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltr
 
 from iplr_jax._common import (
     accum_dtype,
@@ -19,11 +22,142 @@ from iplr_jax._common import (
     to_chunks,
 )
 from iplr_jax.chunk_xla import chunk_xla
+from iplr_jax.wy_fast import wy_fwd
 
 # -- forward kernels ---------------------------------------------------------------------------
+#
+# Three passes (DESIGN.md section 2):
+#   1. `wy_fast.wy_fwd`: W, U per (chunk, head), parallel over all chunks.
+#   2. `_state_kernel`: per (sequence, head, V-block) the sequential S0 -> S_C sweep; writes the
+#      residuals h (state before each chunk) and v_new (V2), and optionally the output too.
+#   3. `_output_kernel`: O per (chunk, head, V-block) from h and v_new, parallel over chunks.
+# Fusing 3 into 2 saves re-reading h and v_new (and, when no gradient is taken, writing them)
+# at the price of recomputing Q K^T and Q B^T per V-block on the sequential path; it pays when
+# there are enough (sequence, head, V-block) programs to fill the GPU, see `_plan`.
+#
+# Dot operands: products of two inputs (Q K^T, Q B^T, K^T V, incl(Q K^T) V) take the inputs'
+# dtype (bf16 matrix units, exact products, f32 accumulation); products with the float32 state
+# or V2 (W S0, B^T V2, incl(Q B^T) V2) take float32 operands (tf32 on the GPU) so the carried
+# state is never rounded to 16 bits. W and U are stored in the inputs' dtype (like fla), h too.
+
+_F32 = jnp.float32
+_TN = (((0,), (0,)), ((), ()))  # x^T @ y
+_NT = (((1,), (1,)), ((), ()))  # x @ y^T
+_NUM_SMS = 132  # H100; only steers block sizes
+# None: `_plan` decides whether the output is fused into the state sweep; True/False force it
+# (for benchmarks and tests).
+FUSE_OUTPUT: bool | None = None
 
 
-def chunk_fwd(q, k, v, a, b, h0, cu_chunks, *, scale, chunk_size, interpret):
+def _dot(x, y, dims=None):
+    if dims is None:
+        return jnp.dot(x, y, preferred_element_type=_F32)
+    return jax.lax.dot_general(x, y, dims, preferred_element_type=_F32)
+
+
+def _chunk_output(q, k, b, v, v2, s0, dt, scale):
+    """scale (Q S0 + incl(Q K^T) V + incl(Q B^T) V2) for one chunk, float32 [C, BV]."""
+    C = q.shape[0]
+    incl = jax.lax.broadcasted_iota(jnp.int32, (C, C), 0) >= jax.lax.broadcasted_iota(
+        jnp.int32, (C, C), 1
+    )
+    qk = jnp.where(incl, _dot(q, k, _NT), 0.0)
+    qb = jnp.where(incl, _dot(q, b, _NT), 0.0)
+    o = _dot(q, s0.astype(dt)) + _dot(qk.astype(dt), v) + _dot(qb, v2)
+    return scale * o
+
+
+def _state_kernel(
+    cu_ref, w_ref, u_ref, k_ref, b_ref, v_ref, h0_ref, *refs, chunk_size, num_chunks, residuals,
+    fuse, scale,
+):
+    """One (sequence n, head, V-block): S [Kp, BV] float32 carried over the sequence's chunks.
+
+    Bytes per chunk: reads W, K, B [C, Kp] and U, V [C, BV] (input dtype); writes h [Kp, BV]
+    (input dtype) and v_new [C, BV] (float32) when residuals are wanted; fused, it also reads
+    Q [C, Kp] and writes O [C, BV]. The state never leaves registers between chunks. BV is
+    small (16-64, `_plan`) so that S and the [C, Kp] operand tiles fit for Kp up to 256, and
+    so that N * H * (Vp / BV) programs fill the GPU: this sweep is latency-bound.
+    """
+    refs = list(refs)
+    q_ref = refs.pop(0) if fuse else None
+    ht_ref = refs.pop(0)
+    h_ref, vn_ref = (refs.pop(0), refs.pop(0)) if residuals else (None, None)
+    o_ref = refs.pop(0) if fuse else None
+    C, dt = chunk_size, k_ref.dtype
+    n = pl.program_id(0)
+    start, end = cu_ref[n], cu_ref[n + 1]
+
+    def body(c, s):
+        r = pl.ds(c * C, C)
+        if residuals:
+            h_ref[c] = s.astype(h_ref.dtype)
+        v2 = u_ref[r, :].astype(_F32) + _dot(w_ref[r, :].astype(_F32), s)  # V2 = U + W S0
+        if residuals:
+            vn_ref[r, :] = v2
+        k, b, v = k_ref[r, :], b_ref[r, :], v_ref[r, :]
+        if fuse:
+            o = _chunk_output(q_ref[r, :], k, b, v, v2, s, dt, scale)
+            o_ref[r, :] = o.astype(o_ref.dtype)
+        return s + _dot(k, v, _TN) + _dot(b.astype(_F32), v2, _TN)  # S0 + K^T V + B^T V2
+
+    s = jax.lax.fori_loop(start, end, body, h0_ref[...].astype(_F32))
+    ht_ref[...] = s  # an empty sequence keeps h0
+
+    if residuals or fuse:
+        # The last program of each (head, V-block) zero-fills the padding chunks past
+        # cu_chunks[-1], so no residual the backward reads is ever uninitialised memory.
+        def zero(c, carry):
+            r = pl.ds(c * C, C)
+            if residuals:
+                h_ref[c] = jnp.zeros(h_ref.shape[1:], h_ref.dtype)
+                vn_ref[r, :] = jnp.zeros((C, vn_ref.shape[-1]), vn_ref.dtype)
+            if fuse:
+                o_ref[r, :] = jnp.zeros((C, o_ref.shape[-1]), o_ref.dtype)
+            return carry
+
+        stop = jnp.where(n == pl.num_programs(0) - 1, num_chunks, end)
+        jax.lax.fori_loop(end, stop, zero, 0)
+
+
+def _output_kernel(q_ref, k_ref, b_ref, v_ref, vn_ref, h_ref, o_ref, *, scale):
+    """One (chunk, head, V-block): O = scale (Q S0 + incl(Q K^T) V + incl(Q B^T) V2).
+
+    Bytes: reads Q, K, B [C, Kp], V [C, BV], v_new [C, BV] f32 and h [Kp, BV]; writes O. BV
+    is as wide as registers allow (up to 128) so Q K^T and Q B^T are recomputed for few
+    V-blocks; chunks are independent, so the grid is large whatever the batch.
+    """
+    o = _chunk_output(
+        q_ref[...], k_ref[...], b_ref[...], v_ref[...], vn_ref[...], h_ref[...], k_ref.dtype, scale
+    )
+    o_ref[...] = o.astype(o_ref.dtype)
+
+
+class _Plan(NamedTuple):
+    block_v: int  # V-block of the state sweep
+    block_v_out: int  # V-block of the output kernel
+    fuse: bool  # output computed in the state sweep
+    warps: int
+
+
+def _plan(N: int, H: int, Kp: int, Vp: int, num_chunks: int) -> _Plan:
+    """Block sizes. The sweep's [Kp, BV] float32 state plus its [C, Kp] tiles must fit in
+    registers: BV <= 8192 / Kp (64 for Kp = 128, 32 for Kp = 256); smaller BV when there are
+    too few programs to occupy the SMs (the sweep is a dependent chain per program)."""
+    bv = min(Vp, max(16, 8192 // Kp))
+    while bv > 16 and N * H * (Vp // bv) < _NUM_SMS:
+        bv //= 2
+    programs = N * H * (Vp // bv)
+    # Fusing adds Q K^T, Q B^T and three more dots to every step of the sequential chain; it
+    # pays only when that chain is short next to the traffic it saves, i.e. when the sweep
+    # already has several waves of programs (many sequences/heads, few chunks each).
+    per_seq = num_chunks / max(N, 1)
+    fuse = programs >= 2 * _NUM_SMS and per_seq <= 64 if FUSE_OUTPUT is None else FUSE_OUTPUT
+    bvo = min(Vp, 128 if Kp <= 128 else 64)
+    return _Plan(bv, bvo, fuse, 4)
+
+
+def chunk_fwd(q, k, v, a, b, h0, cu_chunks, *, scale, chunk_size, interpret, residuals=True):
     """Forward of the chunked form on the aligned layout, through Pallas kernels.
 
     Args:
@@ -32,13 +166,80 @@ def chunk_fwd(q, k, v, a, b, h0, cu_chunks, *, scale, chunk_size, interpret):
       h0: [N, H, Kp, Vp] float32.
       cu_chunks: int32 [N + 1]; sequence n owns chunks cu_chunks[n] .. cu_chunks[n+1]-1 (may be
         traced). Chunks at or past cu_chunks[-1] are zero padding.
+      residuals: also compute h and v_new (False: they come back as None, and the kernels may
+        skip writing them; for the primal without a gradient).
 
     Returns:
       o [1, L, H, Vp] (v's dtype), ht [N, H, Kp, Vp] float32, and the residuals the backward
-      needs: h [NC, H, Kp, Vp] (the state before each chunk; float32 or the input dtype) and
-      v_new [1, L, H, Vp] float32 (V2[t] = a_t^T S_{t-1}).
+      needs: h [NC, H, Kp, Vp] (the state before each chunk, in the inputs' dtype: float32 or
+      16-bit; zero for padding chunks) and v_new [1, L, H, Vp] float32 (V2[t] = a_t^T S_{t-1};
+      zero in padding rows).
     """
-    raise NotImplementedError("the Pallas chunk forward kernels are not built yet")
+    _, L, H, Kp = q.shape
+    Vp = v.shape[-1]
+    N = h0.shape[0]
+    C = chunk_size
+    NC = L // C
+    dt = k.dtype
+    plan = _plan(N, H, Kp, Vp, NC)
+    w, u = wy_fwd(a, b, k, v, chunk_size=C, out_dtype=dt, interpret=interpret)
+
+    fuse = plan.fuse
+    keep = residuals or not fuse
+    BV = plan.block_v
+    nv = Vp // BV
+    kfull = pl.BlockSpec((None, L, None, Kp), lambda n, h, j: (0, 0, h, 0))
+    vfull = pl.BlockSpec((None, L, None, BV), lambda n, h, j: (0, 0, h, j))
+    state = pl.BlockSpec((None, None, Kp, BV), lambda n, h, j: (n, h, 0, j))
+    in_specs = [pl.BlockSpec((N + 1,), lambda n, h, j: (0,)), kfull, vfull, kfull, kfull, vfull, state]
+    args = [cu_chunks.astype(jnp.int32), w, u, k, b, v, h0.astype(_F32)]
+    out_specs = [state]
+    out_shape = [jax.ShapeDtypeStruct((N, H, Kp, Vp), _F32)]
+    if fuse:
+        in_specs.append(kfull)
+        args.append(q)
+    if keep:
+        out_specs += [pl.BlockSpec((NC, None, Kp, BV), lambda n, h, j: (0, h, 0, j)), vfull]
+        out_shape += [
+            jax.ShapeDtypeStruct((NC, H, Kp, Vp), dt),
+            jax.ShapeDtypeStruct((1, L, H, Vp), _F32),
+        ]
+    if fuse:
+        out_specs.append(vfull)
+        out_shape.append(jax.ShapeDtypeStruct((1, L, H, Vp), v.dtype))
+    outs = pl.pallas_call(
+        functools.partial(
+            _state_kernel, chunk_size=C, num_chunks=NC, residuals=keep, fuse=fuse, scale=scale
+        ),
+        grid=(N, H, nv),
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        compiler_params=pltr.CompilerParams(num_warps=plan.warps, num_stages=2),
+        interpret=interpret,
+        name="iplr_chunk_state_fwd",
+    )(*args)
+    ht = outs[0]
+    h, v_new = (outs[1], outs[2]) if keep else (None, None)
+    if fuse:
+        o = outs[-1]
+    else:
+        BVo = plan.block_v_out
+        kc = pl.BlockSpec((None, C, None, Kp), lambda c, h, j: (0, c, h, 0))
+        vc = pl.BlockSpec((None, C, None, BVo), lambda c, h, j: (0, c, h, j))
+        o = pl.pallas_call(
+            functools.partial(_output_kernel, scale=scale),
+            grid=(NC, H, Vp // BVo),
+            in_specs=[kc, kc, kc, vc, vc, pl.BlockSpec((None, None, Kp, BVo), lambda c, h, j: (c, h, 0, j))],
+            out_specs=vc,
+            out_shape=jax.ShapeDtypeStruct((1, L, H, Vp), v.dtype),
+            compiler_params=pltr.CompilerParams(num_warps=4 if Kp * BVo <= 8192 else 8, num_stages=2),
+            interpret=interpret,
+            name="iplr_chunk_output_fwd",
+        )(q, k, b, v, v_new, h)
+    if not residuals:
+        h = v_new = None
+    return o, ht, h, v_new
 
 
 # -- custom_vjp: forward kernels here, backward kernels in chunk_bwd.py --------------------------
@@ -46,8 +247,10 @@ def chunk_fwd(q, k, v, a, b, h0, cu_chunks, *, scale, chunk_size, interpret):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
 def _chunk_aligned(q, k, v, a, b, h0, cu_chunks, scale, chunk_size, interpret):
+    # no gradient taken: the residuals need not be written
     o, ht, _, _ = chunk_fwd(
-        q, k, v, a, b, h0, cu_chunks, scale=scale, chunk_size=chunk_size, interpret=interpret
+        q, k, v, a, b, h0, cu_chunks, scale=scale, chunk_size=chunk_size, interpret=interpret,
+        residuals=False,
     )
     return o, ht
 
