@@ -1,0 +1,209 @@
+"""Forward of `iplr_jax.chunk` against the float64 recurrence, and the forward kernels alone.
+
+Every case runs for each implementation in CHUNK_IMPLS ("xla", the Pallas kernels through the
+interpreter, and the compiled kernels on a GPU). Gradients are tested in test_chunk_bwd.py.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import CHUNK_IMPLS
+from helpers import make_inputs, reference, rel_err, tol
+
+import iplr_jax
+from iplr_jax.wy_fast import wy_fwd
+
+# the module (the package attribute `iplr_jax.chunk` is the function)
+chunk_mod = importlib.import_module("iplr_jax.chunk")
+
+CASES = {
+    # name: (B, T, H, K, V, chunk_size, initial state, delta rule)
+    "c16_odd_T_KneV": (2, 40, 2, 32, 16, 16, True, False),
+    "c32_K60_V20": (1, 70, 2, 60, 20, 32, True, False),
+    "c64_no_h0": (2, 80, 1, 16, 32, 64, False, False),
+    "c64_K100": (1, 50, 1, 100, 16, 64, True, False),
+    "c16_delta": (1, 33, 2, 16, 16, 16, True, True),
+}
+
+
+@pytest.mark.parametrize("impl", CHUNK_IMPLS)
+@pytest.mark.parametrize("case", list(CASES))
+def test_forward_matches_reference(rng, impl, case):
+    B, T, H, K, V, C, has_h0, delta = CASES[case]
+    (q, k, v, a, b), h0 = make_inputs(rng, B, T, H, K, V, delta=delta, h0=has_h0)
+    o, ht = iplr_jax.chunk(
+        q, k, v, a, b, initial_state=h0, output_final_state=True, chunk_size=C, implementation=impl
+    )
+    ro, rht = reference(q, k, v, a, b, initial_state=h0, output_final_state=True)
+    assert o.dtype == v.dtype and o.shape == v.shape
+    assert ht.dtype == jnp.float32 and ht.shape == (B, H, K, V)
+    assert rel_err(o, ro) < tol(jnp.float32)
+    assert rel_err(ht, rht) < tol(jnp.float32)
+    o2, none = iplr_jax.chunk(q, k, v, a, b, initial_state=h0, chunk_size=C, implementation=impl)
+    assert none is None
+    np.testing.assert_array_equal(np.asarray(o2), np.asarray(o))
+
+
+@pytest.mark.parametrize("impl", CHUNK_IMPLS)
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_forward_half_precision(rng, impl, dtype):
+    (q, k, v, a, b), h0 = make_inputs(rng, 2, 45, 2, 32, 16, dtype=dtype)
+    o, ht = iplr_jax.chunk(
+        q, k, v, a, b, initial_state=h0, output_final_state=True, chunk_size=16, implementation=impl
+    )
+    ro, rht = reference(q, k, v, a, b, initial_state=h0, output_final_state=True)
+    assert o.dtype == dtype
+    assert rel_err(o, ro) < tol(dtype)
+    assert rel_err(ht, rht) < tol(dtype)
+
+
+@pytest.mark.parametrize("impl", CHUNK_IMPLS)
+@pytest.mark.parametrize("C", [16, 64])
+def test_packed_sequences_traced(rng, impl, C):
+    """Uneven lengths with an empty sequence, cu_seqlens traced under jit; packed == alone."""
+    lens = [21, 0, 40, 3]
+    cu = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
+    T, H, K, V = int(cu[-1]), 2, 16, 24
+    (q, k, v, a, b), h0 = make_inputs(rng, 1, T, H, K, V, N=len(lens))
+
+    @functools.partial(jax.jit, static_argnames=())
+    def run(q, k, v, a, b, h0, cu):
+        return iplr_jax.chunk(
+            q, k, v, a, b, initial_state=h0, output_final_state=True, cu_seqlens=cu, chunk_size=C,
+            implementation=impl,
+        )
+
+    o, ht = run(q, k, v, a, b, h0, jnp.asarray(cu))
+    ro, rht = reference(q, k, v, a, b, initial_state=h0, output_final_state=True, cu_seqlens=cu)
+    assert rel_err(o, ro) < tol(jnp.float32)
+    assert rel_err(ht, rht) < tol(jnp.float32)
+    np.testing.assert_array_equal(np.asarray(ht[1]), np.asarray(h0[1]))  # empty: keeps h0
+    for n, (s, e) in enumerate(zip(cu[:-1], cu[1:], strict=True)):
+        if s == e:
+            continue
+        one = [x[:, s:e] for x in (q, k, v, a, b)]
+        o1, ht1 = iplr_jax.chunk(
+            *one, initial_state=h0[n : n + 1], output_final_state=True, chunk_size=C,
+            implementation=impl,
+        )
+        np.testing.assert_allclose(np.asarray(o[:, s:e]), np.asarray(o1), rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(np.asarray(ht[n]), np.asarray(ht1[0]), rtol=1e-4, atol=1e-4)
+
+
+# -- the kernels on their own ------------------------------------------------------------------
+
+
+def _unit_vectors(rng, shape):
+    x = rng.standard_normal(shape)
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+@pytest.mark.parametrize("C", [16, 32, 64])
+@pytest.mark.parametrize("delta", [False, True])
+def test_wy_kernel(rng, C, delta):
+    """W, U of the WY kernel against X, W, U formed in float64 numpy."""
+    L, H, Kp, Vp = 2 * C, 2, 32, 128  # Vp = 128: two V-blocks inside the kernel
+    beta = rng.uniform(0.05, 1.95, (1, L, H, 1))
+    k = _unit_vectors(rng, (1, L, H, Kp))
+    a = -beta * k if delta else _unit_vectors(rng, (1, L, H, Kp))
+    b = k.copy() if delta else -beta * a
+    v = rng.standard_normal((1, L, H, Vp))
+    w, u = wy_fwd(*(jnp.asarray(x, jnp.float32) for x in (a, b, k, v)), chunk_size=C, interpret=True)
+    assert w.dtype == u.dtype == jnp.float32
+
+    def split(x):  # [1, L, H, D] -> [NC, H, C, D]
+        return np.asarray(x, np.float64)[0].reshape(L // C, C, H, -1).transpose(0, 2, 1, 3)
+
+    A, B, K, Vc = map(split, (a, b, k, v))
+    X = np.linalg.inv(np.eye(C) - np.tril(A @ B.swapaxes(-1, -2), -1))
+    W = X @ A
+    U = X @ np.tril(A @ K.swapaxes(-1, -2), -1) @ Vc
+    assert rel_err(split(w), W) < 1e-5
+    assert rel_err(split(u), U) < 1e-5
+
+
+def _aligned_reference(q, k, v, a, b, h0, cu_chunks, C, scale):
+    """Token-by-token float64 recurrence on the aligned layout: o, ht, h, v_new."""
+    q, k, v, a, b, h0 = (np.asarray(x, np.float64) for x in (q, k, v, a, b, h0))
+    _, L, H, _ = q.shape
+    NC = L // C
+    o = np.zeros(v.shape)
+    v_new = np.zeros(v.shape)
+    h = np.zeros((NC, H) + h0.shape[2:])
+    ht = h0.copy()
+    for n in range(len(cu_chunks) - 1):
+        S = h0[n].copy()  # [H, K, V]
+        for c in range(cu_chunks[n], cu_chunks[n + 1]):
+            h[c] = S
+            for t in range(c * C, (c + 1) * C):
+                v2 = np.einsum("hk,hkv->hv", a[0, t], S)
+                v_new[0, t] = v2
+                S = S + k[0, t][:, :, None] * v[0, t][:, None, :] + b[0, t][:, :, None] * v2[:, None, :]
+                o[0, t] = scale * np.einsum("hk,hkv->hv", q[0, t], S)
+        ht[n] = S
+    return o, ht, h, v_new
+
+
+@pytest.mark.parametrize("fuse", [False, True])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_chunk_fwd_residuals(rng, monkeypatch, fuse, dtype):
+    """chunk_fwd's o, ht, h and v_new on an aligned layout with an empty sequence and padding
+    chunks past cu_chunks[-1], for the separate and the fused output kernel."""
+    monkeypatch.setattr(chunk_mod, "FUSE_OUTPUT", fuse)
+    C, H, Kp, Vp = 16, 2, 32, 32
+    cu_chunks = np.array([0, 2, 2, 5], np.int32)
+    NC, L = 6, 6 * C  # chunk 5 is padding
+    valid = np.arange(L) < cu_chunks[-1] * C
+    rows = valid[None, :, None, None]
+    beta = rng.uniform(0.05, 1.95, (1, L, H, 1))
+    a = _unit_vectors(rng, (1, L, H, Kp)) * rows
+    k = _unit_vectors(rng, (1, L, H, Kp)) * rows
+    q = rng.standard_normal((1, L, H, Kp)) * rows
+    v = rng.standard_normal((1, L, H, Vp)) * rows
+    b = -beta * a
+    h0 = rng.standard_normal((3, H, Kp, Vp))
+    cast = lambda x: jnp.asarray(x, dtype)
+    q, k, v, a, b = map(cast, (q, k, v, a, b))
+    scale = 0.3
+    o, ht, h, v_new = jax.jit(
+        functools.partial(chunk_mod.chunk_fwd, scale=scale, chunk_size=C, interpret=True)
+    )(q, k, v, a, b, jnp.asarray(h0, jnp.float32), jnp.asarray(cu_chunks))
+    ro, rht, rh, rv = _aligned_reference(q, k, v, a, b, h0, cu_chunks, C, scale)
+    t = tol(dtype)
+    assert o.dtype == dtype and h.dtype == dtype and v_new.dtype == jnp.float32
+    assert h.shape == (NC, H, Kp, Vp) and v_new.shape == (1, L, H, Vp)
+    assert rel_err(o[:, valid], ro[:, valid]) < t
+    assert rel_err(ht, rht) < t
+    assert rel_err(h, rh) < t  # padding chunk: zero in both
+    assert rel_err(v_new, rv) < t
+    np.testing.assert_array_equal(np.asarray(ht[1]), np.asarray(h0[1], np.float32))
+    assert not np.any(np.asarray(h[5], np.float32)) and not np.any(np.asarray(v_new[:, ~valid]))
+    o2, ht2, h2, v2 = chunk_mod.chunk_fwd(
+        q, k, v, a, b, jnp.asarray(h0, jnp.float32), jnp.asarray(cu_chunks), scale=scale,
+        chunk_size=C, interpret=True, residuals=False,
+    )
+    assert h2 is None and v2 is None
+    np.testing.assert_array_equal(np.asarray(o2[:, valid]), np.asarray(o[:, valid]))
+    np.testing.assert_array_equal(np.asarray(ht2), np.asarray(ht))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("K", [64, 128])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+@pytest.mark.parametrize("fuse", [None, False, True])
+def test_pallas_medium(rng, monkeypatch, K, dtype, fuse):
+    """The compiled kernels at a medium size (B2 T1024 H4 V=128), both output variants."""
+    monkeypatch.setattr(chunk_mod, "FUSE_OUTPUT", fuse)
+    (q, k, v, a, b), h0 = make_inputs(rng, 2, 1024, 4, K, 128, dtype=dtype)
+    o, ht = jax.jit(
+        functools.partial(iplr_jax.chunk, output_final_state=True, implementation="pallas")
+    )(q, k, v, a, b, initial_state=h0)
+    ro, rht = reference(q, k, v, a, b, initial_state=h0, output_final_state=True)
+    assert rel_err(o, ro) < tol(dtype)
+    assert rel_err(ht, rht) < tol(dtype)
