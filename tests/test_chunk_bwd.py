@@ -1,0 +1,265 @@
+"""Backward of the chunked form: the jnp backward (`_chunk_bwd_reference`) against float64
+autodiff of the recurrence, the Pallas backward kernels (interpreted) against that jnp backward
+on the same residuals, and end-to-end gradients of `iplr_jax.chunk`."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import CHUNK_IMPLS
+from helpers import grads, make_inputs, reference, rel_err, tol
+
+import iplr_jax
+from iplr_jax._common import check_inputs, from_chunks, make_layout, next_pow2, pad_last, to_chunks
+from iplr_jax.chunk_bwd import _chunk_bwd_reference, _wy, chunk_bwd
+
+_HI = jax.lax.Precision.HIGHEST
+
+
+def aligned_forward(q, k, v, a, b, h0, cu_chunks, *, scale, chunk_size):
+    """The chunked forward on the aligned layout in jnp, with the residuals `chunk_fwd` returns:
+    o [1, L, H, Vp], ht [N, H, Kp, Vp], h [NC, H, Kp, Vp] (state before each chunk), v_new."""
+    C = chunk_size
+    _, L, H, _ = q.shape
+    NC, N = L // C, h0.shape[0]
+    acc = h0.dtype
+    split = lambda x: x[0].reshape(NC, C, H, -1).transpose(0, 2, 1, 3).astype(acc)
+    Q, K, Vc, A, B = (split(x) for x in (q, k, v, a, b))
+    mm = lambda x, y: jnp.einsum("...ij,...jk->...ik", x, y, precision=_HI)
+    mmT = lambda x, y: jnp.einsum("...ij,...kj->...ik", x, y, precision=_HI)
+    cu = jnp.asarray(cu_chunks, jnp.int32)
+    c = jnp.arange(NC)
+    seq = jnp.clip(jnp.searchsorted(cu[1:], c, side="right"), 0, N - 1)
+    start = c == cu[seq]
+    valid = c < cu[-1]
+
+    def body(carry, xs):
+        S, final = carry
+        Q_c, K_c, V_c, A_c, B_c, seq_c, start_c, valid_c = xs
+        S = jnp.where(start_c, h0[seq_c], S)
+        # step by step inside the chunk: V2[t] = a_t^T S_{t-1}
+        def step(S, x):
+            k_t, v_t, a_t, b_t = x
+            v2 = jnp.einsum("hk,hkv->hv", a_t, S, precision=_HI)
+            S = S + k_t[..., None] * v_t[:, None] + b_t[..., None] * v2[:, None]
+            return S, v2
+
+        xs_t = tuple(x.swapaxes(0, 1) for x in (K_c, V_c, A_c, B_c))  # [C, H, D]
+        S_next, v2 = jax.lax.scan(step, S, xs_t)
+        v2 = v2.swapaxes(0, 1)  # [H, C, V]
+        o = mm(Q_c, S[:, :, :]) + mm(jnp.tril(mmT(Q_c, K_c)), V_c) + mm(jnp.tril(mmT(Q_c, B_c)), v2)
+        final = jnp.where(valid_c, final.at[seq_c].set(S_next), final)
+        return (S_next, final), (o * scale, S, v2)
+
+    (_, ht), (o, h, v2) = jax.lax.scan(
+        body, (h0[0], h0), (Q, K, Vc, A, B, seq, start, valid)
+    )
+    merge = lambda x: x.transpose(0, 2, 1, 3).reshape(1, L, H, -1)
+    return merge(o), ht, h, merge(v2)
+
+
+def prepare(inputs, h0, cu_seqlens, chunk_size, acc=jnp.float64):
+    """Lays inputs out as the Pallas wrapper does; returns aligned inputs and residuals."""
+    q, k, v, a, b = inputs
+    dims = check_inputs(q, k, v, a, b, initial_state=h0, cu_seqlens=cu_seqlens)
+    layout = make_layout(dims, cu_seqlens, chunk_size)
+    Kp, Vp = next_pow2(dims.K), next_pow2(dims.V)
+    al = tuple(pad_last(to_chunks(x, layout), Kp) for x in (q, k, a, b))
+    qa, ka, aa, ba = al
+    va = pad_last(to_chunks(v, layout), Vp)
+    h0 = jnp.zeros((dims.N, dims.H, dims.K, dims.V)) if h0 is None else h0
+    h0p = jnp.pad(h0.astype(acc), ((0, 0), (0, 0), (0, Kp - dims.K), (0, Vp - dims.V)))
+    scale = dims.K**-0.5
+    o, ht, h, v_new = aligned_forward(
+        *(x.astype(acc) for x in (qa, ka, va, aa, ba)), h0p, layout.cu_chunks, scale=scale,
+        chunk_size=chunk_size,
+    )
+    return dims, layout, (qa, ka, va, aa, ba), (o, ht, h, v_new), scale
+
+
+def cotangents(rng, dims, layout):
+    do = jnp.asarray(rng.standard_normal((dims.B, dims.T, dims.H, dims.V)))
+    dht = jnp.asarray(rng.standard_normal((dims.N, dims.H, dims.K, dims.V)))
+    Kp, Vp = next_pow2(dims.K), next_pow2(dims.V)
+    doa = pad_last(to_chunks(do, layout), Vp)
+    dhta = jnp.pad(dht, ((0, 0), (0, 0), (0, Kp - dims.K), (0, Vp - dims.V)))
+    return do, dht, doa, dhta
+
+
+def unalign(g, dims, layout):
+    dq, dk, dv, da, db, dh0 = g
+    K, V = dims.K, dims.V
+    back = lambda x, d: from_chunks(x, layout)[..., :d]
+    return (back(dq, K), back(dk, K), back(dv, V), back(da, K), back(db, K), dh0[:, :, :K, :V])
+
+
+CASES = [
+    # B, T, H, K, V, cu_seqlens, chunk_size, h0
+    (2, 37, 2, 16, 16, None, 16, True),
+    (1, 50, 1, 20, 12, None, 16, False),
+    (1, 53, 2, 16, 32, [0, 17, 17, 40, 53], 16, True),  # uneven, one empty
+    (1, 70, 1, 60, 20, [0, 30, 70], 32, True),
+    (1, 80, 1, 16, 16, [0, 5, 80], 64, True),
+]
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("delta", [False, True])
+def test_reference_backward_matches_autodiff(rng, case, delta):
+    """(a) the jnp backward from the residuals equals float64 autodiff of `naive`."""
+    B, T, H, K, V, cu, C, has_h0 = case
+    inputs, h0 = make_inputs(rng, B, T, H, K, V, dtype=jnp.float64, delta=delta,
+                             N=None if cu is None else len(cu) - 1, h0=has_h0)
+    h0 = None if h0 is None else h0.astype(jnp.float64)
+    cu = None if cu is None else jnp.asarray(cu, jnp.int32)
+    dims, layout, al, (o, ht, h, v_new), scale = prepare(inputs, h0, cu, C)
+    do, dht, doa, dhta = cotangents(rng, dims, layout)
+
+    # the aligned forward reproduces the recurrence (checks the residuals)
+    o_ref, ht_ref = reference(*inputs, initial_state=h0, output_final_state=True, cu_seqlens=cu)
+    assert rel_err(from_chunks(o, layout)[..., :V], o_ref) < 1e-12
+    assert rel_err(ht[:, :, :K, :V], ht_ref) < 1e-12
+
+    g = _chunk_bwd_reference(*al, h, v_new, layout.cu_chunks, doa, dhta, scale=scale, chunk_size=C)
+    mine = unalign(g, dims, layout)
+
+    h0v = jnp.zeros((dims.N, H, K, V), jnp.float64) if h0 is None else h0
+    f = lambda q, k, v, a, b, s: iplr_jax.naive(
+        q, k, v, a, b, initial_state=s, output_final_state=True, cu_seqlens=cu
+    )
+    _, vjp = jax.vjp(f, *inputs, h0v)
+    ref = vjp((do, dht))
+    for name, x, r in zip(("dq", "dk", "dv", "da", "db", "dh0"), mine, ref):
+        assert rel_err(x, r) < 1e-10, name
+
+
+@pytest.mark.parametrize("C", [16, 32, 64])
+def test_wy_kernel(rng, C):
+    """X = (I - strict(A B^T))^{-1} and W = X A from the block-inverse kernel."""
+    H, K = 2, 32
+    a = rng.standard_normal((1, 2 * C, H, K))
+    a /= np.linalg.norm(a, axis=-1, keepdims=True)
+    b = -rng.uniform(0.05, 1.95, (1, 2 * C, H, 1)) * a
+    a32, b32 = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
+    x, w = _wy(a32, b32, chunk_size=C, dt=jnp.float32, interpret=True)
+    A = a.reshape(2, C, H, K).transpose(0, 2, 1, 3)
+    B = b.reshape(2, C, H, K).transpose(0, 2, 1, 3)
+    Xr = np.linalg.inv(np.eye(C) - np.tril(A @ B.swapaxes(-1, -2), -1))
+    assert rel_err(x, Xr) < 1e-5
+    assert rel_err(w, (Xr @ A).transpose(0, 2, 1, 3).reshape(1, 2 * C, H, K)) < 1e-5
+
+
+KERNEL_CASES = [
+    (2, 37, 2, 16, 16, None, 16),
+    (1, 53, 2, 16, 32, [0, 17, 17, 40, 53], 16),  # uneven, one empty, padding chunks
+    (1, 70, 1, 60, 20, [0, 30, 70], 32),
+    (1, 80, 1, 32, 16, [0, 5, 80], 64),
+]
+
+
+@pytest.mark.parametrize("case", KERNEL_CASES)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_kernels_match_reference_backward(rng, case, dtype):
+    """(b) the interpreted Pallas backward equals the jnp backward on the same residuals."""
+    B, T, H, K, V, cu, C = case
+    inputs, h0 = make_inputs(rng, B, T, H, K, V, dtype=dtype, N=None if cu is None else len(cu) - 1)
+    cu = None if cu is None else jnp.asarray(cu, jnp.int32)
+    dims, layout, al, (o, ht, h, v_new), scale = prepare(inputs, h0, cu, C, acc=jnp.float32)
+    _, _, doa, dhta = cotangents(rng, dims, layout)
+    doa = doa.astype(dtype)
+    dhta = dhta.astype(jnp.float32)
+    args = (*al, h, v_new.astype(jnp.float32), layout.cu_chunks, doa, dhta)
+    mine = jax.jit(functools.partial(chunk_bwd, scale=scale, chunk_size=C, interpret=True))(*args)
+    ref = _chunk_bwd_reference(*args, scale=scale, chunk_size=C)
+    names = ("dq", "dk", "dv", "da", "db", "dh0")
+    for name, x, r, like in zip(names, mine, ref, (*al[:3], *al[3:], dhta)):
+        assert x.shape == r.shape and x.dtype == like.dtype, (name, x.shape, x.dtype)
+        assert np.all(np.isfinite(np.asarray(x, np.float32))), name  # padding chunks too
+        assert rel_err(x, r) < (1e-4 if dtype == jnp.float32 else 1e-2), name
+
+
+# -- (c) end to end: gradients of iplr_jax.chunk against float64 autodiff of naive ------------
+
+E2E_CASES = [
+    # B, T, H, K, V, cu_seqlens, chunk_size, dtype
+    (2, 37, 2, 16, 16, None, 16, jnp.float32),  # odd T
+    (1, 45, 1, 24, 8, None, 16, jnp.float32),  # K != V, not powers of two
+    (1, 40, 1, 60, 20, None, 32, jnp.float32),
+    (1, 53, 2, 16, 32, [0, 17, 17, 40, 53], 16, jnp.float32),  # packed, uneven, one empty
+    (2, 33, 2, 32, 16, None, 16, jnp.bfloat16),
+]
+
+
+def _check_grads(impl, inputs, h0, cu, C, dtype, with_final, jit_cu=True):
+    up = lambda x: x if x is None else jnp.asarray(x, jnp.float64)
+
+    def fn(*args, **kw):
+        return iplr_jax.chunk(*args, chunk_size=C, implementation=impl, **kw)
+
+    if cu is not None:
+        cu_arr = jnp.asarray(cu, jnp.int32)
+        # traced cu_seqlens: the offsets are an argument of the jitted gradient
+        g = jax.jit(lambda cu_, *xs: grads(functools.partial(fn, cu_seqlens=cu_), xs[:5], xs[5],
+                                           with_final=with_final))(cu_arr, *inputs, h0)
+        ref = grads(functools.partial(iplr_jax.naive, cu_seqlens=cu_arr),
+                    tuple(up(x) for x in inputs), up(h0), with_final=with_final)
+    else:
+        g = grads(fn, inputs, h0, with_final=with_final)
+        ref = grads(iplr_jax.naive, tuple(up(x) for x in inputs), up(h0), with_final=with_final)
+    for name, x, r in zip(("dq", "dk", "dv", "da", "db", "dh0"), g, ref):
+        assert rel_err(x, r) < tol(dtype), (name, rel_err(x, r))
+
+
+@pytest.mark.parametrize("impl", CHUNK_IMPLS)
+@pytest.mark.parametrize("case", E2E_CASES)
+@pytest.mark.parametrize("with_final", [True, False])
+def test_chunk_gradients(rng, impl, case, with_final):
+    B, T, H, K, V, cu, C, dtype = case
+    inputs, h0 = make_inputs(rng, B, T, H, K, V, dtype=dtype, N=None if cu is None else len(cu) - 1)
+    _check_grads(impl, inputs, h0, cu, C, dtype, with_final)
+
+
+@pytest.mark.parametrize("impl", CHUNK_IMPLS)
+def test_chunk_gradients_transforms(rng, impl):
+    """jax.grad inside jit, under jax.checkpoint, and with vmap over an outer axis."""
+    B, T, H, K, V, C = 1, 29, 2, 16, 16, 16
+    inputs, h0 = make_inputs(rng, B, T, H, K, V)
+    fn = functools.partial(iplr_jax.chunk, chunk_size=C, implementation=impl)
+    ref = grads(iplr_jax.naive, tuple(jnp.asarray(x, jnp.float64) for x in inputs),
+                jnp.asarray(h0, jnp.float64))
+    g_jit = jax.jit(lambda *xs: grads(fn, xs[:5], xs[5]))(*inputs, h0)
+    g_remat = grads(jax.checkpoint(fn, static_argnums=()), inputs, h0)
+    for g in (g_jit, g_remat):
+        for x, r in zip(g, ref):
+            assert rel_err(x, r) < tol(jnp.float32)
+
+    # vmap over an outer axis of 2 independent problems
+    inputs2, h02 = make_inputs(rng, B, T, H, K, V)
+    stack = lambda x, y: jnp.stack([x, y])
+
+    def loss(q, k, v, a, b, s):
+        o, ht = fn(q, k, v, a, b, initial_state=s, output_final_state=True)
+        return jnp.sum(o * jnp.cos(jnp.arange(o.size).reshape(o.shape))) + jnp.sum(ht**2)
+
+    gv = jax.vmap(jax.grad(loss, argnums=tuple(range(6))))(
+        *(stack(x, y) for x, y in zip((*inputs, h0), (*inputs2, h02)))
+    )
+    for i, (ins, s) in enumerate(((inputs, h0), (inputs2, h02))):
+        def loss_ref(q, k, v, a, b, s_):
+            o, ht = iplr_jax.naive(q, k, v, a, b, initial_state=s_, output_final_state=True)
+            return jnp.sum(o * jnp.cos(jnp.arange(o.size).reshape(o.shape))) + jnp.sum(ht**2)
+
+        r = jax.grad(loss_ref, argnums=tuple(range(6)))(*(jnp.asarray(x, jnp.float64) for x in (*ins, s)))
+        for x, y in zip(gv, r):
+            assert rel_err(x[i], y) < tol(jnp.float32)
+
+
+@pytest.mark.gpu
+def test_chunk_gradients_pallas_medium(rng):
+    B, T, H, K, V = 2, 1024, 4, 128, 128
+    inputs, h0 = make_inputs(rng, B, T, H, K, V, dtype=jnp.bfloat16)
+    _check_grads("pallas", inputs, h0, None, 64, jnp.bfloat16, True)
