@@ -13,8 +13,9 @@ pseudo-values `V2_t = a_t^T S_{t-1}` ([T, V] float32, the size of `o`). Then
      states) and gives  da_t = S_{t-1} dV2_t,  dq_t = scale S_t do_t.
 This is exact, O(T K V) work, and avoids both state checkpoints and the unstable inversion of
 `I + b a^T`. dk, db, dq, da are reductions over V: each V-block writes float32 partials
-[NV, ...] that XLA sums (NV is small, and splitting V keeps enough programs to fill the GPU
-when B * H is small, which matters more for a sequential loop than the extra partial reads).
+[NV, ...] that XLA sums. The backward therefore uses wider V-blocks than the forward (NV = 2
+for K = V = 128, see `_config`): more blocks add programs, but a sequential loop is bound by
+per-step latency once the programs fit on the GPU at once, while partials cost memory.
 """
 
 from __future__ import annotations
@@ -33,13 +34,21 @@ _F32 = jnp.float32
 _SM_COUNT = 132  # H100; used only to pick the V-block size
 
 
-def _config(n_heads_total: int, Kp: int, Vp: int) -> tuple[int, int]:
-    """(BV, num_warps): V-blocks of up to 32 columns, split finer (down to 8) while fewer than
-    ~2 programs per SM would run, since each program is a sequential loop; about 32 state
-    elements per thread (the backward holds two slabs, dS and G)."""
-    bv = min(Vp, 32)
-    while bv > 8 and n_heads_total * (Vp // bv) < 2 * _SM_COUNT:
-        bv //= 2
+def _config(n_heads_total: int, Kp: int, Vp: int, backward: bool) -> tuple[int, int]:
+    """(BV, num_warps) for a grid of n_heads_total * (Vp // BV) programs.
+
+    Forward: V-blocks of 32 columns, 16 when fewer than ~2 programs per SM would run (each
+    program is a sequential loop, so idle SMs are lost time). Backward: wider blocks (up to
+    8192 state elements) because every V-block adds a float32 [L, H, Kp] partial of dk, db,
+    dq and da (16 bytes per token, head and key per block); with K = V = 128 that is 2 blocks.
+    About 32 state elements per thread.
+    """
+    if backward:
+        bv = min(Vp, max(16, 8192 // Kp))
+    else:
+        bv = min(Vp, 32)
+        while bv > 16 and n_heads_total * (Vp // bv) < 2 * _SM_COUNT:
+            bv //= 2
     return bv, max(1, min(8, Kp * bv // 1024))
 
 
@@ -133,7 +142,7 @@ class _Specs:
 def _fwd(q, k, v, a, b, h0, cu, scale, interpret, residuals):
     """q, k, a, b [L, H, Kp]; v [L, H, Vp]; h0 [N, H, Kp, Vp] f32 -> o, ht (, V2 [L, H, Vp] f32)."""
     (L, H, Kp), Vp, N = q.shape, v.shape[-1], h0.shape[0]
-    BV, nw = _config(N * H, Kp, Vp)
+    BV, nw = _config(N * H, Kp, Vp, backward=False)
     sp = _Specs(L, N, Kp, BV)
     outs = [((L, H, Vp), v.dtype, sp.v), ((N, H, Kp, Vp), _F32, sp.s)]
     outs += [((L, H, Vp), _F32, sp.v)] if residuals else []
@@ -146,7 +155,7 @@ def _fwd(q, k, v, a, b, h0, cu, scale, interpret, residuals):
 
 def _bwd(q, k, v, a, b, h0, cu, v2, do, dht, scale, interpret):
     (L, H, Kp), Vp, N = q.shape, v.shape[-1], h0.shape[0]
-    BV, nw = _config(N * H, Kp, Vp)
+    BV, nw = _config(N * H, Kp, Vp, backward=True)
     NV, sp = Vp // BV, _Specs(L, N, Kp, BV)
     grid = (N, H, NV)
     kpart = ((NV, L, H, Kp), _F32, sp.kpart)
@@ -162,7 +171,7 @@ def _bwd(q, k, v, a, b, h0, cu, v2, do, dht, scale, interpret):
         [(cu, sp.cu), (k, sp.k), (v, sp.v), (b, sp.k), (v2, sp.v), (do, sp.v), (dv2, sp.v), (h0, sp.s)],
         [kpart, kpart], grid=grid, interpret=interpret, num_warps=nw,
     )
-    red = lambda x, like: x.sum(0).astype(like.dtype)  # noqa: E731
+    red = lambda x, like: x.sum(0).astype(like.dtype)
     return red(dq, q), red(dk, k), dv, red(da, a), red(db, b), dh0
 
 

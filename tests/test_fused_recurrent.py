@@ -1,0 +1,170 @@
+"""`fused_recurrent` against the float64 recurrence: outputs, final state and all six gradients.
+
+Every case runs for each implementation in `RECURRENT_IMPLS` (the xla scan, the Pallas kernels
+through the interpreter, and the compiled kernels where a GPU is present).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import RECURRENT_IMPLS
+from helpers import make_inputs, reference, rel_err, tol
+
+import iplr_jax
+
+GRAD_NAMES = ("dq", "dk", "dv", "da", "db", "dh0")
+
+
+def _grads(fn, inputs, h0, *, with_final, seed=0):
+    """Gradients of a random linear functional of (o, final_state) w.r.t. q, k, v, a, b, h0.
+
+    The functional's weights are drawn in float32 and cast up, so the float64 reference and a
+    float32/bf16 implementation differentiate the same functional.
+    """
+
+    def loss(q, k, v, a, b, h0):
+        o, ht = fn(q, k, v, a, b, initial_state=h0, output_final_state=with_final)
+        acc = jnp.promote_types(o.dtype, jnp.float32)
+        draw = lambda s, shape: jax.random.normal(jax.random.PRNGKey(s), shape, jnp.float32).astype(acc)
+        out = jnp.sum(o.astype(acc) * draw(seed, o.shape))
+        if with_final:
+            out = out + jnp.sum(ht.astype(acc) * draw(seed + 1, ht.shape))
+        return out
+
+    return jax.grad(loss, argnums=(0, 1, 2, 3, 4, 5))(*inputs, h0)
+
+
+def _op(impl, *, cu=None, scale=None, jit=False, remat=False):
+    """fused_recurrent with the call signature of `helpers.reference`; cu_seqlens traced under jit."""
+
+    def fn(q, k, v, a, b, initial_state=None, output_final_state=False):
+        def inner(q, k, v, a, b, h0, cu):
+            return iplr_jax.fused_recurrent(
+                q, k, v, a, b, scale=scale, initial_state=h0, output_final_state=output_final_state,
+                cu_seqlens=cu, implementation=impl,
+            )
+
+        if remat:
+            inner = jax.checkpoint(inner)
+        if jit:
+            inner = jax.jit(inner)
+        return inner(q, k, v, a, b, initial_state, cu)
+
+    return fn
+
+
+def _check(fn, inputs, h0, dtype, *, cu=None, scale=None):
+    eps = tol(dtype)
+    ref = lambda *x, **kw: reference(*x, cu_seqlens=cu, scale=scale, **kw)
+    o, ht = fn(*inputs, initial_state=h0, output_final_state=True)
+    ro, rht = ref(*inputs, initial_state=h0, output_final_state=True)
+    assert o.dtype == inputs[2].dtype and o.shape == ro.shape
+    assert ht.dtype == jnp.float32 and ht.shape == rht.shape
+    assert rel_err(o, ro) < eps, ("o", rel_err(o, ro))
+    assert rel_err(ht, rht) < eps, ("final_state", rel_err(ht, rht))
+    o2, none = fn(*inputs, initial_state=h0, output_final_state=False)
+    assert none is None and rel_err(o2, ro) < eps
+    for with_final in (True, False):
+        got = _grads(fn, inputs, h0, with_final=with_final)
+        want = _grads(ref, inputs, h0, with_final=with_final)
+        for name, g, w, x in zip(GRAD_NAMES, got, want, (*inputs, h0), strict=True):
+            if x is None:
+                assert g is None
+                continue
+            assert g.dtype == x.dtype, (name, g.dtype, x.dtype)
+            assert rel_err(g, w) < eps, (name, with_final, rel_err(g, w))
+
+
+CASES = {
+    # name: (B, T, H, K, V, dtype, initial state, scale)
+    "batch": (2, 37, 2, 16, 32, jnp.float32, True, None),
+    "decode": (3, 1, 2, 32, 32, jnp.float32, True, None),
+    "k60_v20": (1, 13, 1, 60, 20, jnp.float32, True, 0.3),
+    "bf16": (2, 24, 2, 32, 16, jnp.bfloat16, True, None),
+    "no_state": (2, 19, 1, 16, 16, jnp.float32, False, None),
+}
+
+
+@pytest.mark.parametrize("impl", RECURRENT_IMPLS)
+@pytest.mark.parametrize("case", list(CASES))
+def test_matches_reference(impl, case, rng):
+    B, T, H, K, V, dtype, with_h0, scale = CASES[case]
+    inputs, h0 = make_inputs(rng, B, T, H, K, V, dtype=dtype, h0=with_h0, delta=case == "batch")
+    _check(_op(impl, scale=scale), inputs, h0, dtype, scale=scale)
+
+
+@pytest.mark.parametrize("impl", RECURRENT_IMPLS)
+def test_packed_traced_cu_seqlens(impl, rng):
+    lens = [7, 0, 12, 1, 5]  # uneven, with an empty sequence (its final state is its h0)
+    cu = jnp.asarray(np.cumsum([0, *lens]), jnp.int32)
+    inputs, h0 = make_inputs(rng, 1, sum(lens), 2, 16, 16, N=len(lens))
+    _check(_op(impl, cu=cu, jit=True), inputs, h0, jnp.float32, cu=cu)
+    # the empty sequence's state passes through untouched
+    _, ht = _op(impl, cu=cu, jit=True)(*inputs, initial_state=h0, output_final_state=True)
+    np.testing.assert_array_equal(np.asarray(ht[1]), np.asarray(h0[1]))
+
+
+@pytest.mark.parametrize("impl", RECURRENT_IMPLS)
+def test_checkpoint(impl, rng):
+    inputs, h0 = make_inputs(rng, 1, 11, 2, 16, 16)
+    _check(_op(impl, jit=True, remat=True), inputs, h0, jnp.float32)
+
+
+@pytest.mark.parametrize("impl", RECURRENT_IMPLS)
+def test_vmap(impl, rng):
+    X = 2
+    per = [make_inputs(rng, 2, 9, 1, 16, 16) for _ in range(X)]
+    inputs = tuple(jnp.stack([p[0][i] for p in per]) for i in range(5))
+    h0 = jnp.stack([p[1] for p in per])
+
+    def run(f):
+        def loss(q, k, v, a, b, h0):
+            o, ht = jax.vmap(lambda *x: f(*x[:5], initial_state=x[5], output_final_state=True))(
+                q, k, v, a, b, h0
+            )
+            acc = jnp.promote_types(o.dtype, jnp.float32)
+            w = jnp.cos(jnp.arange(o.size, dtype=acc)).reshape(o.shape)
+            return jnp.sum(o * w) + jnp.sum(jnp.sin(ht.astype(acc))), (o, ht)
+
+        return jax.grad(loss, argnums=range(6), has_aux=True)(*inputs, h0)
+
+    (g, (o, ht)), (rg, (ro, rht)) = run(_op(impl, jit=True)), run(reference)
+    eps = tol(jnp.float32)
+    assert rel_err(o, ro) < eps and rel_err(ht, rht) < eps
+    for name, x, y in zip(GRAD_NAMES, g, rg, strict=True):
+        assert rel_err(x, y) < eps, (name, rel_err(x, y))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "shape", [(2, 512, 4, 128, 128), (64, 1, 16, 128, 128)], ids=["B2T512H4", "decode_B64H16"]
+)
+def test_pallas_compiled_medium(shape, rng):
+    """The compiled Triton kernels at realistic head sizes (bf16 inputs)."""
+    inputs, h0 = make_inputs(rng, *shape, dtype=jnp.bfloat16)
+    _check(_op("pallas", jit=True), inputs, h0, jnp.bfloat16)
+
+
+@pytest.mark.parametrize("impl", [i for i in RECURRENT_IMPLS if i != "xla"])
+def test_v_blocks(impl, rng, monkeypatch):
+    """Several V-blocks per head (forward slabs, backward partials summed over blocks)."""
+    # the module, not the function of the same name that iplr_jax exports
+    fr = importlib.import_module("iplr_jax.fused_recurrent")
+    monkeypatch.setattr(fr, "_config", lambda n, Kp, Vp, backward: (16, 1))
+    inputs, h0 = make_inputs(rng, 2, 10, 1, 20, 40)  # Vp = 64: four V-blocks
+    _check(_op(impl), inputs, h0, jnp.float32)
+
+
+@pytest.mark.parametrize("impl", RECURRENT_IMPLS)
+def test_traced_scale(impl, rng):
+    inputs, h0 = make_inputs(rng, 1, 6, 1, 16, 16)
+    f = jax.jit(lambda s, *x: iplr_jax.fused_recurrent(
+        *x, scale=s, initial_state=h0, output_final_state=True, implementation=impl))
+    o, ht = f(jnp.float32(0.7), *inputs)
+    ro, rht = reference(*inputs, scale=0.7, initial_state=h0, output_final_state=True)
+    assert rel_err(o, ro) < tol(jnp.float32) and rel_err(ht, rht) < tol(jnp.float32)
