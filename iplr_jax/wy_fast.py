@@ -28,6 +28,11 @@ def _dot(x, y, precision=None):
     return jnp.dot(x, y, preferred_element_type=_F32, precision=precision)
 
 
+def _mask(cond, x):
+    # explicit zero of x's dtype: under jax_enable_x64 a bare 0.0 is a float64 literal
+    return jnp.where(cond, x, jnp.zeros((), x.dtype))
+
+
 def _dot_nt(x, y, precision=None):
     return jax.lax.dot_general(x, y, _NT, preferred_element_type=_F32, precision=precision)
 
@@ -66,31 +71,31 @@ def _wy_kernel(a_ref, b_ref, k_ref, v_ref, w_ref, u_ref, *, chunk_size: int, blo
     strict = ci < ri
 
     # M_ik = A_i B_k^T (strict on the diagonal), L_jk = A_j K_k^T likewise.
-    a_blk = [rows(a_ref, i) for i in range(nb)]
     m = {}
     lak = {}
     for i in range(nb):
+        a_i = rows(a_ref, i)
         for k in range(i + 1):
             bk, kk = rows(b_ref, k), rows(k_ref, k)
-            m[i, k] = _dot_nt(a_blk[i], bk)
-            lak[i, k] = _dot_nt(a_blk[i], kk)
+            m[i, k] = _dot_nt(a_i, bk)
+            lak[i, k] = _dot_nt(a_i, kk)
             if k == i:
-                m[i, k] = jnp.where(strict, m[i, k], 0.0)
-                lak[i, k] = jnp.where(strict, lak[i, k], 0.0)
+                m[i, k] = _mask(strict, m[i, k])
+                lak[i, k] = _mask(strict, lak[i, k])
 
     # Diagonal blocks: Y = X_ii - I solves Y = M_ii + M_ii Y, row r from the rows above it.
     def substitute(r, ys):
         out = []
         for i, y in enumerate(ys):
             sel = ri == r
-            row = jnp.sum(jnp.where(sel, m[i, i], 0.0), axis=0)  # M_ii[r, :]
+            row = jnp.sum(_mask(sel, m[i, i]), axis=0)  # M_ii[r, :]
             row = row + jnp.sum(row[:, None] * y, axis=0)  # + M_ii[r, :] @ Y
             out.append(jnp.where(sel, row[None, :], y))
         return tuple(out)
 
     zeros = tuple(jnp.zeros((SUB, SUB), _F32) for _ in range(nb))
-    ys = jax.lax.fori_loop(1, SUB, substitute, zeros)
-    eye = jnp.where(ri == ci, 1.0, 0.0).astype(_F32)
+    ys = jax.lax.fori_loop(jnp.int32(1), jnp.int32(SUB), substitute, zeros)
+    eye = (ri == ci).astype(_F32)
     x = {(i, i): eye + ys[i] for i in range(nb)}
     for i in range(1, nb):
         for j in range(i - 1, -1, -1):
@@ -99,11 +104,13 @@ def _wy_kernel(a_ref, b_ref, k_ref, v_ref, w_ref, u_ref, *, chunk_size: int, blo
                 s = s + _dot(m[i, k], x[k, j], _HI)
             x[i, j] = _dot(x[i, i], s, _HI)
 
-    # W_i = sum_j X_ij A_j;  P = X L (so U_i = sum_k P_ik V_k without a [C, V] temporary).
+    # W_i = sum_j X_ij A_j (A re-read rather than kept live through the inverse: for Kp = 256
+    # the [C, Kp] float32 tile alone would fill the registers);  P = X L, so that
+    # U_i = sum_k P_ik V_k needs no [C, V] temporary.
     for i in range(nb):
-        w = _dot(x[i, 0], a_blk[0])
+        w = _dot(x[i, 0], rows(a_ref, 0))
         for j in range(1, i + 1):
-            w = w + _dot(x[i, j], a_blk[j])
+            w = w + _dot(x[i, j], rows(a_ref, j))
         w_ref[pl.ds(i * SUB, SUB), :] = w.astype(w_ref.dtype)
     p = {}
     for i in range(nb):
@@ -154,7 +161,7 @@ def wy_fwd(
             jax.ShapeDtypeStruct((1, L, H, Kp), out_dtype),
             jax.ShapeDtypeStruct((1, L, H, Vp), out_dtype),
         ],
-        compiler_params=pltr.CompilerParams(num_warps=4, num_stages=2),
+        compiler_params=pltr.CompilerParams(num_warps=4 if Kp <= 128 else 8, num_stages=2),
         interpret=interpret,
         name="iplr_wy_fwd",
     )(a, b, k, v)
