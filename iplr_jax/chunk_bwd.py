@@ -81,16 +81,16 @@ def _tri(n, strict):
 _BLK = 16  # diagonal block of the triangular inverse
 
 
-def _inv_unit_lower(l):
-    """(I - l)^{-1} for strictly lower l [16, 16] by forward substitution: row r of X is
-    e_r + l[r] X, and rows < r are final when row r is formed."""
-    n = l.shape[0]
+def _inv_unit_lower(low):
+    """(I - low)^{-1} for strictly lower low [16, 16] by forward substitution: row r of X is
+    e_r + low[r] X, and rows < r are final when row r is formed."""
+    n = low.shape[0]
     rows = lax.broadcasted_iota(jnp.int32, (n, n), 0)
     eye = jnp.where(rows == lax.broadcasted_iota(jnp.int32, (n, n), 1), 1.0, 0.0).astype(jnp.float32)
 
     def body(r, x):
-        lr = jnp.sum(jnp.where(rows == r, l, 0.0), axis=0)  # l[r, :]
-        new = jnp.sum(lr[:, None] * x, axis=0)  # l[r, :] @ x
+        lr = jnp.sum(jnp.where(rows == r, low, 0.0), axis=0)  # low[r, :]
+        new = jnp.sum(lr[:, None] * x, axis=0)  # low[r, :] @ x
         return jnp.where(rows == r, x + new[None, :], x)
 
     return lax.fori_loop(1, n, body, eye)
@@ -267,7 +267,8 @@ def _intra(q, k, v, a, b, h, v_new, do, dsc, x, cu_chunks, *, scale, chunk_size,
     )(cu_chunks, q, k, a, b, v, v_new, do, h, dsc, x)
     if nv > 1:
         dq, dk, da, db = (
-            g.sum(0, keepdims=True).astype(y.dtype) for g, y in zip((dq, dk, da, db), (q, k, a, b))
+            g.sum(0, keepdims=True).astype(y.dtype)
+            for g, y in zip((dq, dk, da, db), (q, k, a, b), strict=True)
         )
     return dq, dk, da, db, dv
 

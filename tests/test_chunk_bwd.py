@@ -133,7 +133,7 @@ def test_reference_backward_matches_autodiff(rng, case, delta):
     )
     _, vjp = jax.vjp(f, *inputs, h0v)
     ref = vjp((do, dht))
-    for name, x, r in zip(("dq", "dk", "dv", "da", "db", "dh0"), mine, ref):
+    for name, x, r in zip(("dq", "dk", "dv", "da", "db", "dh0"), mine, ref, strict=True):
         assert rel_err(x, r) < 1e-10, name
 
 
@@ -176,90 +176,111 @@ def test_kernels_match_reference_backward(rng, case, dtype):
     mine = jax.jit(functools.partial(chunk_bwd, scale=scale, chunk_size=C, interpret=True))(*args)
     ref = _chunk_bwd_reference(*args, scale=scale, chunk_size=C)
     names = ("dq", "dk", "dv", "da", "db", "dh0")
-    for name, x, r, like in zip(names, mine, ref, (*al[:3], *al[3:], dhta)):
+    for name, x, r, like in zip(names, mine, ref, (*al[:3], *al[3:], dhta), strict=True):
         assert x.shape == r.shape and x.dtype == like.dtype, (name, x.shape, x.dtype)
         assert np.all(np.isfinite(np.asarray(x, np.float32))), name  # padding chunks too
         assert rel_err(x, r) < (1e-4 if dtype == jnp.float32 else 1e-2), name
 
 
 # -- (c) end to end: gradients of iplr_jax.chunk against float64 autodiff of naive ------------
+#
+# Each case computes the float64 reference once and checks every implementation in
+# CHUNK_IMPLS against it (the reference gradient dominates the run time on CPU).
 
 E2E_CASES = [
-    # B, T, H, K, V, cu_seqlens, chunk_size, dtype
-    (2, 37, 2, 16, 16, None, 16, jnp.float32),  # odd T
-    (1, 45, 1, 24, 8, None, 16, jnp.float32),  # K != V, not powers of two
-    (1, 40, 1, 60, 20, None, 32, jnp.float32),
-    (1, 53, 2, 16, 32, [0, 17, 17, 40, 53], 16, jnp.float32),  # packed, uneven, one empty
-    (2, 33, 2, 32, 16, None, 16, jnp.bfloat16),
+    # B, T, H, K, V, cu_seqlens, chunk_size, dtype, with a final-state cotangent
+    (2, 37, 2, 16, 16, None, 16, jnp.float32, True),  # odd T
+    (2, 37, 2, 16, 16, None, 16, jnp.float32, False),
+    (1, 45, 1, 24, 8, None, 16, jnp.float32, True),  # K != V, not powers of two
+    (1, 40, 1, 60, 20, None, 32, jnp.float32, False),
+    (1, 53, 2, 16, 32, [0, 17, 17, 40, 53], 16, jnp.float32, True),  # packed, uneven, one empty
+    (1, 53, 2, 16, 32, [0, 17, 17, 40, 53], 16, jnp.float32, False),
+    (2, 33, 2, 32, 16, None, 16, jnp.bfloat16, True),
 ]
 
 
-def _check_grads(impl, inputs, h0, cu, C, dtype, with_final, jit_cu=True):
-    up = lambda x: x if x is None else jnp.asarray(x, jnp.float64)
+def _chunk64(impl, C):
+    """`chunk` with float64 outputs, so that `helpers.grads` draws the same random functional
+    as for the float64 reference (it draws in the outputs' dtype)."""
 
     def fn(*args, **kw):
-        return iplr_jax.chunk(*args, chunk_size=C, implementation=impl, **kw)
+        o, ht = iplr_jax.chunk(*args, chunk_size=C, implementation=impl, **kw)
+        return o.astype(jnp.float64), None if ht is None else ht.astype(jnp.float64)
 
-    if cu is not None:
-        cu_arr = jnp.asarray(cu, jnp.int32)
-        # traced cu_seqlens: the offsets are an argument of the jitted gradient
-        g = jax.jit(lambda cu_, *xs: grads(functools.partial(fn, cu_seqlens=cu_), xs[:5], xs[5],
-                                           with_final=with_final))(cu_arr, *inputs, h0)
-        ref = grads(functools.partial(iplr_jax.naive, cu_seqlens=cu_arr),
-                    tuple(up(x) for x in inputs), up(h0), with_final=with_final)
-    else:
-        g = grads(fn, inputs, h0, with_final=with_final)
-        ref = grads(iplr_jax.naive, tuple(up(x) for x in inputs), up(h0), with_final=with_final)
-    for name, x, r in zip(("dq", "dk", "dv", "da", "db", "dh0"), g, ref):
-        assert rel_err(x, r) < tol(dtype), (name, rel_err(x, r))
+    return fn
 
 
-@pytest.mark.parametrize("impl", CHUNK_IMPLS)
+def _up(x):
+    return None if x is None else jnp.asarray(x, jnp.float64)
+
+
+def _assert_grads(g, ref, dtype, what):
+    for name, x, r in zip(("dq", "dk", "dv", "da", "db", "dh0"), g, ref, strict=True):
+        err = rel_err(x, r)
+        assert err < tol(dtype), (what, name, err)
+
+
 @pytest.mark.parametrize("case", E2E_CASES)
-@pytest.mark.parametrize("with_final", [True, False])
-def test_chunk_gradients(rng, impl, case, with_final):
-    B, T, H, K, V, cu, C, dtype = case
+def test_chunk_gradients(rng, case):
+    B, T, H, K, V, cu, C, dtype, with_final = case
     inputs, h0 = make_inputs(rng, B, T, H, K, V, dtype=dtype, N=None if cu is None else len(cu) - 1)
-    _check_grads(impl, inputs, h0, cu, C, dtype, with_final)
+    cu = None if cu is None else jnp.asarray(cu, jnp.int32)
+    ref = grads(functools.partial(iplr_jax.naive, cu_seqlens=cu), tuple(_up(x) for x in inputs),
+                _up(h0), with_final=with_final)
+    for impl in CHUNK_IMPLS:
+        fn = _chunk64(impl, C)
+        if cu is None:
+            g = grads(fn, inputs, h0, with_final=with_final)
+        else:  # traced cu_seqlens: the offsets are an argument of the jitted gradient
+            g = jax.jit(lambda cu_, *xs, fn=fn: grads(
+                functools.partial(fn, cu_seqlens=cu_), xs[:5], xs[5], with_final=with_final
+            ))(cu, *inputs, h0)
+        _assert_grads(g, ref, dtype, impl)
 
 
-@pytest.mark.parametrize("impl", CHUNK_IMPLS)
-def test_chunk_gradients_transforms(rng, impl):
+def test_chunk_gradients_transforms(rng):
     """jax.grad inside jit, under jax.checkpoint, and with vmap over an outer axis."""
     B, T, H, K, V, C = 1, 29, 2, 16, 16, 16
     inputs, h0 = make_inputs(rng, B, T, H, K, V)
-    fn = functools.partial(iplr_jax.chunk, chunk_size=C, implementation=impl)
-    ref = grads(iplr_jax.naive, tuple(jnp.asarray(x, jnp.float64) for x in inputs),
-                jnp.asarray(h0, jnp.float64))
-    g_jit = jax.jit(lambda *xs: grads(fn, xs[:5], xs[5]))(*inputs, h0)
-    g_remat = grads(jax.checkpoint(fn, static_argnums=()), inputs, h0)
-    for g in (g_jit, g_remat):
-        for x, r in zip(g, ref):
-            assert rel_err(x, r) < tol(jnp.float32)
-
-    # vmap over an outer axis of 2 independent problems
     inputs2, h02 = make_inputs(rng, B, T, H, K, V)
-    stack = lambda x, y: jnp.stack([x, y])
+    ref = grads(iplr_jax.naive, tuple(_up(x) for x in inputs), _up(h0))
 
-    def loss(q, k, v, a, b, s):
-        o, ht = fn(q, k, v, a, b, initial_state=s, output_final_state=True)
-        return jnp.sum(o * jnp.cos(jnp.arange(o.size).reshape(o.shape))) + jnp.sum(ht**2)
+    def loss_of(f):
+        def loss(q, k, v, a, b, s):
+            o, ht = f(q, k, v, a, b, initial_state=s, output_final_state=True)
+            w = jnp.cos(jnp.arange(o.size, dtype=o.dtype).reshape(o.shape))
+            return jnp.sum(o * w) + jnp.sum(jnp.sin(ht))
 
-    gv = jax.vmap(jax.grad(loss, argnums=tuple(range(6))))(
-        *(stack(x, y) for x, y in zip((*inputs, h0), (*inputs2, h02)))
-    )
-    for i, (ins, s) in enumerate(((inputs, h0), (inputs2, h02))):
-        def loss_ref(q, k, v, a, b, s_):
-            o, ht = iplr_jax.naive(q, k, v, a, b, initial_state=s_, output_final_state=True)
-            return jnp.sum(o * jnp.cos(jnp.arange(o.size).reshape(o.shape))) + jnp.sum(ht**2)
+        return loss
 
-        r = jax.grad(loss_ref, argnums=tuple(range(6)))(*(jnp.asarray(x, jnp.float64) for x in (*ins, s)))
-        for x, y in zip(gv, r):
-            assert rel_err(x[i], y) < tol(jnp.float32)
+    argn = tuple(range(6))
+    ref_v = [jax.grad(loss_of(iplr_jax.naive), argnums=argn)(*(_up(x) for x in (*ins, s)))
+             for ins, s in ((inputs, h0), (inputs2, h02))]
+    for impl in CHUNK_IMPLS:
+        fn = _chunk64(impl, C)
+        g_jit = jax.jit(lambda *xs, fn=fn: grads(fn, xs[:5], xs[5]))(*inputs, h0)
+        _assert_grads(g_jit, ref, jnp.float32, (impl, "jit"))
+
+        remat = jax.checkpoint(
+            lambda q, k, v, a, b, s, fn=fn: fn(q, k, v, a, b, initial_state=s, output_final_state=True)
+        )
+        g_remat = grads(lambda q, k, v, a, b, initial_state, output_final_state, remat=remat:
+                        remat(q, k, v, a, b, initial_state), inputs, h0)
+        _assert_grads(g_remat, ref, jnp.float32, (impl, "checkpoint"))
+
+        # vmap over an outer axis holding two independent problems
+        gv = jax.vmap(jax.grad(loss_of(fn), argnums=argn))(
+            *(jnp.stack([x, y]) for x, y in zip((*inputs, h0), (*inputs2, h02), strict=True))
+        )
+        for i in range(2):
+            _assert_grads([x[i] for x in gv], ref_v[i], jnp.float32, (impl, "vmap", i))
 
 
 @pytest.mark.gpu
 def test_chunk_gradients_pallas_medium(rng):
+    """Compiled kernels at a medium size: B2 T1024 H4 K=V=128, bf16."""
     B, T, H, K, V = 2, 1024, 4, 128, 128
     inputs, h0 = make_inputs(rng, B, T, H, K, V, dtype=jnp.bfloat16)
-    _check_grads("pallas", inputs, h0, None, 64, jnp.bfloat16, True)
+    ref = grads(iplr_jax.naive, tuple(_up(x) for x in inputs), _up(h0))
+    g = jax.jit(lambda *xs: grads(_chunk64("pallas", 64), xs[:5], xs[5]))(*inputs, h0)
+    _assert_grads(g, ref, jnp.bfloat16, "pallas")
