@@ -150,7 +150,8 @@ def _plan(N: int, H: int, Kp: int, Vp: int, num_chunks: int) -> _Plan:
     programs = N * H * (Vp // bv)
     # Fusing adds Q K^T, Q B^T and three more dots to every step of the sequential chain; it
     # pays only when that chain is short next to the traffic it saves, i.e. when the sweep
-    # already has several waves of programs (many sequences/heads, few chunks each).
+    # already fills the SMs and each program walks few chunks. Untuned guess: benchmark with
+    # FUSE_OUTPUT = True / False.
     # Estimated for S1/S2 (bf16, 256 programs, 32-64 chunks each): fused moves ~40% fewer
     # bytes (no h / v_new round trip, none at all without a gradient); for S3 (64 programs,
     # 512 chunks each) the longer chain costs more than the separate, fully parallel pass.
