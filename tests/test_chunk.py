@@ -207,3 +207,16 @@ def test_pallas_medium(rng, monkeypatch, K, dtype, fuse):
     ro, rht = reference(q, k, v, a, b, initial_state=h0, output_final_state=True)
     assert rel_err(o, ro) < tol(dtype)
     assert rel_err(ht, rht) < tol(dtype)
+
+
+def test_fused_output_public_path(rng, monkeypatch):
+    """`chunk` with the output fused into the state sweep: packed, an empty sequence, K != V."""
+    monkeypatch.setattr(chunk_mod, "FUSE_OUTPUT", True)
+    cu = np.array([0, 19, 19, 50], np.int32)
+    (q, k, v, a, b), h0 = make_inputs(rng, 1, 50, 2, 20, 16, N=3)
+    o, ht = jax.jit(
+        functools.partial(iplr_jax.chunk, output_final_state=True, chunk_size=16, implementation="interpret")
+    )(q, k, v, a, b, initial_state=h0, cu_seqlens=jnp.asarray(cu))
+    ro, rht = reference(q, k, v, a, b, initial_state=h0, output_final_state=True, cu_seqlens=cu)
+    assert rel_err(o, ro) < tol(jnp.float32)
+    assert rel_err(ht, rht) < tol(jnp.float32)
