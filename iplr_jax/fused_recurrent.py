@@ -202,13 +202,15 @@ def _fused_recurrent_pallas(q, k, v, a, b, *, scale, initial_state, cu_seqlens, 
     with K, V already powers of two >= 16 and a float32 state nothing is copied."""
     B, T, H, K, V, N = dims
     Kp, Vp = next_pow2(K), next_pow2(V)
-    if isinstance(scale, jax.core.Tracer):  # a traced scale: fold it into q
+    try:  # the kernels take a static scale; a traced one is folded into q
+        scale = float(scale)
+    except jax.errors.ConcretizationTypeError:
         q, scale = (q * scale).astype(q.dtype), 1.0
     if cu_seqlens is None:
         cu = jnp.arange(B + 1, dtype=jnp.int32) * T
     else:
         cu = jnp.asarray(cu_seqlens, jnp.int32)
-    qkab = (pad_last(x.reshape(B * T, H, K), Kp) for x in (q, k, a, b))
+    qp, kp, ap, bp = (pad_last(x.reshape(B * T, H, K), Kp) for x in (q, k, a, b))
     vp = pad_last(v.reshape(B * T, H, V), Vp)
     if initial_state is None:
         h0 = jnp.zeros((N, H, Kp, Vp), _F32)
@@ -216,8 +218,7 @@ def _fused_recurrent_pallas(q, k, v, a, b, *, scale, initial_state, cu_seqlens, 
         h0 = jnp.asarray(initial_state, _F32)
         if (Kp, Vp) != (K, V):
             h0 = jnp.pad(h0, ((0, 0), (0, 0), (0, Kp - K), (0, Vp - V)))
-    qp, kp, ap, bp = qkab
-    o, ht = _fused(qp, kp, vp, ap, bp, h0, cu, float(scale), interpret)
+    o, ht = _fused(qp, kp, vp, ap, bp, h0, cu, scale, interpret)
     if Vp != V:
         o = o[..., :V]
     if (Kp, Vp) != (K, V):
