@@ -29,9 +29,9 @@ X float32, 4 C (256 B at C=64); W, dt Kp (256 B at bf16, Kp=128); dS_C in dt,
 dt Kp Vp / C (512 B at bf16, K=V=128, C=64). Not stored: dV2 / dZ (4 Vp B each in float32),
 recomputed in the intra kernel from dS_C.
 
-When Vp is larger than one intra block (`_INTRA_BV`), each V-block writes float32 partial
-K-side gradients (dq, dk, da, db) and XLA sums them; for Vp <= 128 there is one block and the
-kernel writes the gradients directly in the inputs' dtypes.
+When Vp is larger than one intra block (`_intra_block`: 128, 64 for Kp = 256), each V-block
+writes float32 partial K-side gradients (dq, dk, da, db) and XLA sums them; for Vp <= 128
+(Kp <= 128) there is one block and the kernel writes them directly in the inputs' dtypes.
 """
 
 from __future__ import annotations
@@ -48,10 +48,29 @@ _HI = lax.Precision.HIGHEST
 # float32 inputs: bulk dots at DEFAULT (tf32 on the GPU, DESIGN section 9); the triangular
 # inverse and its block products at HIGHEST.
 _F32_PRECISION = lax.Precision.DEFAULT
-_INTRA_BV = 128  # V-block of the intra kernel (largest tile that keeps registers in check)
-_SWEEP_MIN_PROGRAMS = 128  # split V in the sweep until this many programs run (H100: 132 SMs)
-_SWEEP_MIN_BV = 32
-_WY_WARPS, _SWEEP_WARPS, _INTRA_WARPS = 4, 4, 8
+_NUM_SMS = 132  # H100; only steers block sizes
+_WY_WARPS, _INTRA_WARPS = 4, 8
+
+
+def _sweep_block(N: int, H: int, Kp: int, Vp: int) -> tuple[int, int]:
+    """V-block and warps of the sweep. Its [Kp, BV] float32 carry plus the [C, Kp] tiles must
+    fit in registers (BV <= 8192 / Kp); below that, smaller BV until N * H * Vp / BV programs
+    fill the SMs, since each program is one dependent chain over its sequence's chunks."""
+    bv = min(Vp, max(16, 8192 // Kp))
+    while bv > 16 and N * H * (Vp // bv) < _NUM_SMS:
+        bv //= 2
+    return bv, 8 if Kp * bv >= 8192 else 4
+
+
+def _intra_block(Kp: int, Vp: int) -> int:
+    """V-block of the intra kernel: all of V up to 128 (one block, no partial sums) unless
+    Kp = 256, where [C, Kp] tiles already fill the registers."""
+    return min(Vp, 128 if Kp <= 128 else 64)
+
+
+def _mask(m, x):
+    # a float32 zero, not a Python float: under jax_enable_x64 that would be a float64
+    return jnp.where(m, x, jnp.zeros((), x.dtype))
 
 
 def _low(dt) -> bool:
@@ -81,42 +100,48 @@ def _tri(n, strict):
 _BLK = 16  # diagonal block of the triangular inverse
 
 
-def _inv_unit_lower(low):
-    """(I - low)^{-1} for strictly lower low [16, 16] by forward substitution: row r of X is
-    e_r + low[r] X, and rows < r are final when row r is formed."""
-    n = low.shape[0]
+def _inv_diag_blocks(lows):
+    """(I - L)^{-1} for each strictly lower L [16, 16] of `lows`, by forward substitution:
+    row r of X is e_r + L[r] X, and the rows above r are final when row r is formed. All
+    blocks advance in the same loop, so the dependent chain is 15 steps whatever C is."""
+    n = _BLK
     rows = lax.broadcasted_iota(jnp.int32, (n, n), 0)
-    eye = jnp.where(rows == lax.broadcasted_iota(jnp.int32, (n, n), 1), 1.0, 0.0).astype(jnp.float32)
+    eye = (rows == lax.broadcasted_iota(jnp.int32, (n, n), 1)).astype(jnp.float32)
 
-    def body(r, x):
-        lr = jnp.sum(jnp.where(rows == r, low, 0.0), axis=0)  # low[r, :]
-        new = jnp.sum(lr[:, None] * x, axis=0)  # low[r, :] @ x
-        return jnp.where(rows == r, x + new[None, :], x)
+    def body(r, xs):
+        out = []
+        for low, x in zip(lows, xs, strict=True):
+            lr = jnp.sum(_mask(rows == r, low), axis=0)  # L[r, :]
+            new = jnp.sum(lr[:, None] * x, axis=0)  # L[r, :] @ X
+            out.append(jnp.where(rows == r, x + new[None, :], x))
+        return tuple(out)
 
-    return lax.fori_loop(1, n, body, eye)
+    return lax.fori_loop(jnp.int32(1), jnp.int32(n), body, tuple(eye for _ in lows))
 
 
 def _wy_kernel(a_ref, b_ref, x_ref, w_ref, *, dt):
+    """One (chunk, head): X block by block, then W = X A. Diagonal 16x16 blocks by
+    substitution (`_inv_diag_blocks`), the others from X = I + strict(A B^T) X by block rows,
+    X_ij = X_ii sum_{m=j}^{i-1} L_im X_mj (16^3 dots at HIGHEST: X feeds every later product
+    and its entries can be large). Row blocks are loaded from the refs (Triton cannot slice
+    register values)."""
     C = a_ref.shape[0]
     nb = C // _BLK
     blk = lambda ref, i: ref[pl.ds(i * _BLK, _BLK), :]
     hdot = functools.partial(_dot, precision=_HI)
-    a_blk = [blk(a_ref, i) for i in range(nb)]
-    b_blk = [blk(b_ref, i) for i in range(nb)]
     strict = _tri(_BLK, True)
-    xs = {}  # X blocks (i, j), j <= i, float32 [16, 16]
-    for i in range(nb):
-        # L_im = A_i B_m^T (exact products of the input dtype, float32 accumulation)
-        l_row = [_dot(a_blk[i], b_blk[m], tb=True, dt=dt, precision=_HI) for m in range(i + 1)]
-        xii = _inv_unit_lower(jnp.where(strict, l_row[i], 0.0))
-        xs[i, i] = xii
-        # X_ij = X_ii sum_{m=j}^{i-1} L_im X_mj  (block forward substitution)
+    # L_im = A_i B_m^T, m <= i (products of the input dtype, float32 accumulation)
+    lo = {(i, m): _dot(blk(a_ref, i), blk(b_ref, m), tb=True, dt=dt, precision=_HI)
+          for i in range(nb) for m in range(i + 1)}
+    diag = _inv_diag_blocks([_mask(strict, lo[i, i]) for i in range(nb)])
+    xs = {(i, i): diag[i] for i in range(nb)}  # X blocks (i, j), j <= i, float32 [16, 16]
+    for i in range(1, nb):
         for j in range(i - 1, -1, -1):
-            acc = sum(hdot(l_row[m], xs[m, j]) for m in range(j, i))
-            xs[i, j] = hdot(xii, acc)
+            acc = sum(hdot(lo[i, m], xs[m, j]) for m in range(j, i))
+            xs[i, j] = hdot(xs[i, i], acc)
     zero = jnp.zeros((_BLK, _BLK), jnp.float32)
     for i in range(nb):
-        w_i = sum(_dot(xs[i, j], a_blk[j], dt=dt, precision=_HI) for j in range(i + 1))
+        w_i = sum(_dot(xs[i, j], blk(a_ref, j), dt=dt, precision=_HI) for j in range(i + 1))
         w_ref[pl.ds(i * _BLK, _BLK), :] = w_i.astype(w_ref.dtype)
         for j in range(nb):
             x_ref[pl.ds(i * _BLK, _BLK), pl.ds(j * _BLK, _BLK)] = xs[i, j] if j <= i else zero
@@ -156,7 +181,7 @@ def _sweep_kernel(cu_ref, q_ref, b_ref, w_ref, do_ref, dht_ref, dsc_ref, dh0_ref
         dsc_ref[c] = ds.astype(dsc_ref.dtype)  # cotangent of the state after chunk c
         rows = pl.ds(c * C, C)
         q, b, w, do = q_ref[rows, :], b_ref[rows, :], w_ref[rows, :], do_ref[rows, :]
-        mqb = jnp.where(incl, scale * _dot(q, b, tb=True, dt=dt), 0.0)  # off the dS chain
+        mqb = _mask(incl, scale * _dot(q, b, tb=True, dt=dt))  # off the dS chain
         dv2 = _dot(mqb, do, ta=True, dt=dt) + _dot(b, ds, dt=dt)
         return ds + scale * _dot(q, do, ta=True, dt=dt) + _dot(w, dv2, ta=True, dt=dt)
 
@@ -171,9 +196,7 @@ def _sweep(q, b, w, do, dht, cu_chunks, *, scale, chunk_size, dt, interpret):
     N = dht.shape[0]
     C = chunk_size
     NC = L // C
-    bv = Vp
-    while bv > _SWEEP_MIN_BV and N * H * (Vp // bv) < _SWEEP_MIN_PROGRAMS:
-        bv //= 2
+    bv, warps = _sweep_block(N, H, Kp, Vp)
     kspec = pl.BlockSpec((None, L, None, Kp), lambda n, h, j: (0, 0, h, 0))
     sspec = pl.BlockSpec((None, None, Kp, bv), lambda n, h, j: (n, h, 0, j))
     return pl.pallas_call(
@@ -190,7 +213,7 @@ def _sweep(q, b, w, do, dht, cu_chunks, *, scale, chunk_size, dt, interpret):
             jax.ShapeDtypeStruct((NC, H, Kp, Vp), dt),
             jax.ShapeDtypeStruct((N, H, Kp, Vp), jnp.float32),
         ],
-        compiler_params=pltr.CompilerParams(num_warps=_SWEEP_WARPS, num_stages=2),
+        compiler_params=pltr.CompilerParams(num_warps=warps, num_stages=2),
         interpret=interpret,
         name="iplr_chunk_bwd_sweep",
     )(cu_chunks, q, b, w, do, dht)
@@ -205,35 +228,39 @@ def _intra_kernel(
 ):
     C = q_ref.shape[0]
     n_seq = cu_ref.shape[0] - 1
-    # chunks at or past cu_chunks[-1] are padding the sweep never wrote: read dS_C as zero
-    valid = pl.program_id(0) < cu_ref[n_seq]
-    q, k, a, b = q_ref[...], k_ref[...], a_ref[...], b_ref[...]
-    v, v2, do = v_ref[...], v2_ref[...], do_ref[...]
-    s0 = h_ref[...]
-    ds = jnp.where(valid, dsc_ref[...].astype(jnp.float32), 0.0)
     incl, strict = _tri(C, False), _tri(C, True)
     mm = functools.partial(_dot, dt=dt)
-
-    mqb = jnp.where(incl, scale * mm(q, b, tb=True), 0.0)
-    dv2 = mm(mqb, do, ta=True) + mm(b, ds)
+    # Loads sit right before their first use and the five gradients are finished one after
+    # the other, so that few [C, Kp] / [Kp, BV] tiles are live at once (straight-line code;
+    # Triton keeps program order).
+    # Chunks at or past cu_chunks[-1] are padding the sweep never wrote: read dS_C as zero.
+    valid = pl.program_id(0) < cu_ref[n_seq]
+    ds = _mask(valid, dsc_ref[...].astype(jnp.float32))
+    q, b, do = q_ref[...], b_ref[...], do_ref[...]
+    dv2 = mm(_mask(incl, scale * mm(q, b, tb=True)), do, ta=True) + mm(b, ds)
     dz = _dot(x_ref[...], dv2, ta=True, dt=dt)
-    mqk = jnp.where(incl, scale * mm(q, k, tb=True), 0.0)
-    lak = jnp.where(strict, mm(a, k, tb=True), 0.0)
+    k, a = k_ref[...], a_ref[...]
+    mqk = _mask(incl, scale * mm(q, k, tb=True))
+    lak = _mask(strict, mm(a, k, tb=True))
     dv = mm(mqk, do, ta=True) + mm(k, ds) + mm(lak, dz, ta=True)
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
-    dov = jnp.where(incl, mm(do, v, tb=True), 0.0)
-    dov2 = jnp.where(incl, mm(do, v2, tb=True), 0.0)
-    dzv = jnp.where(strict, mm(dz, v, tb=True), 0.0)
-    dzv2 = jnp.where(strict, mm(dz, v2, tb=True), 0.0)
-    dq = scale * (mm(do, s0, tb=True) + mm(dov, k) + mm(dov2, b))
-    dq_ref[...] = dq.astype(dq_ref.dtype)
+    v = v_ref[...]
+    dov = _mask(incl, mm(do, v, tb=True))
+    dzv = _mask(strict, mm(dz, v, tb=True))
     dk = scale * mm(dov, q, ta=True) + mm(v, ds, tb=True) + mm(dzv, a, ta=True)
     dk_ref[...] = dk.astype(dk_ref.dtype)
-    da = mm(dz, s0, tb=True) + mm(dzv, k) + mm(dzv2, b)
-    da_ref[...] = da.astype(da_ref.dtype)
+    v2 = v2_ref[...]
+    dov2 = _mask(incl, mm(do, v2, tb=True))
+    dzv2 = _mask(strict, mm(dz, v2, tb=True))
     db = scale * mm(dov2, q, ta=True) + mm(v2, ds, tb=True) + mm(dzv2, a, ta=True)
     db_ref[...] = db.astype(db_ref.dtype)
+
+    s0 = h_ref[...]
+    dq = scale * (mm(do, s0, tb=True) + mm(dov, k) + mm(dov2, b))
+    dq_ref[...] = dq.astype(dq_ref.dtype)
+    da = mm(dz, s0, tb=True) + mm(dzv, k) + mm(dzv2, b)
+    da_ref[...] = da.astype(da_ref.dtype)
 
 
 def _intra(q, k, v, a, b, h, v_new, do, dsc, x, cu_chunks, *, scale, chunk_size, dt, interpret):
@@ -241,7 +268,7 @@ def _intra(q, k, v, a, b, h, v_new, do, dsc, x, cu_chunks, *, scale, chunk_size,
     Vp = v.shape[-1]
     C = chunk_size
     NC = L // C
-    bv = min(Vp, _INTRA_BV)
+    bv = _intra_block(Kp, Vp)
     nv = Vp // bv
     kspec = pl.BlockSpec((None, C, None, Kp), lambda c, h, j: (0, c, h, 0))
     vspec = pl.BlockSpec((None, C, None, bv), lambda c, h, j: (0, c, h, j))

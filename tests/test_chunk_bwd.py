@@ -17,9 +17,12 @@ import iplr_jax
 from iplr_jax._common import check_inputs, from_chunks, make_layout, next_pow2, pad_last, to_chunks
 from iplr_jax.chunk_bwd import _chunk_bwd_reference, _wy, chunk_bwd
 
+bwd_reference = jax.jit(_chunk_bwd_reference, static_argnames=("scale", "chunk_size"))
+
 _HI = jax.lax.Precision.HIGHEST
 
 
+@functools.partial(jax.jit, static_argnames=("scale", "chunk_size"))
 def aligned_forward(q, k, v, a, b, h0, cu_chunks, *, scale, chunk_size):
     """The chunked forward on the aligned layout in jnp, with the residuals `chunk_fwd` returns:
     o [1, L, H, Vp], ht [N, H, Kp, Vp], h [NC, H, Kp, Vp] (state before each chunk), v_new."""
@@ -124,15 +127,14 @@ def test_reference_backward_matches_autodiff(rng, case, delta):
     assert rel_err(from_chunks(o, layout)[..., :V], o_ref) < 1e-12
     assert rel_err(ht[:, :, :K, :V], ht_ref) < 1e-12
 
-    g = _chunk_bwd_reference(*al, h, v_new, layout.cu_chunks, doa, dhta, scale=scale, chunk_size=C)
+    g = bwd_reference(*al, h, v_new, layout.cu_chunks, doa, dhta, scale=scale, chunk_size=C)
     mine = unalign(g, dims, layout)
 
     h0v = jnp.zeros((dims.N, H, K, V), jnp.float64) if h0 is None else h0
     f = lambda q, k, v, a, b, s: iplr_jax.naive(
         q, k, v, a, b, initial_state=s, output_final_state=True, cu_seqlens=cu
     )
-    _, vjp = jax.vjp(f, *inputs, h0v)
-    ref = vjp((do, dht))
+    ref = jax.jit(lambda xs, ct: jax.vjp(f, *xs)[1](ct))((*inputs, h0v), (do, dht))
     for name, x, r in zip(("dq", "dk", "dv", "da", "db", "dh0"), mine, ref, strict=True):
         assert rel_err(x, r) < 1e-10, name
 
@@ -174,7 +176,7 @@ def test_kernels_match_reference_backward(rng, case, dtype):
     dhta = dhta.astype(jnp.float32)
     args = (*al, h, v_new.astype(jnp.float32), layout.cu_chunks, doa, dhta)
     mine = jax.jit(functools.partial(chunk_bwd, scale=scale, chunk_size=C, interpret=True))(*args)
-    ref = _chunk_bwd_reference(*args, scale=scale, chunk_size=C)
+    ref = bwd_reference(*args, scale=scale, chunk_size=C)
     names = ("dq", "dk", "dv", "da", "db", "dh0")
     for name, x, r, like in zip(names, mine, ref, (*al[:3], *al[3:], dhta), strict=True):
         assert x.shape == r.shape and x.dtype == like.dtype, (name, x.shape, x.dtype)
@@ -225,16 +227,13 @@ def test_chunk_gradients(rng, case):
     B, T, H, K, V, cu, C, dtype, with_final = case
     inputs, h0 = make_inputs(rng, B, T, H, K, V, dtype=dtype, N=None if cu is None else len(cu) - 1)
     cu = None if cu is None else jnp.asarray(cu, jnp.int32)
-    ref = grads(functools.partial(iplr_jax.naive, cu_seqlens=cu), tuple(_up(x) for x in inputs),
-                _up(h0), with_final=with_final)
+    # cu_seqlens is an argument of the jitted gradient, so the kernels see traced offsets
+    def run(fn, cu_, *xs):
+        return grads(functools.partial(fn, cu_seqlens=cu_), xs[:5], xs[5], with_final=with_final)
+
+    ref = jax.jit(functools.partial(run, iplr_jax.naive))(cu, *(_up(x) for x in (*inputs, h0)))
     for impl in CHUNK_IMPLS:
-        fn = _chunk64(impl, C)
-        if cu is None:
-            g = grads(fn, inputs, h0, with_final=with_final)
-        else:  # traced cu_seqlens: the offsets are an argument of the jitted gradient
-            g = jax.jit(lambda cu_, *xs, fn=fn: grads(
-                functools.partial(fn, cu_seqlens=cu_), xs[:5], xs[5], with_final=with_final
-            ))(cu, *inputs, h0)
+        g = jax.jit(functools.partial(run, _chunk64(impl, C)))(cu, *inputs, h0)
         _assert_grads(g, ref, dtype, impl)
 
 
@@ -243,7 +242,7 @@ def test_chunk_gradients_transforms(rng):
     B, T, H, K, V, C = 1, 29, 2, 16, 16, 16
     inputs, h0 = make_inputs(rng, B, T, H, K, V)
     inputs2, h02 = make_inputs(rng, B, T, H, K, V)
-    ref = grads(iplr_jax.naive, tuple(_up(x) for x in inputs), _up(h0))
+    ref = jax.jit(lambda *xs: grads(iplr_jax.naive, xs[:5], xs[5]))(*(_up(x) for x in (*inputs, h0)))
 
     def loss_of(f):
         def loss(q, k, v, a, b, s):
@@ -254,7 +253,7 @@ def test_chunk_gradients_transforms(rng):
         return loss
 
     argn = tuple(range(6))
-    ref_v = [jax.grad(loss_of(iplr_jax.naive), argnums=argn)(*(_up(x) for x in (*ins, s)))
+    ref_v = [jax.jit(jax.grad(loss_of(iplr_jax.naive), argnums=argn))(*(_up(x) for x in (*ins, s)))
              for ins, s in ((inputs, h0), (inputs2, h02))]
     for impl in CHUNK_IMPLS:
         fn = _chunk64(impl, C)
@@ -264,12 +263,13 @@ def test_chunk_gradients_transforms(rng):
         remat = jax.checkpoint(
             lambda q, k, v, a, b, s, fn=fn: fn(q, k, v, a, b, initial_state=s, output_final_state=True)
         )
+        # eager (no jit) gradient through the rematerialised op
         g_remat = grads(lambda q, k, v, a, b, initial_state, output_final_state, remat=remat:
                         remat(q, k, v, a, b, initial_state), inputs, h0)
         _assert_grads(g_remat, ref, jnp.float32, (impl, "checkpoint"))
 
         # vmap over an outer axis holding two independent problems
-        gv = jax.vmap(jax.grad(loss_of(fn), argnums=argn))(
+        gv = jax.jit(jax.vmap(jax.grad(loss_of(fn), argnums=argn)))(
             *(jnp.stack([x, y]) for x, y in zip((*inputs, h0), (*inputs2, h02), strict=True))
         )
         for i in range(2):
@@ -281,6 +281,6 @@ def test_chunk_gradients_pallas_medium(rng):
     """Compiled kernels at a medium size: B2 T1024 H4 K=V=128, bf16."""
     B, T, H, K, V = 2, 1024, 4, 128, 128
     inputs, h0 = make_inputs(rng, B, T, H, K, V, dtype=jnp.bfloat16)
-    ref = grads(iplr_jax.naive, tuple(_up(x) for x in inputs), _up(h0))
+    ref = jax.jit(lambda *xs: grads(iplr_jax.naive, xs[:5], xs[5]))(*(_up(x) for x in (*inputs, h0)))
     g = jax.jit(lambda *xs: grads(_chunk64("pallas", 64), xs[:5], xs[5]))(*inputs, h0)
     _assert_grads(g, ref, jnp.bfloat16, "pallas")
