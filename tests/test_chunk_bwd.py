@@ -14,6 +14,7 @@ from conftest import CHUNK_IMPLS
 from helpers import grads, make_inputs, reference, rel_err, tol
 
 import iplr_jax
+import iplr_jax.chunk_bwd as chunk_bwd_module
 from iplr_jax._common import check_inputs, from_chunks, make_layout, next_pow2, pad_last, to_chunks
 from iplr_jax.chunk_bwd import _chunk_bwd_reference, _wy, chunk_bwd
 
@@ -167,6 +168,17 @@ KERNEL_CASES = [
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_kernels_match_reference_backward(rng, case, dtype):
     """(b) the interpreted Pallas backward equals the jnp backward on the same residuals."""
+    _kernels_vs_reference(rng, case, dtype)
+
+
+def test_kernels_partial_v_blocks(rng, monkeypatch):
+    """Several V-blocks in the intra kernel: float32 partial K-side gradients summed by XLA."""
+    monkeypatch.setattr(chunk_bwd_module, "_intra_block", lambda Kp, Vp: 16)
+    _kernels_vs_reference(rng, KERNEL_CASES[1], jnp.float32)
+    _kernels_vs_reference(rng, KERNEL_CASES[1], jnp.bfloat16)
+
+
+def _kernels_vs_reference(rng, case, dtype):
     B, T, H, K, V, cu, C = case
     inputs, h0 = make_inputs(rng, B, T, H, K, V, dtype=dtype, N=None if cu is None else len(cu) - 1)
     cu = None if cu is None else jnp.asarray(cu, jnp.int32)
