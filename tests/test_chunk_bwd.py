@@ -214,8 +214,8 @@ E2E_CASES = [
 
 
 def _chunk64(impl, C):
-    """`chunk` with float64 outputs, so that `helpers.grads` draws the same random functional
-    as for the float64 reference (it draws in the outputs' dtype)."""
+    """`chunk` with float64 outputs: the loss in `helpers.grads` is then summed in float64 on
+    both sides, as for the float64 reference."""
 
     def fn(*args, **kw):
         o, ht = iplr_jax.chunk(*args, chunk_size=C, implementation=impl, **kw)
