@@ -11,8 +11,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import jax, torch, triton; print('jax', jax.__version__, jax.devices(), 'torch', torch.__version__, 'triton', triton.__version__)"
 python3 benchmarks/probe_triton.py 2>&1 | tail -3
 if [ -z "${SKIP_TESTS:-}" ]; then
-  timeout 400 python3 -m pytest -q -x --runslow -p no:cacheprovider "$@" 2>&1 | tee "$OUT/pytest.log" | tail -25
+  timeout ${TEST_TIMEOUT:-300} python3 -m pytest -v --runslow --durations=15 -p no:cacheprovider "$@" 2>&1 | tee "$OUT/pytest.log" | grep -v PASSED | tail -40
 fi
 if [ -z "${SKIP_BENCH:-}" ]; then
-  timeout 400 python3 -m iplr_jax bench ${BENCH_ARGS:-} --out "$OUT/bench.json" 2>&1 | tr '\r' '\n' | grep -v '%|' | tee "$OUT/bench.log"
+  timeout ${BENCH_TIMEOUT:-300} python3 -m iplr_jax bench ${BENCH_ARGS:-} --out "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"
 fi

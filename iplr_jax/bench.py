@@ -98,7 +98,7 @@ def _jax_cases(x, dtype, decode, impls):
     for impl in impls:
         if not decode:
             ops[("chunk", impl)] = functools.partial(iplr_jax.chunk, implementation=impl)
-        if impl != "xla" or x["q"].shape[1] <= 4096:  # the xla recurrence is a lax.scan over T
+        if impl != "xla" or x["q"].shape[1] <= 2048:  # the xla recurrence is a lax.scan over T
             ops[("fused_recurrent", impl)] = functools.partial(iplr_jax.fused_recurrent, implementation=impl)
     for (op, impl), fn in ops.items():
         run = lambda *a, fn=fn: fn(*a, initial_state=h0, output_final_state=decode)
@@ -174,7 +174,7 @@ def _torch_peak_bytes(call):
 # -- driver --------------------------------------------------------------------------------------
 
 
-def run(sizes, modes, impls, dtype, reps, fla=True, progress=True):
+def run(sizes, modes, impls, dtype, reps, fla=True, progress=True, log=None):
     rows = []
     rng = np.random.default_rng(0)
     jsync = jax.block_until_ready
@@ -214,6 +214,9 @@ def run(sizes, modes, impls, dtype, reps, fla=True, progress=True):
                 row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
             row["floor_ms"] = floor_ms(**dims, mode=mode, decode=decode, itemsize=itemsize)
             rows.append(row)
+            if log:  # one line per case as it finishes, so a run cut short still reports
+                ms = row["median_ms"]
+                log(f"{label} {op} {impl} {mode}: " + (f"{ms:.3f} ms" if ms is not None else row["error"]))
     for r in rows:
         group = [s["median_ms"] for s in rows if s["size"] == r["size"] and s["mode"] == r["mode"]
                  and s["median_ms"] is not None]
@@ -257,7 +260,8 @@ def main(argv=None) -> int:
         sizes[f"C{i + 1}"] = dict(B=B, T=T, H=H, K=K, V=V)
     impls = args.impls.split(",") if args.impls else (["pallas", "xla"] if has_gpu() else ["xla"])
     dtype = jnp.dtype(args.dtype).type
-    rows = run(sizes, args.modes.split(","), impls, dtype, args.reps, fla=not args.no_fla)
+    rows = run(sizes, args.modes.split(","), impls, dtype, args.reps, fla=not args.no_fla,
+               progress=False, log=functools.partial(print, flush=True))
 
     device = jax.devices()[0].device_kind
     meta = dict(
