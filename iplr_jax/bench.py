@@ -16,6 +16,7 @@ import functools
 import json
 import os
 import platform
+import re
 import statistics
 import time
 
@@ -174,7 +175,7 @@ def _torch_peak_bytes(call):
 # -- driver --------------------------------------------------------------------------------------
 
 
-def run(sizes, modes, impls, dtype, reps, fla=True, progress=True, log=None):
+def run(sizes, modes, impls, dtype, reps, fla=True, progress=True, log=None, only=None):
     rows = []
     rng = np.random.default_rng(0)
     jsync = jax.block_until_ready
@@ -203,6 +204,8 @@ def run(sizes, modes, impls, dtype, reps, fla=True, progress=True, log=None):
                     if f is not None:
                         cases.append(("fla", name, mode, f, import_sync,
                                       (lambda f=f: _torch_peak_bytes(f)) if mode != "fwd" else None))
+        if only:  # e.g. "S3|S2 fla-dplr": keep the cases whose "size impl" matches
+            cases = [c for c in cases if re.search(only, f"{label} {c[1]}")]
         it = tqdm(cases, desc=label, leave=False) if (tqdm and progress) else cases
         for op, impl, mode, call, sync, peak in it:
             row = dict(size=label, **dims, dtype=jnp.dtype(dtype).name, op=op, impl=impl, mode=mode)
@@ -251,6 +254,7 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--no-fla", action="store_true", help="skip fla-core even when importable")
+    p.add_argument("--only", default=None, help='regex on "size impl", e.g. "S3|S2 fla-dplr"')
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/<date>-<device>.json)")
     args = p.parse_args(argv)
 
@@ -261,7 +265,7 @@ def main(argv=None) -> int:
     impls = args.impls.split(",") if args.impls else (["pallas", "xla"] if has_gpu() else ["xla"])
     dtype = jnp.dtype(args.dtype).type
     rows = run(sizes, args.modes.split(","), impls, dtype, args.reps, fla=not args.no_fla,
-               progress=False, log=functools.partial(print, flush=True))
+               progress=False, log=functools.partial(print, flush=True), only=args.only)
 
     device = jax.devices()[0].device_kind
     meta = dict(
