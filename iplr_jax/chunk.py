@@ -149,14 +149,14 @@ def _plan(N: int, H: int, Kp: int, Vp: int, num_chunks: int) -> _Plan:
         bv //= 2
     programs = N * H * (Vp // bv)
     # Fusing adds Q K^T, Q B^T and three more dots to every step of the sequential chain; it
-    # pays only when that chain is short next to the traffic it saves, i.e. when the sweep
-    # already fills the SMs and each program walks few chunks. Untuned guess: benchmark with
-    # FUSE_OUTPUT = True / False.
-    # Estimated for S1/S2 (bf16, 256 programs, 32-64 chunks each): fused moves ~40% fewer
-    # bytes (no h / v_new round trip, none at all without a gradient); for S3 (64 programs,
-    # 512 chunks each) the longer chain costs more than the separate, fully parallel pass.
+    # pays only when that chain is short next to the traffic it saves: the sweep already
+    # fills the SMs, each program walks few chunks, and the [C, Kp] products are small.
+    # Measured on the H100, bf16 (benchmarks/results/2026-11-25-H100.md), fused vs separate:
+    # S1 (Kp 64, 32 chunks/seq) 0.637 vs 0.755 ms; S2 (Kp 128, 64 chunks/seq) 1.916 vs 1.763;
+    # S3 (Kp 128, 512 chunks/seq, 64 programs) 3.718 vs 2.853. Hence Kp <= 64 only.
     per_seq = num_chunks / max(N, 1)
-    fuse = programs >= _NUM_SMS and per_seq <= 64 if FUSE_OUTPUT is None else FUSE_OUTPUT
+    fuse = programs >= _NUM_SMS and per_seq <= 64 and Kp <= 64
+    fuse = fuse if FUSE_OUTPUT is None else FUSE_OUTPUT
     # the fused step holds Q, K, B tiles and two [C, C] products besides S: more warps
     warps = 8 if Kp * bv >= 8192 or (fuse and Kp >= 128) else 4
     # output kernel: [C, Kp] tiles of Q, K, B plus h [Kp, BVo]; BVo = 64 keeps it in registers
