@@ -124,6 +124,14 @@ def default_scale(scale, K: int) -> float:
     return K**-0.5 if scale is None else scale
 
 
+def static_scale(q: jax.Array, scale) -> tuple[jax.Array, float]:
+    """The kernels take `scale` as a Python float; a traced one (under jit) is folded into q."""
+    try:
+        return q, float(scale)
+    except jax.errors.ConcretizationTypeError:
+        return (q * scale).astype(q.dtype), 1.0
+
+
 def accum_dtype(*xs) -> jnp.dtype:
     """float32 accumulation, float64 when any input is float64 (the oracle)."""
     return jnp.float64 if any(jnp.result_type(x) == jnp.float64 for x in xs) else jnp.float32

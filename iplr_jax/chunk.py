@@ -19,6 +19,7 @@ from iplr_jax._common import (
     next_pow2,
     pad_last,
     resolve_implementation,
+    static_scale,
     to_chunks,
 )
 from iplr_jax.chunk_xla import chunk_xla
@@ -285,13 +286,14 @@ _chunk_aligned.defvjp(_chunk_aligned_fwd, _chunk_aligned_bwd)
 
 def _chunk_pallas(q, k, v, a, b, *, scale, h0, cu_seqlens, chunk_size, dims, interpret):
     """Lays the inputs out for the kernels (chunk-aligned sequences, power-of-two heads)."""
+    q, scale = static_scale(q, scale)
     layout = make_layout(dims, cu_seqlens, chunk_size)
     Kp, Vp = next_pow2(dims.K), next_pow2(dims.V)
     qa, ka, aa, ba = (pad_last(to_chunks(x, layout), Kp) for x in (q, k, a, b))
     va = pad_last(to_chunks(v, layout), Vp)
     h0p = jnp.pad(h0.astype(jnp.float32), ((0, 0), (0, 0), (0, Kp - dims.K), (0, Vp - dims.V)))
     o, ht = _chunk_aligned(
-        qa, ka, va, aa, ba, h0p, layout.cu_chunks, float(scale), chunk_size, interpret
+        qa, ka, va, aa, ba, h0p, layout.cu_chunks, scale, chunk_size, interpret
     )
     return from_chunks(o, layout)[..., : dims.V], ht[:, :, : dims.K, : dims.V]
 

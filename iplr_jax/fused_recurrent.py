@@ -27,7 +27,14 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
 
-from iplr_jax._common import check_inputs, default_scale, next_pow2, pad_last, resolve_implementation
+from iplr_jax._common import (
+    check_inputs,
+    default_scale,
+    next_pow2,
+    pad_last,
+    resolve_implementation,
+    static_scale,
+)
 from iplr_jax.naive import naive
 
 _F32 = jnp.float32
@@ -202,10 +209,7 @@ def _fused_recurrent_pallas(q, k, v, a, b, *, scale, initial_state, cu_seqlens, 
     with K, V already powers of two >= 16 and a float32 state nothing is copied."""
     B, T, H, K, V, N = dims
     Kp, Vp = next_pow2(K), next_pow2(V)
-    try:  # the kernels take a static scale; a traced one is folded into q
-        scale = float(scale)
-    except jax.errors.ConcretizationTypeError:
-        q, scale = (q * scale).astype(q.dtype), 1.0
+    q, scale = static_scale(q, scale)
     if cu_seqlens is None:
         cu = jnp.arange(B + 1, dtype=jnp.int32) * T
     else:

@@ -220,3 +220,12 @@ def test_fused_output_public_path(rng, monkeypatch):
     ro, rht = reference(q, k, v, a, b, initial_state=h0, output_final_state=True, cu_seqlens=cu)
     assert rel_err(o, ro) < tol(jnp.float32)
     assert rel_err(ht, rht) < tol(jnp.float32)
+
+
+@pytest.mark.parametrize("impl", CHUNK_IMPLS)
+def test_traced_scale(rng, impl):
+    """A scale traced under jit reaches the kernels (folded into q) with the same result."""
+    (q, k, v, a, b), h0 = make_inputs(rng, 1, 40, 2, 16, 24)
+    ref, _ = reference(q, k, v, a, b, scale=0.3, initial_state=h0)
+    f = jax.jit(lambda s: iplr_jax.chunk(q, k, v, a, b, scale=s, initial_state=h0, implementation=impl)[0])
+    assert rel_err(f(jnp.float32(0.3)), ref) < tol(jnp.float32)
