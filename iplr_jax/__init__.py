@@ -5,7 +5,8 @@
 
 from iplr_jax.chunk import chunk
 from iplr_jax.fused_recurrent import fused_recurrent
+from iplr_jax.layer import IPLRLayer
 from iplr_jax.naive import naive
 
-__all__ = ["chunk", "fused_recurrent", "naive"]
+__all__ = ["IPLRLayer", "chunk", "fused_recurrent", "naive"]
 __version__ = "0.1.0"

@@ -44,6 +44,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
 
+from iplr_jax.chunk_xla import unit_lower_inverse
+
 _HI = lax.Precision.HIGHEST
 # float32 inputs: bulk dots at DEFAULT (tf32 on the GPU, DESIGN section 9); the triangular
 # inverse and its block products at HIGHEST.
@@ -345,11 +347,7 @@ def _chunk_bwd_reference(q, k, v, a, b, h, v_new, cu_chunks, do, dht, *, scale, 
     Tm = lambda x, y: jnp.einsum("...ji,...jk->...ik", x, y, precision=_HI)  # x^T y
     incl = lambda x: jnp.where(jnp.tri(C, k=0, dtype=bool), x, 0)
     strict = lambda x: jnp.where(jnp.tri(C, k=-1, dtype=bool), x, 0)
-    eye = jnp.eye(C, dtype=acc)
-    X = jax.scipy.linalg.solve_triangular(
-        eye - strict(mmT(A, B)), jnp.broadcast_to(eye, A.shape[:-2] + (C, C)), lower=True,
-        unit_diagonal=True,
-    )
+    X = unit_lower_inverse(strict(mmT(A, B)))
     W = mm(X, A)
     Mqk, Mqb, Lak = incl(scale * mmT(Q, Kc)), incl(scale * mmT(Q, B)), strict(mmT(A, Kc))
 

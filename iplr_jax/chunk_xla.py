@@ -2,7 +2,7 @@
 
 Per chunk of C steps (DESIGN.md section 2), with S0 the state before the chunk:
 
-    X  = (I - strict(A B^T))^{-1}                  # via one unit-lower triangular solve
+    X  = (I - strict(A B^T))^{-1}                  # block forward substitution
     W  = X A,  U = X strict(A K^T) V
     V2 = U + W S0                                  # the pseudo-values a_t^T S_{t-1}
     O  = scale (Q S0 + incl(Q K^T) V + incl(Q B^T) V2)
@@ -22,6 +22,34 @@ from iplr_jax._common import Dims, make_layout, to_chunks
 def _tril(x, k):
     C = x.shape[-1]
     return jnp.where(jnp.tri(C, k=k, dtype=bool), x, 0)
+
+
+def unit_lower_inverse(L: jax.Array) -> jax.Array:
+    """(I - L)^{-1} for strictly lower-triangular L [..., C, C], C a power of two.
+
+    Block forward substitution from the bottom up: with the s x s diagonal blocks of the
+    inverse known, each pair merges as [[Xa, 0], [Xd L21 Xa, Xd]]. Matrix products only, as
+    stable as substitution (unlike the Neumann product (I + L)(I + L^2)..., whose powers of L
+    grow combinatorially when consecutive a, b align), and cheap to differentiate. Used
+    instead of `solve_triangular`, whose gradient deadlocks at random on jax 0.10.2's CPU
+    runtime (a batched LAPACK trsm custom call).
+    """
+    C = L.shape[-1]
+    batch = L.shape[:-2]
+    X = jnp.ones(batch + (C, 1, 1), L.dtype)  # the 1 x 1 diagonal blocks of a unit triangle
+    s = 1
+    while s < C:
+        n = C // (2 * s)
+        # L21 of each 2s x 2s diagonal block: rows of its second half, columns of its first
+        Lb = L.reshape(batch + (n, 2, s, n, 2, s))
+        L21 = jnp.diagonal(Lb[..., :, 1, :, :, 0, :], axis1=-4, axis2=-2)  # [..., s, s, n]
+        L21 = jnp.moveaxis(L21, -1, -3)  # [..., n, s, s]
+        Xa, Xd = X[..., 0::2, :, :], X[..., 1::2, :, :]
+        Xc = jnp.einsum("...ij,...jk,...kl->...il", Xd, L21, Xa)
+        top = jnp.concatenate([Xa, jnp.zeros_like(Xa)], axis=-1)
+        X = jnp.concatenate([top, jnp.concatenate([Xc, Xd], axis=-1)], axis=-2)
+        s *= 2
+    return X[..., 0, :, :]
 
 
 def chunk_xla(q, k, v, a, b, *, scale, h0, cu_seqlens, chunk_size: int, dims: Dims):
@@ -53,12 +81,8 @@ def chunk_xla(q, k, v, a, b, *, scale, h0, cu_seqlens, chunk_size: int, dims: Di
     mm = lambda x, y: jnp.einsum("...ij,...jk->...ik", x, y)  # noqa: E731
     mmT = lambda x, y: jnp.einsum("...ij,...kj->...ik", x, y)  # noqa: E731  x @ y^T
 
-    eye = jnp.eye(C, dtype=acc)
-    rhs = jnp.concatenate([a, mm(_tril(mmT(a, k), -1), v)], axis=-1)
-    wu = jax.scipy.linalg.solve_triangular(
-        eye - _tril(mmT(a, b), -1), rhs, lower=True, unit_diagonal=True
-    )
-    w, u = wu[..., :K], wu[..., K:]
+    x = unit_lower_inverse(_tril(mmT(a, b), -1))
+    w, u = mm(x, a), mm(mm(x, _tril(mmT(a, k), -1)), v)
 
     # scan over chunks: inputs [NT, R, H, C, D]
     xs = tuple(jnp.moveaxis(x, 1, 0) for x in (w, u, k, v, b))
