@@ -15,6 +15,7 @@ Everything is seeded; on 2 CPU cores the default run takes about two minutes.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
 from dataclasses import dataclass, field
@@ -193,7 +194,8 @@ def train(
     task = task or RecallTask()
     model = TinyLM(task.vocab_size, d_model=d_model, num_heads=num_heads, mode=mode, rngs=nnx.Rngs(seed))
     schedule = optax.warmup_cosine_decay_schedule(
-        0.0, learning_rate, warmup_steps=max(1, steps // 10), decay_steps=steps, end_value=learning_rate / 10
+        0.0, learning_rate, warmup_steps=max(1, steps // 10), decay_steps=max(2, steps),
+        end_value=learning_rate / 10,
     )
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.01))
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
@@ -269,7 +271,12 @@ def check_ops(
 
     o_ref, s_ref, g_ref = run(iplr_jax.naive, inputs_ref)
     report = []
-    for name, fn in (("chunk", iplr_jax.chunk), ("fused_recurrent", iplr_jax.fused_recurrent)):
+    ops = [("chunk", iplr_jax.chunk), ("fused_recurrent", iplr_jax.fused_recurrent)]
+    if jax.default_backend() != "gpu":
+        # the default here is "xla" (the fused recurrence is then the reference scan itself):
+        # also run the Pallas kernels, through the interpreter
+        ops += [(f"{n} [interpret]", functools.partial(f, implementation="interpret")) for n, f in ops]
+    for name, fn in ops:
         o, ht, g = run(fn, inputs32)
         report.append((f"{name}: output", err(o, o_ref)))
         report.append((f"{name}: final state", err(ht, s_ref)))
