@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole GPU check in one call: install, probe, GPU tests, benchmark with fla-core side by side.
 # Usage (device tool, carry .fla):  bash benchmarks/gpu_check.sh [pytest args...]
-# Env: BENCH_ARGS (default: all sizes), SKIP_TESTS=1, SKIP_BENCH=1.
+# Env: BENCH_ARGS (default: all sizes), SKIP_TESTS=1, SKIP_BENCH=1, PROFILE=1 (per-kernel times).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
@@ -15,4 +15,7 @@ if [ -z "${SKIP_TESTS:-}" ]; then
 fi
 if [ -z "${SKIP_BENCH:-}" ]; then
   timeout ${BENCH_TIMEOUT:-300} python3 -m iplr_jax bench ${BENCH_ARGS:-} --out "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"
+fi
+if [ -n "${PROFILE:-}" ]; then
+  timeout ${PROFILE_TIMEOUT:-200} python3 benchmarks/profile_kernels.py 2>&1 | tee "$OUT/profile.log" | tail -25
 fi

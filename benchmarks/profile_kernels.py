@@ -1,0 +1,128 @@
+"""Time each kernel of the Pallas paths on its own: where does the time go?
+
+    python benchmarks/profile_kernels.py                 # on the GPU: S1, S2, S3 and decode S4
+    python benchmarks/profile_kernels.py --interpret     # a CPU smoke run at a tiny size
+
+Chunked forward: WY, the whole forward fused and unfused (state sweep + output = total - WY);
+chunked backward: WY recompute, reverse dS sweep, intra-chunk gradients; fused recurrence:
+the bare forward kernel against the public jitted call (wrapper cost), at the decode size too.
+Inputs are drawn as a layer draws them, on the aligned layout the kernels take.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import importlib
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import iplr_jax
+from iplr_jax import chunk_bwd as cb
+from iplr_jax.bench import SIZES
+from iplr_jax.wy_fast import wy_fwd
+
+# the modules: `iplr_jax.chunk` and `iplr_jax.fused_recurrent` are the functions
+ck = importlib.import_module("iplr_jax.chunk")
+fr = importlib.import_module("iplr_jax.fused_recurrent")
+
+
+def median_ms(f, *args, reps=20):
+    jax.block_until_ready(f(*args))
+    samples = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for _ in range(5):
+            out = f(*args)
+        jax.block_until_ready(out)
+        samples.append((time.perf_counter() - t0) / 5 * 1e3)
+    return float(np.median(samples))
+
+
+def inputs(B, T, H, K, V, dtype, seed=0):
+    r = np.random.default_rng(seed)
+    unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
+    k = unit(r.standard_normal((1, B * T, H, K)))
+    a = unit(r.standard_normal((1, B * T, H, K)))
+    b = -r.uniform(0.05, 1.95, (1, B * T, H, 1)) * a
+    q, v, do = (r.standard_normal((1, B * T, H, d)) for d in (K, V, V))
+    h0 = jnp.asarray(r.standard_normal((B, H, K, V)), jnp.float32)
+    cast = lambda x: jnp.asarray(x, dtype)
+    return [cast(x) for x in (q, k, v, a, b, do)] + [h0]
+
+
+def profile_chunk(label, B, T, H, K, V, dtype, interpret, C=64):
+    q, k, v, a, b, do, h0 = inputs(B, T, H, K, V, dtype)
+    cu = jnp.arange(B + 1, dtype=jnp.int32) * (T // C)
+    scale = K**-0.5
+    kw = dict(scale=scale, chunk_size=C, interpret=interpret)
+    rows = [(label, "wy_fwd", median_ms(jax.jit(functools.partial(
+        wy_fwd, chunk_size=C, out_dtype=dtype, interpret=interpret)), a, b, k, v))]
+    for fuse in (False, True):
+        ck.FUSE_OUTPUT = fuse
+        f = jax.jit(functools.partial(ck.chunk_fwd, residuals=False, **kw))
+        rows.append((label, f"chunk_fwd total, fuse={fuse}", median_ms(f, q, k, v, a, b, h0, cu)))
+    ck.FUSE_OUTPUT = None
+    _, _, h, v_new = jax.jit(functools.partial(ck.chunk_fwd, **kw))(q, k, v, a, b, h0, cu)
+    dt = jnp.dtype(dtype)
+    dht = jnp.zeros_like(h0)
+    wy = jax.jit(functools.partial(cb._wy, chunk_size=C, dt=dt, interpret=interpret))
+    x, w = wy(a, b)
+    sweep = jax.jit(functools.partial(cb._sweep, chunk_size=C, dt=dt, **{
+        k_: v_ for k_, v_ in kw.items() if k_ != "chunk_size"}))
+    dsc, _ = sweep(q, b, w, do, dht, cu)
+    intra = jax.jit(functools.partial(cb._intra, chunk_size=C, dt=dt, **{
+        k_: v_ for k_, v_ in kw.items() if k_ != "chunk_size"}))
+    rows += [
+        (label, "bwd: wy recompute", median_ms(wy, a, b)),
+        (label, "bwd: dS sweep", median_ms(sweep, q, b, w, do, dht, cu)),
+        (label, "bwd: intra-chunk grads", median_ms(intra, q, k, v, a, b, h, v_new, do, dsc, x, cu)),
+        (label, "bwd total", median_ms(jax.jit(functools.partial(cb.chunk_bwd, **kw)),
+                                        q, k, v, a, b, h, v_new, cu, do, dht)),
+    ]
+    return rows
+
+
+def profile_recurrent(label, B, T, H, K, V, dtype, interpret):
+    q, k, v, a, b, _, h0 = inputs(B, T, H, K, V, dtype)
+    cu = jnp.arange(B + 1, dtype=jnp.int32) * T
+    bare = jax.jit(lambda *x: fr._fwd(*x, cu, K**-0.5, interpret, False))
+    sq = lambda x: x[0]  # the kernels take [L, H, D]
+    public = jax.jit(functools.partial(
+        iplr_jax.fused_recurrent, output_final_state=True,
+        implementation="interpret" if interpret else "pallas"))
+    args4 = [x.reshape(B, T, H, -1) for x in (q, k, v, a, b)]
+    return [
+        (label, "fused fwd kernel (bare)", median_ms(bare, *map(sq, (q, k, v, a, b)), h0)),
+        (label, "fused_recurrent (public, jit)", median_ms(
+            lambda *x: public(*x, initial_state=h0), *args4)),
+    ]
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--interpret", action="store_true", help="tiny sizes through the interpreter")
+    args = p.parse_args()
+    if args.interpret:
+        sizes = {"tiny": dict(B=1, T=128, H=1, K=32, V=32)}
+        dec = {"tiny-dec": dict(B=2, T=1, H=1, K=32, V=32)}
+    else:
+        sizes = {s: SIZES[s] for s in ("S1", "S2", "S3")}
+        dec = {"S4": SIZES["S4"]}
+    rows = []
+    for label, d in sizes.items():
+        rows += profile_chunk(label, **d, dtype=jnp.bfloat16, interpret=args.interpret)
+        print(*rows[-7:], sep="\n", flush=True)
+    for label, d in {**dec, **({} if args.interpret else {"S1": SIZES["S1"]})}.items():
+        rows += profile_recurrent(label, **d, dtype=jnp.bfloat16, interpret=args.interpret)
+        print(*rows[-2:], sep="\n", flush=True)
+    print(f"\n{jax.devices()[0].device_kind}, jax {jax.__version__}, bf16, median ms")
+    for label, name, ms in rows:
+        print(f"{label:8} {name:34} {ms:9.3f}")
+
+
+if __name__ == "__main__":
+    main()
