@@ -296,3 +296,18 @@ def test_chunk_gradients_pallas_medium(rng):
     ref = jax.jit(lambda *xs: grads(iplr_jax.naive, xs[:5], xs[5]))(*(_up(x) for x in (*inputs, h0)))
     g = jax.jit(lambda *xs: grads(_chunk64("pallas", 64), xs[:5], xs[5]))(*inputs, h0)
     _assert_grads(g, ref, jnp.bfloat16, "pallas")
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.parametrize("size", ["S1", "S2"])
+def test_chunk_gradients_pallas_bench_sizes(rng, size):
+    """Issue-5 sizes on the compiled kernels, bf16, against the float64 chunked form (the xla
+    path, a second oracle whose autodiff keeps one state per chunk, not per token)."""
+    from iplr_jax.bench import SIZES
+
+    d = SIZES[size]
+    inputs, h0 = make_inputs(rng, d["B"], d["T"], d["H"], d["K"], d["V"], dtype=jnp.bfloat16)
+    ref = jax.jit(lambda *xs: grads(_chunk64("xla", 64), xs[:5], xs[5]))(*(_up(x) for x in (*inputs, h0)))
+    g = jax.jit(lambda *xs: grads(_chunk64("pallas", 64), xs[:5], xs[5]))(*inputs, h0)
+    _assert_grads(g, ref, jnp.bfloat16, ("pallas", size))
