@@ -14,6 +14,8 @@ import numpy as np
 
 IMPLEMENTATIONS = ("pallas", "xla", "interpret")
 CHUNK_SIZES = (16, 32, 64)
+# Streaming multiprocessors of the H100 the kernels were tuned on; only steers block sizes.
+NUM_SMS = 132
 # Largest key head size the Pallas kernels hold in one block (the state slab is [K, BV]).
 MAX_KERNEL_HEAD_DIM = 256
 

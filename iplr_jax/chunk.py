@@ -11,6 +11,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
 
 from iplr_jax._common import (
+    NUM_SMS,
     accum_dtype,
     check_inputs,
     default_scale,
@@ -44,7 +45,6 @@ from iplr_jax.wy_fast import _mask, wy_fwd
 _F32 = jnp.float32
 _TN = (((0,), (0,)), ((), ()))  # x^T @ y
 _NT = (((1,), (1,)), ((), ()))  # x @ y^T
-_NUM_SMS = 132  # H100; only steers block sizes
 # None: `_plan` decides whether the output is fused into the state sweep; True/False force it
 # (for benchmarks and tests).
 FUSE_OUTPUT: bool | None = None
@@ -146,7 +146,7 @@ def _plan(N: int, H: int, Kp: int, Vp: int, num_chunks: int) -> _Plan:
     registers: BV <= 8192 / Kp (64 for Kp = 128, 32 for Kp = 256); smaller BV when there are
     too few programs to occupy the SMs (the sweep is a dependent chain per program)."""
     bv = min(Vp, max(16, 8192 // Kp))
-    while bv > 16 and N * H * (Vp // bv) < _NUM_SMS:
+    while bv > 16 and N * H * (Vp // bv) < NUM_SMS:
         bv //= 2
     programs = N * H * (Vp // bv)
     # Fusing adds Q K^T, Q B^T and three more dots to every step of the sequential chain; it
@@ -156,7 +156,7 @@ def _plan(N: int, H: int, Kp: int, Vp: int, num_chunks: int) -> _Plan:
     # S1 (Kp 64, 32 chunks/seq) 0.637 vs 0.755 ms; S2 (Kp 128, 64 chunks/seq) 1.916 vs 1.763;
     # S3 (Kp 128, 512 chunks/seq, 64 programs) 3.718 vs 2.853. Hence Kp <= 64 only.
     per_seq = num_chunks / max(N, 1)
-    fuse = programs >= _NUM_SMS and per_seq <= 64 and Kp <= 64
+    fuse = programs >= NUM_SMS and per_seq <= 64 and Kp <= 64
     fuse = fuse if FUSE_OUTPUT is None else FUSE_OUTPUT
     # the fused step holds Q, K, B tiles and two [C, C] products besides S: more warps
     warps = 8 if Kp * bv >= 8192 or (fuse and Kp >= 128) else 4

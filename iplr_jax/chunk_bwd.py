@@ -44,13 +44,14 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
 
+from iplr_jax._common import NUM_SMS
 from iplr_jax.chunk_xla import unit_lower_inverse
+from iplr_jax.wy_fast import _mask
 
 _HI = lax.Precision.HIGHEST
 # float32 inputs: bulk dots at DEFAULT (tf32 on the GPU, DESIGN section 9); the triangular
 # inverse and its block products at HIGHEST.
 _F32_PRECISION = lax.Precision.DEFAULT
-_NUM_SMS = 132  # H100; only steers block sizes
 _WY_WARPS, _INTRA_WARPS = 4, 8
 
 
@@ -59,7 +60,7 @@ def _sweep_block(N: int, H: int, Kp: int, Vp: int) -> tuple[int, int]:
     fit in registers (BV <= 8192 / Kp); below that, smaller BV until N * H * Vp / BV programs
     fill the SMs, since each program is one dependent chain over its sequence's chunks."""
     bv = min(Vp, max(16, 8192 // Kp))
-    while bv > 16 and N * H * (Vp // bv) < _NUM_SMS:
+    while bv > 16 and N * H * (Vp // bv) < NUM_SMS:
         bv //= 2
     return bv, 8 if Kp * bv >= 8192 else 4
 
@@ -68,11 +69,6 @@ def _intra_block(Kp: int, Vp: int) -> int:
     """V-block of the intra kernel: all of V up to 128 (one block, no partial sums) unless
     Kp = 256, where [C, Kp] tiles already fill the registers."""
     return min(Vp, 128 if Kp <= 128 else 64)
-
-
-def _mask(m, x):
-    # a float32 zero, not a Python float: under jax_enable_x64 that would be a float64
-    return jnp.where(m, x, jnp.zeros((), x.dtype))
 
 
 def _low(dt) -> bool:

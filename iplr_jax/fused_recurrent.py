@@ -28,6 +28,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
 
 from iplr_jax._common import (
+    NUM_SMS,
     check_inputs,
     default_scale,
     next_pow2,
@@ -38,7 +39,6 @@ from iplr_jax._common import (
 from iplr_jax.naive import naive
 
 _F32 = jnp.float32
-_SM_COUNT = 132  # H100; used only to pick the V-block size
 
 
 def _config(n_heads_total: int, Kp: int, Vp: int, backward: bool) -> tuple[int, int]:
@@ -54,7 +54,7 @@ def _config(n_heads_total: int, Kp: int, Vp: int, backward: bool) -> tuple[int, 
         bv = min(Vp, max(16, 8192 // Kp))
     else:
         bv = min(Vp, 32)
-        while bv > 16 and n_heads_total * (Vp // bv) < 2 * _SM_COUNT:
+        while bv > 16 and n_heads_total * (Vp // bv) < 2 * NUM_SMS:
             bv //= 2
     return bv, max(1, min(8, Kp * bv // 1024))
 
