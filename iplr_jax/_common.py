@@ -219,3 +219,30 @@ def pad_last(x: jax.Array, size: int) -> jax.Array:
     if d == size:
         return x
     return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, size - d)])
+
+
+def prefetched_loop(start, stop, load, body, init, *, rows: int, depth: int = 1, reverse=False):
+    """`for t in range(start, stop)` (or reversed) of `carry = body(t, load(t), carry)` inside a
+    kernel, with `load(t)` issued `depth` iterations early.
+
+    Triton pipelines only loads that feed matrix-unit dots; in a per-token recurrence every
+    step would otherwise wait one global-memory latency for its own row before any arithmetic.
+    Carrying the next rows in the loop state overlaps that latency with the previous steps.
+    Loads past the range are clamped into `[0, rows)` (in bounds, values unused). depth=0 is
+    the plain loop.
+    """
+    n = stop - start
+    at = (lambda i: stop - 1 - i) if reverse else (lambda i: start + i)
+    if depth == 0:
+        return jax.lax.fori_loop(0, n, lambda i, c: body(at(i), load(at(i)), c), init)
+
+    def fetch(i):
+        return load(jnp.clip(at(i), 0, rows - 1))
+
+    def step(i, carry):
+        c, ahead = carry
+        nxt = fetch(i + depth)
+        return body(at(i), ahead[0], c), (*ahead[1:], nxt)
+
+    ahead = tuple(fetch(jnp.int32(j)) for j in range(depth))
+    return jax.lax.fori_loop(0, n, step, (init, ahead))[0]

@@ -19,6 +19,7 @@ from iplr_jax._common import (
     make_layout,
     next_pow2,
     pad_last,
+    prefetched_loop,
     resolve_implementation,
     static_scale,
     to_chunks,
@@ -48,6 +49,11 @@ _NT = (((1,), (1,)), ((), ()))  # x @ y^T
 # None: `_plan` decides whether the output is fused into the state sweep; True/False force it
 # (for benchmarks and tests).
 FUSE_OUTPUT: bool | None = None
+# Experiments for the benchmarks (benchmarks/sweep_configs.py): chunks loaded ahead in the state
+# sweep (`prefetched_loop`; 0: Triton's own pipelining only), and bf16 operands for the products
+# with the state (fla's choice) instead of float32.
+SWEEP_PREFETCH = 0
+STATE_DOT_LOW = False
 
 
 def _dot(x, y, dims=None):
@@ -89,20 +95,26 @@ def _state_kernel(
     n = pl.program_id(0)
     start, end = cu_ref[n], cu_ref[n + 1]
 
-    def body(c, s):
+    sdt = dt if STATE_DOT_LOW else _F32  # operand dtype of the products with S0 and V2
+    tiles = [w_ref, u_ref, k_ref, b_ref, v_ref] + ([q_ref] if fuse else [])
+
+    def body(c, chunk, s):
+        w, u, k, b, v, *q = chunk
         r = pl.ds(c * C, C)
         if residuals:
             h_ref[c] = s.astype(h_ref.dtype)
-        v2 = u_ref[r, :].astype(_F32) + _dot(w_ref[r, :].astype(_F32), s)  # V2 = U + W S0
+        v2 = u.astype(_F32) + _dot(w.astype(sdt), s.astype(sdt))  # V2 = U + W S0
         if residuals:
             vn_ref[r, :] = v2
-        k, b, v = k_ref[r, :], b_ref[r, :], v_ref[r, :]
         if fuse:
-            o = _chunk_output(q_ref[r, :], k, b, v, v2, s, dt, scale)
+            o = _chunk_output(q[0], k, b, v, v2, s, dt, scale)
             o_ref[r, :] = o.astype(o_ref.dtype)
-        return s + _dot(k, v, _TN) + _dot(b.astype(_F32), v2, _TN)  # S0 + K^T V + B^T V2
+        return s + _dot(k, v, _TN) + _dot(b.astype(sdt), v2.astype(sdt), _TN)  # S0+K^TV+B^TV2
 
-    s = jax.lax.fori_loop(start, end, body, h0_ref[...].astype(_F32))
+    s = prefetched_loop(
+        start, end, lambda c: tuple(t[pl.ds(c * C, C), :] for t in tiles), body,
+        h0_ref[...].astype(_F32), rows=num_chunks, depth=SWEEP_PREFETCH,
+    )
     ht_ref[...] = s  # an empty sequence keeps h0
 
     if residuals or fuse:

@@ -33,12 +33,15 @@ from iplr_jax._common import (
     default_scale,
     next_pow2,
     pad_last,
+    prefetched_loop,
     resolve_implementation,
     static_scale,
 )
 from iplr_jax.naive import naive
 
 _F32 = jnp.float32
+# how many tokens ahead the kernels load their rows (`prefetched_loop`; 0 = not at all)
+PREFETCH = 1
 
 
 def _config(n_heads_total: int, Kp: int, Vp: int, backward: bool) -> tuple[int, int]:
@@ -68,9 +71,8 @@ def _config(n_heads_total: int, Kp: int, Vp: int, backward: bool) -> tuple[int, 
 def _fwd_kernel(cu_ref, q_ref, k_ref, v_ref, a_ref, b_ref, h0_ref, o_ref, ht_ref, *v2_ref, scale):
     n = pl.program_id(0)
 
-    def step(t, S):
-        q, k, a, b = (r[t, :].astype(_F32) for r in (q_ref, k_ref, a_ref, b_ref))
-        v = v_ref[t, :].astype(_F32)
+    def step(t, rows, S):
+        q, k, v, a, b = (x.astype(_F32) for x in rows)
         aS = jnp.sum(a[:, None] * S, axis=0)  # V2_t = a_t^T S_{t-1}
         S = S + k[:, None] * v[None, :] + b[:, None] * aS[None, :]
         o_ref[t, :] = (scale * jnp.sum(q[:, None] * S, axis=0)).astype(o_ref.dtype)
@@ -78,19 +80,19 @@ def _fwd_kernel(cu_ref, q_ref, k_ref, v_ref, a_ref, b_ref, h0_ref, o_ref, ht_ref
             v2_ref[0][t, :] = aS
         return S
 
-    ht_ref[...] = jax.lax.fori_loop(cu_ref[n], cu_ref[n + 1], step, h0_ref[...].astype(_F32))
+    ht_ref[...] = _loop(
+        cu_ref[n], cu_ref[n + 1], (q_ref, k_ref, v_ref, a_ref, b_ref), step,
+        h0_ref[...].astype(_F32),
+    )
 
 
 def _bwd_dS_kernel(cu_ref, q_ref, k_ref, v_ref, a_ref, b_ref, v2_ref, do_ref, dht_ref,
                    dk_ref, db_ref, dv_ref, dv2_ref, dh0_ref, *, scale):
     """Reverse sweep: dk, db (partials over this V-block), dv, dV2 and dh0."""
     n = pl.program_id(0)
-    start, end = cu_ref[n], cu_ref[n + 1]
 
-    def step(i, dS):
-        t = end - 1 - i
-        q, k, a, b = (r[t, :].astype(_F32) for r in (q_ref, k_ref, a_ref, b_ref))
-        v, v2, do = (r[t, :].astype(_F32) for r in (v_ref, v2_ref, do_ref))
+    def step(t, rows, dS):
+        q, k, a, b, v, v2, do = (x.astype(_F32) for x in rows)
         G = dS + (scale * q)[:, None] * do[None, :]  # cotangent of S_t
         dk_ref[t, :] = jnp.sum(G * v[None, :], axis=1)
         db_ref[t, :] = jnp.sum(G * v2[None, :], axis=1)
@@ -99,7 +101,10 @@ def _bwd_dS_kernel(cu_ref, q_ref, k_ref, v_ref, a_ref, b_ref, v2_ref, do_ref, dh
         dv2_ref[t, :] = dv2
         return G + a[:, None] * dv2[None, :]
 
-    dh0_ref[...] = jax.lax.fori_loop(0, end - start, step, dht_ref[...].astype(_F32))
+    dh0_ref[...] = _loop(
+        cu_ref[n], cu_ref[n + 1], (q_ref, k_ref, a_ref, b_ref, v_ref, v2_ref, do_ref), step,
+        dht_ref[...].astype(_F32), reverse=True,
+    )
 
 
 def _bwd_dq_kernel(cu_ref, k_ref, v_ref, b_ref, v2_ref, do_ref, dv2_ref, h0_ref, dq_ref, da_ref,
@@ -107,15 +112,25 @@ def _bwd_dq_kernel(cu_ref, k_ref, v_ref, b_ref, v2_ref, do_ref, dv2_ref, h0_ref,
     """Forward sweep recomputing S_t from h0 and the stored V2: dq and da (partials)."""
     n = pl.program_id(0)
 
-    def step(t, S):
-        k, b = k_ref[t, :].astype(_F32), b_ref[t, :].astype(_F32)
-        v, v2, do, dv2 = (r[t, :].astype(_F32) for r in (v_ref, v2_ref, do_ref, dv2_ref))
+    def step(t, rows, S):
+        k, b, v, v2, do, dv2 = (x.astype(_F32) for x in rows)
         da_ref[t, :] = jnp.sum(S * dv2[None, :], axis=1)  # uses S_{t-1}
         S = S + k[:, None] * v[None, :] + b[:, None] * v2[None, :]
         dq_ref[t, :] = scale * jnp.sum(S * do[None, :], axis=1)
         return S
 
-    jax.lax.fori_loop(cu_ref[n], cu_ref[n + 1], step, h0_ref[...].astype(_F32))
+    _loop(
+        cu_ref[n], cu_ref[n + 1], (k_ref, b_ref, v_ref, v2_ref, do_ref, dv2_ref), step,
+        h0_ref[...].astype(_F32),
+    )
+
+
+def _loop(start, stop, refs, step, init, reverse=False):
+    """The per-token loop of every kernel here: row t of each ref, loaded ahead of its step."""
+    return prefetched_loop(
+        start, stop, lambda t: tuple(r[t, :] for r in refs), step, init,
+        rows=refs[0].shape[0], depth=PREFETCH, reverse=reverse,
+    )
 
 
 # -- pallas_call plumbing ------------------------------------------------------------------------
