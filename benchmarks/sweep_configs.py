@@ -14,6 +14,7 @@ import argparse
 import importlib
 import itertools
 import re
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -71,20 +72,26 @@ def fused_cases(impl, sizes):
         for depth, cfg in itertools.product((0, 1, 2), configs):
             fr.PREFETCH = depth
             with_config(cfg)
-            yield f"{label} fused fwd prefetch={depth} config={cfg or 'auto'}", lambda: timed(
-                iplr_jax.fused_recurrent, impl, dev, do, h0, "fwd")
+            yield (
+                f"{label} fused fwd prefetch={depth} config={cfg or 'auto'}",
+                partial(timed, iplr_jax.fused_recurrent, impl, dev, do, h0, "fwd"),
+            )
         if label == "S1":
             for depth in (0, 1, 2):
                 fr.PREFETCH = depth
                 with_config(None)
-                yield f"{label} fused fwd+bwd prefetch={depth}", lambda: timed(
-                    iplr_jax.fused_recurrent, impl, dev, do, h0, "fwd_bwd")
+                yield (
+                    f"{label} fused fwd+bwd prefetch={depth}",
+                    partial(timed, iplr_jax.fused_recurrent, impl, dev, do, h0, "fwd_bwd"),
+                )
     fr.PREFETCH = 1
     dev, do, h0 = args_for(sizes["S4"], jnp.bfloat16)
     for cfg in (None, (16, 2), (32, 2), (64, 4), (64, 8), (128, 4), (128, 8)):
         with_config(cfg)
-        yield f"S4 decode config={cfg or 'auto'}", lambda: timed(
-            iplr_jax.fused_recurrent, impl, dev, do, h0, "fwd")
+        yield (
+            f"S4 decode config={cfg or 'auto'}",
+            partial(timed, iplr_jax.fused_recurrent, impl, dev, do, h0, "fwd"),
+        )
     with_config(None)
 
 
@@ -94,13 +101,17 @@ def chunk_cases(impl, sizes):
         for depth, low, fuse, warps in itertools.product((0, 1), (False, True), (False, True), (4, 8)):
             ck.SWEEP_PREFETCH, ck.STATE_DOT_LOW = depth, low
             with_plan(fuse=fuse, warps=warps)
-            yield (f"{label} chunk fwd prefetch={depth} low={low} fuse={fuse} warps={warps}",
-                   lambda: timed(iplr_jax.chunk, impl, dev, do, h0, "fwd"))
+            yield (
+                f"{label} chunk fwd prefetch={depth} low={low} fuse={fuse} warps={warps}",
+                partial(timed, iplr_jax.chunk, impl, dev, do, h0, "fwd"),
+            )
         ck._plan = _ORIG_PLAN
         for depth, low in itertools.product((0, 1), (False, True)):
             ck.SWEEP_PREFETCH, ck.STATE_DOT_LOW = depth, low
-            yield (f"{label} chunk fwd+bwd prefetch={depth} low={low} plan=auto",
-                   lambda: timed(iplr_jax.chunk, impl, dev, do, h0, "fwd_bwd"))
+            yield (
+                f"{label} chunk fwd+bwd prefetch={depth} low={low} plan=auto",
+                partial(timed, iplr_jax.chunk, impl, dev, do, h0, "fwd_bwd"),
+            )
     ck.SWEEP_PREFETCH, ck.STATE_DOT_LOW = 0, False
 
 
@@ -111,7 +122,8 @@ def low_precision_error(impl, sizes):
         dev, _, _ = args_for(sizes[label], jnp.bfloat16)
         with jax.default_matmul_precision("highest"):
             ref, _ = jax.jit(lambda *a: iplr_jax.chunk(*a, implementation="xla"))(
-                *(x.astype(jnp.float32) for x in dev))
+                *(x.astype(jnp.float32) for x in dev)
+            )
         for low in (False, True):
             ck.STATE_DOT_LOW = low
             o, _ = jax.jit(lambda *a: iplr_jax.chunk(*a, implementation=impl))(*dev)
