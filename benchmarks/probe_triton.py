@@ -40,9 +40,11 @@ def run(x, w, cu, interpret=False):
     return pl.pallas_call(
         kernel,
         grid=(N,),
-        in_specs=[pl.BlockSpec((N + 1,), lambda n: (0,)),
-                  pl.BlockSpec((L, K), lambda n: (0, 0)),
-                  pl.BlockSpec((K, V), lambda n: (0, 0))],
+        in_specs=[
+            pl.BlockSpec((N + 1,), lambda n: (0,)),
+            pl.BlockSpec((L, K), lambda n: (0, 0)),
+            pl.BlockSpec((K, V), lambda n: (0, 0)),
+        ],
         out_specs=[pl.BlockSpec((L, V), lambda n: (0, 0)), pl.BlockSpec((None, V), lambda n: (n, 0))],
         out_shape=[jax.ShapeDtypeStruct((L, V), jnp.float32), jax.ShapeDtypeStruct((N, V), jnp.float32)],
         compiler_params=pltr.CompilerParams(num_warps=4, num_stages=2),
@@ -56,10 +58,10 @@ def ref(x, w, cu):
     s = np.zeros((len(cu) - 1, V))
     for n in range(len(cu) - 1):
         for c in range(cu[n], cu[n + 1]):
-            xc = x[c * C:(c + 1) * C]
+            xc = x[c * C : (c + 1) * C]
             y = xc @ w
             y = y + np.tril(xc @ xc.T, -1) @ y
-            o[c * C:(c + 1) * C] = y
+            o[c * C : (c + 1) * C] = y
             s[n] += y.sum(0)
     return o, s
 

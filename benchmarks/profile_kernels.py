@@ -4,7 +4,7 @@
     python benchmarks/profile_kernels.py --interpret     # a CPU smoke run at a tiny size
 
 Chunked forward: WY, the whole forward fused and unfused (state sweep + output = total - WY);
-chunked backward: WY recompute, reverse dS sweep, intra-chunk gradients; fused recurrence:
+chunked backward: reverse dS sweep, intra-chunk gradients (X and W come from the forward); fused recurrence:
 the bare forward kernel against the public jitted call (wrapper cost), at the decode size too.
 Inputs are drawn as a layer draws them, on the aligned layout the kernels take.
 """
@@ -59,29 +59,52 @@ def profile_chunk(label, B, T, H, K, V, dtype, interpret, C=64):
     cu = jnp.arange(B + 1, dtype=jnp.int32) * (T // C)
     scale = K**-0.5
     kw = dict(scale=scale, chunk_size=C, interpret=interpret)
-    rows = [(label, "wy_fwd", median_ms(jax.jit(functools.partial(
-        wy_fwd, chunk_size=C, out_dtype=dtype, interpret=interpret)), a, b, k, v))]
+    rows = [
+        (
+            label,
+            "wy_fwd",
+            median_ms(
+                jax.jit(functools.partial(wy_fwd, chunk_size=C, out_dtype=dtype, interpret=interpret)),
+                a,
+                b,
+                k,
+                v,
+            ),
+        )
+    ]
     for fuse in (False, True):
         ck.FUSE_OUTPUT = fuse
         f = jax.jit(functools.partial(ck.chunk_fwd, residuals=False, **kw))
         rows.append((label, f"chunk_fwd total, fuse={fuse}", median_ms(f, q, k, v, a, b, h0, cu)))
     ck.FUSE_OUTPUT = None
-    _, _, h, v_new = jax.jit(functools.partial(ck.chunk_fwd, **kw))(q, k, v, a, b, h0, cu)
+    _, _, res = jax.jit(functools.partial(ck.chunk_fwd, **kw))(q, k, v, a, b, h0, cu)
     dt = jnp.dtype(dtype)
     dht = jnp.zeros_like(h0)
-    wy = jax.jit(functools.partial(cb._wy, chunk_size=C, dt=dt, interpret=interpret))
-    x, w = wy(a, b)
-    sweep = jax.jit(functools.partial(cb._sweep, chunk_size=C, dt=dt, **{
-        k_: v_ for k_, v_ in kw.items() if k_ != "chunk_size"}))
-    dsc, _ = sweep(q, b, w, do, dht, cu)
-    intra = jax.jit(functools.partial(cb._intra, chunk_size=C, dt=dt, **{
-        k_: v_ for k_, v_ in kw.items() if k_ != "chunk_size"}))
+    wy_x = jax.jit(functools.partial(wy_fwd, chunk_size=C, out_dtype=dtype, with_x=True, interpret=interpret))
+    sweep = jax.jit(
+        functools.partial(
+            cb._sweep, chunk_size=C, dt=dt, **{k_: v_ for k_, v_ in kw.items() if k_ != "chunk_size"}
+        )
+    )
+    dsc, _ = sweep(q, b, res.w, do, dht, cu)
+    intra = jax.jit(
+        functools.partial(
+            cb._intra, chunk_size=C, dt=dt, **{k_: v_ for k_, v_ in kw.items() if k_ != "chunk_size"}
+        )
+    )
     rows += [
-        (label, "bwd: wy recompute", median_ms(wy, a, b)),
-        (label, "bwd: dS sweep", median_ms(sweep, q, b, w, do, dht, cu)),
-        (label, "bwd: intra-chunk grads", median_ms(intra, q, k, v, a, b, h, v_new, do, dsc, x, cu)),
-        (label, "bwd total", median_ms(jax.jit(functools.partial(cb.chunk_bwd, **kw)),
-                                        q, k, v, a, b, h, v_new, cu, do, dht)),
+        (label, "wy_fwd with X (fwd with residuals)", median_ms(wy_x, a, b, k, v)),
+        (label, "bwd: dS sweep", median_ms(sweep, q, b, res.w, do, dht, cu)),
+        (
+            label,
+            "bwd: intra-chunk grads",
+            median_ms(intra, q, k, v, a, b, res.h, res.v_new, do, dsc, res.x, cu),
+        ),
+        (
+            label,
+            "bwd total",
+            median_ms(jax.jit(functools.partial(cb.chunk_bwd, **kw)), q, k, v, a, b, res, cu, do, dht),
+        ),
     ]
     return rows
 
@@ -91,14 +114,17 @@ def profile_recurrent(label, B, T, H, K, V, dtype, interpret):
     cu = jnp.arange(B + 1, dtype=jnp.int32) * T
     bare = jax.jit(lambda *x: fr._fwd(*x, cu, K**-0.5, interpret, False))
     sq = lambda x: x[0]  # the kernels take [L, H, D]
-    public = jax.jit(functools.partial(
-        iplr_jax.fused_recurrent, output_final_state=True,
-        implementation="interpret" if interpret else "pallas"))
+    public = jax.jit(
+        functools.partial(
+            iplr_jax.fused_recurrent,
+            output_final_state=True,
+            implementation="interpret" if interpret else "pallas",
+        )
+    )
     args4 = [x.reshape(B, T, H, -1) for x in (q, k, v, a, b)]
     return [
         (label, "fused fwd kernel (bare)", median_ms(bare, *map(sq, (q, k, v, a, b)), h0)),
-        (label, "fused_recurrent (public, jit)", median_ms(
-            lambda *x: public(*x, initial_state=h0), *args4)),
+        (label, "fused_recurrent (public, jit)", median_ms(lambda *x: public(*x, initial_state=h0), *args4)),
     ]
 
 

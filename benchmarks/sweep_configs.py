@@ -2,10 +2,12 @@
 
     python benchmarks/sweep_configs.py [--only REGEX] [--interpret]
 
-Fused recurrence: loads issued ahead of the step (`fused_recurrent.PREFETCH`) and the forward
-V-block / warps at S1 and S2, forward+backward at S1, and the decode step at S4 by V-block.
-Chunked forward: prefetched chunk tiles in the state sweep, bf16 products with the state (and
-their error against a float32 reference), fusion and warps. Prints one line per case.
+WY kernel: its 16x16 block products at float32 or tf32 (time of the chunk forward and
+forward+backward, and the output error against a float32 reference). Fused recurrence: rows
+loaded ahead of the step (`fused_recurrent.PREFETCH`) and the forward V-block / warps at S1-S3;
+the decode step at S4 by V-block, next to an XLA copy of the state. Prints one line per case.
+(The first session's sweep, recorded in benchmarks/NOTES.md, also tried the chunk state sweep
+with prefetching and bf16 state products; both were dropped.)
 """
 
 from __future__ import annotations
@@ -66,27 +68,20 @@ def with_plan(**over):
 
 
 def fused_cases(impl, sizes):
-    for label in ("S1", "S2"):
+    for label in ("S1", "S2", "S3"):
         dev, do, h0 = args_for(sizes[label], jnp.bfloat16)
-        configs = [None, (16, 1), (16, 2), (32, 2), (32, 4)] if label == "S1" else [None]
-        for depth, cfg in itertools.product((0, 1, 2), configs):
+        configs = [None, (16, 2), (32, 2), (32, 4)]
+        for depth, cfg in itertools.product((1, 2), configs):
             fr.PREFETCH = depth
             with_config(cfg)
-            yield (
-                f"{label} fused fwd prefetch={depth} config={cfg or 'auto'}",
-                partial(timed, iplr_jax.fused_recurrent, impl, dev, do, h0, "fwd"),
-            )
-        if label == "S1":
-            for depth in (0, 1, 2):
-                fr.PREFETCH = depth
-                with_config(None)
-                yield (
-                    f"{label} fused fwd+bwd prefetch={depth}",
-                    partial(timed, iplr_jax.fused_recurrent, impl, dev, do, h0, "fwd_bwd"),
-                )
-    fr.PREFETCH = 1
+            name = f"{label} fused fwd prefetch={depth} config={cfg or 'auto'}"
+            yield name, partial(timed, iplr_jax.fused_recurrent, impl, dev, do, h0, "fwd")
+    fr.PREFETCH = 2
+    with_config(None)
     dev, do, h0 = args_for(sizes["S4"], jnp.bfloat16)
-    for cfg in (None, (16, 2), (32, 2), (64, 4), (64, 8), (128, 4), (128, 8)):
+    # what one read and one write of the float32 state cost through XLA, in this process
+    yield "S4 decode: XLA copy of the state (h0 + 1)", partial(median_ms, jax.jit(lambda s: s + 1), h0)
+    for cfg in (None, (16, 4), (32, 8), (64, 4)):
         with_config(cfg)
         yield (
             f"S4 decode config={cfg or 'auto'}",
@@ -95,41 +90,38 @@ def fused_cases(impl, sizes):
     with_config(None)
 
 
-def chunk_cases(impl, sizes):
-    for label in ("S2", "S1", "S3"):
+def wy_cases(impl, sizes):
+    """The WY kernel's block products in float32 (HIGHEST) or tf32 (DEFAULT): time and the
+    chunk output's error."""
+    wy = importlib.import_module("iplr_jax.wy_fast")
+    for label in ("S1", "S2"):
         dev, do, h0 = args_for(sizes[label], jnp.bfloat16)
-        for depth, low, fuse, warps in itertools.product((0, 1), (False, True), (False, True), (4, 8)):
-            ck.SWEEP_PREFETCH, ck.STATE_DOT_LOW = depth, low
-            with_plan(fuse=fuse, warps=warps)
-            yield (
-                f"{label} chunk fwd prefetch={depth} low={low} fuse={fuse} warps={warps}",
-                partial(timed, iplr_jax.chunk, impl, dev, do, h0, "fwd"),
-            )
-        ck._plan = _ORIG_PLAN
-        for depth, low in itertools.product((0, 1), (False, True)):
-            ck.SWEEP_PREFETCH, ck.STATE_DOT_LOW = depth, low
-            yield (
-                f"{label} chunk fwd+bwd prefetch={depth} low={low} plan=auto",
-                partial(timed, iplr_jax.chunk, impl, dev, do, h0, "fwd_bwd"),
-            )
-    ck.SWEEP_PREFETCH, ck.STATE_DOT_LOW = 0, False
+        for prec in (jax.lax.Precision.HIGHEST, jax.lax.Precision.DEFAULT):
+            wy.X_PRECISION = prec
+            for mode in ("fwd", "fwd_bwd"):
+                yield (
+                    f"{label} chunk {mode} wy precision={prec.name}",
+                    partial(timed, iplr_jax.chunk, impl, dev, do, h0, mode),
+                )
+    wy.X_PRECISION = jax.lax.Precision.HIGHEST
 
 
 def low_precision_error(impl, sizes):
-    """Relative error of the bf16 chunk forward with float32 / bf16 state products, against the
-    float32 chunked form at HIGHEST precision on the same (bf16-rounded) inputs."""
+    """Relative error of the bf16 chunk forward with float32 / tf32 WY block products, against
+    the float32 chunked form at HIGHEST precision on the same (bf16-rounded) inputs."""
+    wy = importlib.import_module("iplr_jax.wy_fast")
     for label in ("S2", "S3"):
         dev, _, _ = args_for(sizes[label], jnp.bfloat16)
         with jax.default_matmul_precision("highest"):
             ref, _ = jax.jit(lambda *a: iplr_jax.chunk(*a, implementation="xla"))(
                 *(x.astype(jnp.float32) for x in dev)
             )
-        for low in (False, True):
-            ck.STATE_DOT_LOW = low
+        for prec in (jax.lax.Precision.HIGHEST, jax.lax.Precision.DEFAULT):
+            wy.X_PRECISION = prec
             o, _ = jax.jit(lambda *a: iplr_jax.chunk(*a, implementation=impl))(*dev)
             err = jnp.linalg.norm((o.astype(jnp.float32) - ref).ravel()) / jnp.linalg.norm(ref.ravel())
-            yield f"{label} chunk fwd low={low}: rel. error {float(err):.2e}"
-    ck.STATE_DOT_LOW = False
+            yield f"{label} chunk fwd wy precision={prec.name}: rel. error {float(err):.2e}"
+    wy.X_PRECISION = jax.lax.Precision.HIGHEST
 
 
 def main():
@@ -145,7 +137,7 @@ def main():
     print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}, bf16, median ms", flush=True)
     for line in low_precision_error(impl, sizes):
         print(line, flush=True)
-    for name, run in itertools.chain(fused_cases(impl, sizes), chunk_cases(impl, sizes)):
+    for name, run in itertools.chain(wy_cases(impl, sizes), fused_cases(impl, sizes)):
         if re.search(args.only, name):
             try:
                 print(f"{name:62} {run():9.3f}", flush=True)

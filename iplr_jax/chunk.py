@@ -19,7 +19,6 @@ from iplr_jax._common import (
     make_layout,
     next_pow2,
     pad_last,
-    prefetched_loop,
     resolve_implementation,
     static_scale,
     to_chunks,
@@ -30,7 +29,7 @@ from iplr_jax.wy_fast import _mask, wy_fwd
 # -- forward kernels ---------------------------------------------------------------------------
 #
 # Three passes (DESIGN.md section 2):
-#   1. `wy_fast.wy_fwd`: W, U per (chunk, head), parallel over all chunks.
+#   1. `wy_fast.wy_fwd`: W, U (and X for the backward) per (chunk, head), parallel over chunks.
 #   2. `_state_kernel`: per (sequence, head, V-block) the sequential S0 -> S_C sweep; writes the
 #      residuals h (state before each chunk) and v_new (V2), and optionally the output too.
 #   3. `_output_kernel`: O per (chunk, head, V-block) from h and v_new, parallel over chunks.
@@ -49,11 +48,6 @@ _NT = (((1,), (1,)), ((), ()))  # x @ y^T
 # None: `_plan` decides whether the output is fused into the state sweep; True/False force it
 # (for benchmarks and tests).
 FUSE_OUTPUT: bool | None = None
-# Experiments for the benchmarks (benchmarks/sweep_configs.py): chunks loaded ahead in the state
-# sweep (`prefetched_loop`; 0: Triton's own pipelining only), and bf16 operands for the products
-# with the state (fla's choice) instead of float32.
-SWEEP_PREFETCH = 0
-STATE_DOT_LOW = False
 
 
 def _dot(x, y, dims=None):
@@ -95,26 +89,24 @@ def _state_kernel(
     n = pl.program_id(0)
     start, end = cu_ref[n], cu_ref[n + 1]
 
-    sdt = dt if STATE_DOT_LOW else _F32  # operand dtype of the products with S0 and V2
-    tiles = [w_ref, u_ref, k_ref, b_ref, v_ref] + ([q_ref] if fuse else [])
-
-    def body(c, chunk, s):
-        w, u, k, b, v, *q = chunk
+    def body(c, s):
         r = pl.ds(c * C, C)
         if residuals:
             h_ref[c] = s.astype(h_ref.dtype)
-        v2 = u.astype(_F32) + _dot(w.astype(sdt), s.astype(sdt))  # V2 = U + W S0
+        v2 = u_ref[r, :].astype(_F32) + _dot(w_ref[r, :].astype(_F32), s)  # V2 = U + W S0
         if residuals:
             vn_ref[r, :] = v2
+        k, b, v = k_ref[r, :], b_ref[r, :], v_ref[r, :]
         if fuse:
-            o = _chunk_output(q[0], k, b, v, v2, s, dt, scale)
+            o = _chunk_output(q_ref[r, :], k, b, v, v2, s, dt, scale)
             o_ref[r, :] = o.astype(o_ref.dtype)
-        return s + _dot(k, v, _TN) + _dot(b.astype(sdt), v2.astype(sdt), _TN)  # S0+K^TV+B^TV2
+        return s + _dot(k, v, _TN) + _dot(b.astype(_F32), v2, _TN)  # S0 + K^T V + B^T V2
 
-    s = prefetched_loop(
-        start, end, lambda c: tuple(t[pl.ds(c * C, C), :] for t in tiles), body,
-        h0_ref[...].astype(_F32), rows=num_chunks, depth=SWEEP_PREFETCH,
-    )
+    # A plain loop: Triton pipelines these tile loads itself (they feed dots). Measured on the
+    # H100 (benchmarks/NOTES.md): loading the next chunk by hand (`prefetched_loop`) was slower
+    # (S2 1.55 -> 1.80..3.20 ms); bf16 operands for W S0 and B^T V2 (fla's choice) saved at most
+    # 7% (S3 2.43 -> 2.26 ms) and raised the output error at S2 from 3.4e-3 to 4.4e-3.
+    s = jax.lax.fori_loop(start, end, body, h0_ref[...].astype(_F32))
     ht_ref[...] = s  # an empty sequence keeps h0
 
     if residuals or fuse:
@@ -144,6 +136,15 @@ def _output_kernel(q_ref, k_ref, b_ref, v_ref, vn_ref, h_ref, o_ref, *, scale):
         q_ref[...], k_ref[...], b_ref[...], v_ref[...], vn_ref[...], h_ref[...], k_ref.dtype, scale
     )
     o_ref[...] = o.astype(o_ref.dtype)
+
+
+class Residuals(NamedTuple):
+    """What the forward keeps for `chunk_bwd.chunk_bwd` (aligned layout, see `chunk_fwd`)."""
+
+    h: jax.Array  # [NC, H, Kp, Vp] state before each chunk, inputs' dtype; zero past the end
+    v_new: jax.Array  # [1, L, H, Vp] float32, V2[t] = a_t^T S_{t-1}; zero in padding rows
+    x: jax.Array  # [NC, H, C, C] float32, X = (I - strict(A B^T))^{-1} per chunk
+    w: jax.Array  # [1, L, H, Kp] inputs' dtype, W = X A
 
 
 class _Plan(NamedTuple):
@@ -185,14 +186,11 @@ def chunk_fwd(q, k, v, a, b, h0, cu_chunks, *, scale, chunk_size, interpret, res
       h0: [N, H, Kp, Vp] float32.
       cu_chunks: int32 [N + 1]; sequence n owns chunks cu_chunks[n] .. cu_chunks[n+1]-1 (may be
         traced). Chunks at or past cu_chunks[-1] are zero padding.
-      residuals: also compute h and v_new (False: they come back as None, and the kernels may
-        skip writing them; for the primal without a gradient).
+      residuals: also return what the backward needs (False: None, and the kernels may skip
+        writing it; for the primal without a gradient).
 
     Returns:
-      o [1, L, H, Vp] (v's dtype), ht [N, H, Kp, Vp] float32, and the residuals the backward
-      needs: h [NC, H, Kp, Vp] (the state before each chunk, in the inputs' dtype: float32 or
-      16-bit; zero for padding chunks) and v_new [1, L, H, Vp] float32 (V2[t] = a_t^T S_{t-1};
-      zero in padding rows).
+      o [1, L, H, Vp] (v's dtype), ht [N, H, Kp, Vp] float32, and `Residuals` (or None).
     """
     _, L, H, Kp = q.shape
     Vp = v.shape[-1]
@@ -201,7 +199,9 @@ def chunk_fwd(q, k, v, a, b, h0, cu_chunks, *, scale, chunk_size, interpret, res
     NC = L // C
     dt = k.dtype
     plan = _plan(N, H, Kp, Vp, NC)
-    w, u = wy_fwd(a, b, k, v, chunk_size=C, out_dtype=dt, interpret=interpret)
+    w, u, *x = wy_fwd(
+        a, b, k, v, chunk_size=C, out_dtype=dt, with_x=residuals, interpret=interpret
+    )
 
     fuse = plan.fuse
     keep = residuals or not fuse
@@ -256,9 +256,7 @@ def chunk_fwd(q, k, v, a, b, h0, cu_chunks, *, scale, chunk_size, interpret, res
             interpret=interpret,
             name="iplr_chunk_output_fwd",
         )(q, k, b, v, v_new, h)
-    if not residuals:
-        h = v_new = None
-    return o, ht, h, v_new
+    return o, ht, (Residuals(h, v_new, x[0], w) if residuals else None)
 
 
 # -- custom_vjp: forward kernels here, backward kernels in chunk_bwd.py --------------------------
@@ -267,7 +265,7 @@ def chunk_fwd(q, k, v, a, b, h0, cu_chunks, *, scale, chunk_size, interpret, res
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
 def _chunk_aligned(q, k, v, a, b, h0, cu_chunks, scale, chunk_size, interpret):
     # no gradient taken: the residuals need not be written
-    o, ht, _, _ = chunk_fwd(
+    o, ht, _ = chunk_fwd(
         q, k, v, a, b, h0, cu_chunks, scale=scale, chunk_size=chunk_size, interpret=interpret,
         residuals=False,
     )
@@ -275,19 +273,19 @@ def _chunk_aligned(q, k, v, a, b, h0, cu_chunks, scale, chunk_size, interpret):
 
 
 def _chunk_aligned_fwd(q, k, v, a, b, h0, cu_chunks, scale, chunk_size, interpret):
-    o, ht, h, v_new = chunk_fwd(
+    o, ht, res = chunk_fwd(
         q, k, v, a, b, h0, cu_chunks, scale=scale, chunk_size=chunk_size, interpret=interpret
     )
-    return (o, ht), (q, k, v, a, b, h, v_new, cu_chunks)
+    return (o, ht), (q, k, v, a, b, res, cu_chunks)
 
 
 def _chunk_aligned_bwd(scale, chunk_size, interpret, res, cts):
     from iplr_jax.chunk_bwd import chunk_bwd
 
-    q, k, v, a, b, h, v_new, cu_chunks = res
+    q, k, v, a, b, saved, cu_chunks = res
     do, dht = cts
     dq, dk, dv, da, db, dh0 = chunk_bwd(
-        q, k, v, a, b, h, v_new, cu_chunks, do, dht,
+        q, k, v, a, b, saved, cu_chunks, do, dht,
         scale=scale, chunk_size=chunk_size, interpret=interpret,
     )
     return dq, dk, dv, da, db, dh0, None

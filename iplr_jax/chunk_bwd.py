@@ -14,20 +14,19 @@ writes M_qk, M_qb with Q and leaves the scale implicit, autodiff says it belongs
     dA  = dZ S0^T + strict(dZ Vc^T) K + strict(dZ V2^T) B
     dB  = incl(dO V2^T)^T Qs + V2 dS_C^T + strict(dZ V2^T)^T A
 
-Three Pallas kernels (Triton backend):
+X and W come from the forward (`wy_fast.wy_fwd` writes X when residuals are kept; recomputing
+them cost a kernel as slow as the sweep). Two Pallas kernels (Triton backend):
 
-1. `_wy_kernel`, grid (chunk, head): X by 16x16 diagonal blocks (forward substitution) joined
-   with block products, and W = X A. Recomputed here rather than stored by the forward.
-2. `_sweep_kernel`, grid (sequence, head, V-block): carries dS [Kp, BV] float32 from dht back
+1. `_sweep_kernel`, grid (sequence, head, V-block): carries dS [Kp, BV] float32 from dht back
    to the first chunk of the sequence; writes dS_C of every chunk and dh0. Per chunk it needs
    only Q, B, W, dO (two dots on the dependency chain: B dS and W^T dV2).
-3. `_intra_kernel`, grid (chunk, head, V-block): all five input gradients from S0 (h), V2
+2. `_intra_kernel`, grid (chunk, head, V-block): all five input gradients from S0 (h), V2
    (v_new), dS_C and X; dV2 and dZ are recomputed (three small dots) instead of stored.
 
-Stored by the backward, per token and head (bytes, C = chunk size, dt = input dtype size):
-X float32, 4 C (256 B at C=64); W, dt Kp (256 B at bf16, Kp=128); dS_C in dt,
-dt Kp Vp / C (512 B at bf16, K=V=128, C=64). Not stored: dV2 / dZ (4 Vp B each in float32),
-recomputed in the intra kernel from dS_C.
+Residuals, per token and head (bytes, C = chunk size, dt = input dtype size): saved by the
+forward h (dt Kp Vp / C), v_new (4 Vp), X (4 C: 256 B at C=64) and W (dt Kp: 256 B at bf16,
+Kp=128); written by the backward dS_C in dt (dt Kp Vp / C: 512 B at bf16, K=V=128, C=64).
+Not stored: dV2 / dZ (4 Vp B each in float32), recomputed in the intra kernel from dS_C.
 
 When Vp is larger than one intra block (`_intra_block`: 128, 64 for Kp = 256), each V-block
 writes float32 partial K-side gradients (dq, dk, da, db) and XLA sums them; for Vp <= 128
@@ -49,10 +48,9 @@ from iplr_jax.chunk_xla import unit_lower_inverse
 from iplr_jax.wy_fast import _mask
 
 _HI = lax.Precision.HIGHEST
-# float32 inputs: bulk dots at DEFAULT (tf32 on the GPU, DESIGN section 9); the triangular
-# inverse and its block products at HIGHEST.
+# float32 inputs: bulk dots at DEFAULT (tf32 on the GPU, DESIGN section 9).
 _F32_PRECISION = lax.Precision.DEFAULT
-_WY_WARPS, _INTRA_WARPS = 4, 8
+_INTRA_WARPS = 8
 
 
 def _sweep_block(N: int, H: int, Kp: int, Vp: int) -> tuple[int, int]:
@@ -93,80 +91,7 @@ def _tri(n, strict):
     return r > c if strict else r >= c
 
 
-# -- 1. WY recompute: X = (I - strict(A B^T))^{-1}, W = X A ------------------------------------
-
-_BLK = 16  # diagonal block of the triangular inverse
-
-
-def _inv_diag_blocks(lows):
-    """(I - L)^{-1} for each strictly lower L [16, 16] of `lows`, by forward substitution:
-    row r of X is e_r + L[r] X, and the rows above r are final when row r is formed. All
-    blocks advance in the same loop, so the dependent chain is 15 steps whatever C is."""
-    n = _BLK
-    rows = lax.broadcasted_iota(jnp.int32, (n, n), 0)
-    eye = (rows == lax.broadcasted_iota(jnp.int32, (n, n), 1)).astype(jnp.float32)
-
-    def body(r, xs):
-        out = []
-        for low, x in zip(lows, xs, strict=True):
-            lr = jnp.sum(_mask(rows == r, low), axis=0)  # L[r, :]
-            new = jnp.sum(lr[:, None] * x, axis=0)  # L[r, :] @ X
-            out.append(jnp.where(rows == r, x + new[None, :], x))
-        return tuple(out)
-
-    return lax.fori_loop(jnp.int32(1), jnp.int32(n), body, tuple(eye for _ in lows))
-
-
-def _wy_kernel(a_ref, b_ref, x_ref, w_ref, *, dt):
-    """One (chunk, head): X block by block, then W = X A. Diagonal 16x16 blocks by
-    substitution (`_inv_diag_blocks`), the others from X = I + strict(A B^T) X by block rows,
-    X_ij = X_ii sum_{m=j}^{i-1} L_im X_mj (16^3 dots at HIGHEST: X feeds every later product
-    and its entries can be large). Row blocks are loaded from the refs (Triton cannot slice
-    register values)."""
-    C = a_ref.shape[0]
-    nb = C // _BLK
-    blk = lambda ref, i: ref[pl.ds(i * _BLK, _BLK), :]
-    hdot = functools.partial(_dot, precision=_HI)
-    strict = _tri(_BLK, True)
-    # L_im = A_i B_m^T, m <= i (products of the input dtype, float32 accumulation)
-    lo = {(i, m): _dot(blk(a_ref, i), blk(b_ref, m), tb=True, dt=dt, precision=_HI)
-          for i in range(nb) for m in range(i + 1)}
-    diag = _inv_diag_blocks([_mask(strict, lo[i, i]) for i in range(nb)])
-    xs = {(i, i): diag[i] for i in range(nb)}  # X blocks (i, j), j <= i, float32 [16, 16]
-    for i in range(1, nb):
-        for j in range(i - 1, -1, -1):
-            acc = sum(hdot(lo[i, m], xs[m, j]) for m in range(j, i))
-            xs[i, j] = hdot(xs[i, i], acc)
-    zero = jnp.zeros((_BLK, _BLK), jnp.float32)
-    for i in range(nb):
-        w_i = sum(_dot(xs[i, j], blk(a_ref, j), dt=dt, precision=_HI) for j in range(i + 1))
-        w_ref[pl.ds(i * _BLK, _BLK), :] = w_i.astype(w_ref.dtype)
-        for j in range(nb):
-            x_ref[pl.ds(i * _BLK, _BLK), pl.ds(j * _BLK, _BLK)] = xs[i, j] if j <= i else zero
-
-
-def _wy(a, b, *, chunk_size, dt, interpret):
-    """X [NC, H, C, C] float32 and W [1, L, H, Kp] in dt, for every chunk."""
-    _, L, H, Kp = a.shape
-    C = chunk_size
-    NC = L // C
-    spec = pl.BlockSpec((None, C, None, Kp), lambda c, h: (0, c, h, 0))
-    return pl.pallas_call(
-        functools.partial(_wy_kernel, dt=dt),
-        grid=(NC, H),
-        in_specs=[spec, spec],
-        out_specs=[pl.BlockSpec((None, None, C, C), lambda c, h: (c, h, 0, 0)), spec],
-        out_shape=[
-            jax.ShapeDtypeStruct((NC, H, C, C), jnp.float32),
-            jax.ShapeDtypeStruct((1, L, H, Kp), dt),
-        ],
-        compiler_params=pltr.CompilerParams(num_warps=_WY_WARPS, num_stages=1),
-        interpret=interpret,
-        name="iplr_chunk_bwd_wy",
-    )(a, b)
-
-
-# -- 2. reverse dS sweep -----------------------------------------------------------------------
+# -- 1. reverse dS sweep -----------------------------------------------------------------------
 
 
 def _sweep_kernel(cu_ref, q_ref, b_ref, w_ref, do_ref, dht_ref, dsc_ref, dh0_ref, *, scale, C, dt):
@@ -217,7 +142,7 @@ def _sweep(q, b, w, do, dht, cu_chunks, *, scale, chunk_size, dt, interpret):
     )(cu_chunks, q, b, w, do, dht)
 
 
-# -- 3. intra-chunk gradients ------------------------------------------------------------------
+# -- 2. intra-chunk gradients ------------------------------------------------------------------
 
 
 def _intra_kernel(
@@ -298,13 +223,12 @@ def _intra(q, k, v, a, b, h, v_new, do, dsc, x, cu_chunks, *, scale, chunk_size,
     return dq, dk, da, db, dv
 
 
-def chunk_bwd(q, k, v, a, b, h, v_new, cu_chunks, do, dht, *, scale, chunk_size, interpret):
+def chunk_bwd(q, k, v, a, b, res, cu_chunks, do, dht, *, scale, chunk_size, interpret):
     """Gradients of the chunked form on the aligned layout (see `chunk.chunk_fwd`).
 
     Args:
       q, k, a, b: [1, L, H, Kp]; v: [1, L, H, Vp] (input dtype), L = NC * chunk_size.
-      h: [NC, H, Kp, Vp] state before each chunk (float32 or the input dtype).
-      v_new: [1, L, H, Vp] float32, V2[t] = a_t^T S_{t-1}.
+      res: `chunk.Residuals` of the forward (h, v_new, X, W).
       cu_chunks: int32 [N + 1] chunk offsets of the sequences (may be traced).
       do: [1, L, H, Vp] cotangent of o; dht: [N, H, Kp, Vp] float32 cotangent of the final state.
 
@@ -315,12 +239,11 @@ def chunk_bwd(q, k, v, a, b, h, v_new, cu_chunks, do, dht, *, scale, chunk_size,
     dt = jnp.result_type(q, k, v, a, b)
     cu_chunks = jnp.asarray(cu_chunks, jnp.int32)
     dht = jnp.asarray(dht, jnp.float32)
-    x, w = _wy(a, b, chunk_size=chunk_size, dt=dt, interpret=interpret)
     dsc, dh0 = _sweep(
-        q, b, w, do, dht, cu_chunks, scale=scale, chunk_size=chunk_size, dt=dt, interpret=interpret
+        q, b, res.w, do, dht, cu_chunks, scale=scale, chunk_size=chunk_size, dt=dt, interpret=interpret
     )
     dq, dk, da, db, dv = _intra(
-        q, k, v, a, b, h, v_new, do, dsc, x, cu_chunks, scale=scale, chunk_size=chunk_size, dt=dt,
+        q, k, v, a, b, res.h, res.v_new, do, dsc, res.x, cu_chunks, scale=scale, chunk_size=chunk_size, dt=dt,
         interpret=interpret,
     )
     return dq, dk, dv, da, db, dh0

@@ -171,24 +171,25 @@ def test_chunk_fwd_residuals(rng, monkeypatch, fuse, dtype):
     cast = lambda x: jnp.asarray(x, dtype)
     q, k, v, a, b = map(cast, (q, k, v, a, b))
     scale = 0.3
-    o, ht, h, v_new = jax.jit(
+    o, ht, (h, v_new, x, w) = jax.jit(
         functools.partial(chunk_mod.chunk_fwd, scale=scale, chunk_size=C, interpret=True)
     )(q, k, v, a, b, jnp.asarray(h0, jnp.float32), jnp.asarray(cu_chunks))
     ro, rht, rh, rv = _aligned_reference(q, k, v, a, b, h0, cu_chunks, C, scale)
     t = tol(dtype)
     assert o.dtype == dtype and h.dtype == dtype and v_new.dtype == jnp.float32
     assert h.shape == (NC, H, Kp, Vp) and v_new.shape == (1, L, H, Vp)
+    assert x.shape == (NC, H, C, C) and x.dtype == jnp.float32 and w.shape == (1, L, H, Kp)
     assert rel_err(o[:, valid], ro[:, valid]) < t
     assert rel_err(ht, rht) < t
     assert rel_err(h, rh) < t  # padding chunk: zero in both
     assert rel_err(v_new, rv) < t
     np.testing.assert_array_equal(np.asarray(ht[1]), np.asarray(h0[1], np.float32))
     assert not np.any(np.asarray(h[5], np.float32)) and not np.any(np.asarray(v_new[:, ~valid]))
-    o2, ht2, h2, v2 = chunk_mod.chunk_fwd(
+    o2, ht2, res2 = chunk_mod.chunk_fwd(
         q, k, v, a, b, jnp.asarray(h0, jnp.float32), jnp.asarray(cu_chunks), scale=scale,
         chunk_size=C, interpret=True, residuals=False,
     )
-    assert h2 is None and v2 is None
+    assert res2 is None
     np.testing.assert_array_equal(np.asarray(o2[:, valid]), np.asarray(o[:, valid]))
     np.testing.assert_array_equal(np.asarray(ht2), np.asarray(ht))
 

@@ -16,7 +16,9 @@ from helpers import grads, make_inputs, reference, rel_err, tol
 import iplr_jax
 import iplr_jax.chunk_bwd as chunk_bwd_module
 from iplr_jax._common import check_inputs, from_chunks, make_layout, next_pow2, pad_last, to_chunks
-from iplr_jax.chunk_bwd import _chunk_bwd_reference, _wy, chunk_bwd
+from iplr_jax.chunk import Residuals
+from iplr_jax.chunk_bwd import _chunk_bwd_reference, chunk_bwd
+from iplr_jax.wy_fast import wy_fwd
 
 bwd_reference = jax.jit(_chunk_bwd_reference, static_argnames=("scale", "chunk_size"))
 
@@ -141,14 +143,16 @@ def test_reference_backward_matches_autodiff(rng, case, delta):
 
 
 @pytest.mark.parametrize("C", [16, 32, 64])
-def test_wy_kernel(rng, C):
+def test_wy_kernel_x(rng, C):
     """X = (I - strict(A B^T))^{-1} and W = X A from the block-inverse kernel."""
     H, K = 2, 32
     a = rng.standard_normal((1, 2 * C, H, K))
     a /= np.linalg.norm(a, axis=-1, keepdims=True)
     b = -rng.uniform(0.05, 1.95, (1, 2 * C, H, 1)) * a
-    a32, b32 = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
-    x, w = _wy(a32, b32, chunk_size=C, dt=jnp.float32, interpret=True)
+    k = rng.standard_normal((1, 2 * C, H, K))
+    a32, b32, k32 = (jnp.asarray(x, jnp.float32) for x in (a, b, k))
+    w, _, x = wy_fwd(a32, b32, k32, k32, chunk_size=C, with_x=True, interpret=True)
+    assert x.shape == (2, H, C, C) and x.dtype == jnp.float32
     A = a.reshape(2, C, H, K).transpose(0, 2, 1, 3)
     B = b.reshape(2, C, H, K).transpose(0, 2, 1, 3)
     Xr = np.linalg.inv(np.eye(C) - np.tril(A @ B.swapaxes(-1, -2), -1))
@@ -187,7 +191,12 @@ def _kernels_vs_reference(rng, case, dtype):
     doa = doa.astype(dtype)
     dhta = dhta.astype(jnp.float32)
     args = (*al, h, v_new.astype(jnp.float32), layout.cu_chunks, doa, dhta)
-    mine = jax.jit(functools.partial(chunk_bwd, scale=scale, chunk_size=C, interpret=True))(*args)
+    q, k, v, a, b = al
+    w, _, x = wy_fwd(a, b, k, v, chunk_size=C, out_dtype=dtype, with_x=True, interpret=True)
+    res = Residuals(h, v_new.astype(jnp.float32), x, w)
+    mine = jax.jit(functools.partial(chunk_bwd, scale=scale, chunk_size=C, interpret=True))(
+        *al, res, layout.cu_chunks, doa, dhta
+    )
     ref = bwd_reference(*args, scale=scale, chunk_size=C)
     names = ("dq", "dk", "dv", "da", "db", "dh0")
     for name, x, r, like in zip(names, mine, ref, (*al[:3], *al[3:], dhta), strict=True):
