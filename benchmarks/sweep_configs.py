@@ -106,6 +106,30 @@ def wy_cases(impl, sizes):
     wy.X_PRECISION = jax.lax.Precision.HIGHEST
 
 
+def wy_warps_cases(impl, sizes):
+    """The WY kernel alone, by warps: its substitution reduces over 16 x 16 tiles, which stay
+    inside one warp only with few warps; its [16, Kp] products want more."""
+    wy = importlib.import_module("iplr_jax.wy_fast")
+    default = wy._warps
+    for label in ("S1", "S2"):
+        (q, k, v, a, b), _, _ = args_for(sizes[label], jnp.bfloat16)
+        B, T, H, K = q.shape
+        flat = [x.reshape(1, B * T, H, -1) for x in (a, b, k, v)]
+        for warps, with_x in itertools.product((1, 2, 4, 8), (False, True)):
+            wy._warps = lambda Kp, w=warps: w
+            f = jax.jit(
+                partial(
+                    wy.wy_fwd,
+                    chunk_size=64,
+                    out_dtype=jnp.bfloat16,
+                    with_x=with_x,
+                    interpret=impl == "interpret",
+                )
+            )
+            yield f"{label} wy_fwd warps={warps} with_x={with_x}", partial(median_ms, f, *flat)
+    wy._warps = default
+
+
 def low_precision_error(impl, sizes):
     """Relative error of the bf16 chunk forward with float32 / tf32 WY block products, against
     the float32 chunked form at HIGHEST precision on the same (bf16-rounded) inputs."""
@@ -135,9 +159,12 @@ def main():
         tiny = dict(B=1, T=128, H=1, K=32, V=32)
         sizes = {s: tiny for s in ("S1", "S2", "S3")} | {"S4": dict(tiny, B=2, T=1)}
     print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}, bf16, median ms", flush=True)
-    for line in low_precision_error(impl, sizes):
-        print(line, flush=True)
-    for name, run in itertools.chain(wy_cases(impl, sizes), fused_cases(impl, sizes)):
+    if re.search(args.only, "rel. error"):
+        for line in low_precision_error(impl, sizes):
+            print(line, flush=True)
+    for name, run in itertools.chain(
+        wy_warps_cases(impl, sizes), wy_cases(impl, sizes), fused_cases(impl, sizes)
+    ):
         if re.search(args.only, name):
             try:
                 print(f"{name:62} {run():9.3f}", flush=True)

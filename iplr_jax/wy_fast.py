@@ -137,6 +137,10 @@ def _wy_kernel(a_ref, b_ref, k_ref, v_ref, w_ref, u_ref, *x_ref, block_v: int):
             u_ref[pl.ds(i * SUB, SUB), cols] = u.astype(u_ref.dtype)
 
 
+def _warps(Kp: int) -> int:
+    return 4 if Kp <= 128 else 8
+
+
 def wy_fwd(
     a: jax.Array, b: jax.Array, k: jax.Array, v: jax.Array, *, chunk_size: int,
     out_dtype=None, with_x: bool = False, interpret: bool = False,
@@ -175,7 +179,7 @@ def wy_fwd(
         in_specs=[kspec, kspec, kspec, vspec],
         out_specs=out_specs,
         out_shape=out_shape,
-        compiler_params=pltr.CompilerParams(num_warps=4 if Kp <= 128 else 8, num_stages=1),
+        compiler_params=pltr.CompilerParams(num_warps=_warps(Kp), num_stages=1),
         interpret=interpret,
         name="iplr_wy_fwd",
     )(a, b, k, v))
