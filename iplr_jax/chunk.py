@@ -234,7 +234,8 @@ def chunk_fwd(q, k, v, a, b, h0, cu_chunks, *, scale, chunk_size, interpret, res
         in_specs=in_specs,
         out_specs=out_specs,
         out_shape=out_shape,
-        compiler_params=pltr.CompilerParams(num_warps=plan.warps, num_stages=2),
+        # two stages double-buffer the [C, Kp] tiles: ~200 KB of shared memory at Kp = 256
+        compiler_params=pltr.CompilerParams(num_warps=plan.warps, num_stages=2 if Kp <= 128 else 1),
         interpret=interpret,
         name="iplr_chunk_state_fwd",
     )(*args)

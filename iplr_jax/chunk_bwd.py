@@ -136,7 +136,8 @@ def _sweep(q, b, w, do, dht, cu_chunks, *, scale, chunk_size, dt, interpret):
             jax.ShapeDtypeStruct((NC, H, Kp, Vp), dt),
             jax.ShapeDtypeStruct((N, H, Kp, Vp), jnp.float32),
         ],
-        compiler_params=pltr.CompilerParams(num_warps=warps, num_stages=2),
+        # two stages double-buffer the [C, Kp] tiles: ~200 KB of shared memory at Kp = 256
+        compiler_params=pltr.CompilerParams(num_warps=warps, num_stages=2 if Kp <= 128 else 1),
         interpret=interpret,
         name="iplr_chunk_bwd_sweep",
     )(cu_chunks, q, b, w, do, dht)

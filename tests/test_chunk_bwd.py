@@ -219,6 +219,7 @@ E2E_CASES = [
     (1, 53, 2, 16, 32, [0, 17, 17, 40, 53], 16, jnp.float32, True),  # packed, uneven, one empty
     (1, 53, 2, 16, 32, [0, 17, 17, 40, 53], 16, jnp.float32, False),
     (2, 33, 2, 32, 16, None, 16, jnp.bfloat16, True),
+    (1, 70, 1, 200, 130, [0, 30, 70], 64, jnp.float32, True),  # Kp = Vp = 256, V-block partials
 ]
 
 

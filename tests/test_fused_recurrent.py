@@ -87,6 +87,7 @@ CASES = {
     "k60_v20": (1, 13, 1, 60, 20, jnp.float32, True, 0.3),
     "bf16": (2, 24, 2, 32, 16, jnp.bfloat16, True, None),
     "no_state": (2, 19, 1, 16, 16, jnp.float32, False, None),
+    "k200_v130": (1, 9, 1, 200, 130, jnp.float32, True, None),  # Kp = Vp = 256
 }
 
 
