@@ -236,7 +236,15 @@ def chunk_bwd(q, k, v, a, b, res, cu_chunks, do, dht, *, scale, chunk_size, inte
     Returns:
       dq, dk, da, db [1, L, H, Kp] and dv [1, L, H, Vp] in the inputs' dtypes, and dh0
       [N, H, Kp, Vp] float32. Chunks at or past cu_chunks[-1] get zero gradients.
+
+    For Kp = 256 the same equations run as jnp (`_chunk_bwd_reference`, XLA): the kernels'
+    [C, Kp] dot operands do not fit in shared memory there (H100, K = 200, float32: 384 KB
+    requested, 227 KB available).
     """
+    if q.shape[-1] > 128:
+        return _chunk_bwd_reference(
+            q, k, v, a, b, res.h, res.v_new, cu_chunks, do, dht, scale=scale, chunk_size=chunk_size
+        )
     dt = jnp.result_type(q, k, v, a, b)
     cu_chunks = jnp.asarray(cu_chunks, jnp.int32)
     dht = jnp.asarray(dht, jnp.float32)
