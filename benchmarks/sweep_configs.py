@@ -53,8 +53,8 @@ def with_config(fwd_config):
     """Patch the fused recurrence's forward (BV, warps); None restores the default."""
     default = _ORIG_CONFIG
 
-    def cfg(n, Kp, Vp, backward):
-        return default(n, Kp, Vp, backward) if backward or fwd_config is None else fwd_config
+    def cfg(Kp, Vp, backward):
+        return default(Kp, Vp, backward) if backward or fwd_config is None else fwd_config
 
     fr._config = cfg
 

@@ -28,7 +28,6 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
 
 from iplr_jax._common import (
-    NUM_SMS,
     check_inputs,
     default_scale,
     next_pow2,
@@ -45,22 +44,18 @@ _F32 = jnp.float32
 PREFETCH = 2
 
 
-def _config(n_heads_total: int, Kp: int, Vp: int, backward: bool) -> tuple[int, int]:
-    """(BV, num_warps) for a grid of n_heads_total * (Vp // BV) programs.
+def _config(Kp: int, Vp: int, backward: bool) -> tuple[int, int]:
+    """(BV, num_warps): the grid is (sequences, heads, Vp // BV), each program a loop over T.
 
-    Forward: V-blocks of 32 columns, 16 when fewer programs than SMs would run (each program
-    is a sequential loop, so idle SMs are lost time). Backward: wider blocks (up to 8192 state
-    elements) because every V-block adds a float32 [L, H, Kp] partial of dk, db, dq and da
-    (16 bytes per token, head and key per block); with K = V = 128 that is 2 blocks.
-    About 32 state elements per thread, and at least 2 warps. Measured at S1 (K = V = 64,
-    256 programs of BV 32), forward: 2 warps of BV 32 1.47 ms, 1 warp of BV 16 1.97 ms.
+    Forward: V-blocks of 32 columns. Backward: wider blocks (up to 8192 state elements)
+    because every V-block adds a float32 [L, H, Kp] partial of dk, db, dq and da (16 bytes per
+    token, head and key per block); with K = V = 128 that is 2 blocks. About 32 state
+    elements per thread, and at least 2 warps. Splitting V further to occupy more SMs does
+    not pay: measured on the H100 (forward, bf16, benchmarks/results/2026-11-25-H100-session2.md)
+    S1 (256 programs of BV 32): BV 32 / 2 warps 1.45 ms, BV 16 / 1 warp 1.97, BV 16 / 2 warps
+    1.58; S3 (32 programs of BV 32): BV 32 / 4 warps 26.0 ms, BV 16 / 2 warps 28.4.
     """
-    if backward:
-        bv = min(Vp, max(16, 8192 // Kp))
-    else:
-        bv = min(Vp, 32)
-        while bv > 16 and n_heads_total * (Vp // bv) < NUM_SMS:
-            bv //= 2
+    bv = min(Vp, max(16, 8192 // Kp)) if backward else min(Vp, 32)
     return bv, max(2, min(8, Kp * bv // 1024))
 
 
@@ -166,7 +161,7 @@ class _Specs:
 def _fwd(q, k, v, a, b, h0, cu, scale, interpret, residuals):
     """q, k, a, b [L, H, Kp]; v [L, H, Vp]; h0 [N, H, Kp, Vp] f32 -> o, ht (, V2 [L, H, Vp] f32)."""
     (L, H, Kp), Vp, N = q.shape, v.shape[-1], h0.shape[0]
-    BV, nw = _config(N * H, Kp, Vp, backward=False)
+    BV, nw = _config(Kp, Vp, backward=False)
     sp = _Specs(L, N, Kp, BV)
     outs = [((L, H, Vp), v.dtype, sp.v), ((N, H, Kp, Vp), _F32, sp.s)]
     outs += [((L, H, Vp), _F32, sp.v)] if residuals else []
@@ -179,7 +174,7 @@ def _fwd(q, k, v, a, b, h0, cu, scale, interpret, residuals):
 
 def _bwd(q, k, v, a, b, h0, cu, v2, do, dht, scale, interpret):
     (L, H, Kp), Vp, N = q.shape, v.shape[-1], h0.shape[0]
-    BV, nw = _config(N * H, Kp, Vp, backward=True)
+    BV, nw = _config(Kp, Vp, backward=True)
     NV, sp = Vp // BV, _Specs(L, N, Kp, BV)
     grid = (N, H, NV)
     kpart = ((NV, L, H, Kp), _F32, sp.kpart)

@@ -156,7 +156,7 @@ def test_v_blocks(impl, rng, monkeypatch):
     """Several V-blocks per head (forward slabs, backward partials summed over blocks)."""
     # the module, not the function of the same name that iplr_jax exports
     fr = importlib.import_module("iplr_jax.fused_recurrent")
-    monkeypatch.setattr(fr, "_config", lambda n, Kp, Vp, backward: (16, 1))
+    monkeypatch.setattr(fr, "_config", lambda Kp, Vp, backward: (16, 1))
     inputs, h0 = make_inputs(rng, 2, 10, 1, 20, 40)  # Vp = 64: four V-blocks
     _check(_op(impl), inputs, h0, jnp.float32)
 
