@@ -1,5 +1,5 @@
-"""Backward kernels of the chunked form (DESIGN.md section 3): the backward of the WY
-preprocessing, the reverse dS sweep, and the intra-chunk gradients.
+"""Backward kernels of the chunked form (DESIGN.md section 3): the reverse dS sweep and the
+intra-chunk gradients (which hold the backward of the WY preprocessing, through dZ).
 
 Per chunk (rows stacked into Q, K, A, B [C, K], Vc, V2, dO [C, V]; S0 the state before the
 chunk, dS_C the cotangent of the state after it; Qs = scale Q, M_qk = incl(Qs K^T),
@@ -28,9 +28,10 @@ forward h (dt Kp Vp / C), v_new (4 Vp), X (4 C: 256 B at C=64) and W (dt Kp: 256
 Kp=128); written by the backward dS_C in dt (dt Kp Vp / C: 512 B at bf16, K=V=128, C=64).
 Not stored: dV2 / dZ (4 Vp B each in float32), recomputed in the intra kernel from dS_C.
 
-When Vp is larger than one intra block (`_intra_block`: 128, 64 for Kp = 256), each V-block
-writes float32 partial K-side gradients (dq, dk, da, db) and XLA sums them; for Vp <= 128
-(Kp <= 128) there is one block and the kernel writes them directly in the inputs' dtypes.
+When Vp is larger than one intra block (`_intra_block`: 128), each V-block writes float32
+partial K-side gradients (dq, dk, da, db) and XLA sums them; for Vp <= 128 there is one block
+and the kernel writes them directly in the inputs' dtypes. Kp = 256 does not reach the kernels
+(see `chunk_bwd`).
 """
 
 from __future__ import annotations
