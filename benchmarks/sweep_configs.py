@@ -49,12 +49,13 @@ def timed(op, impl, dev, do, h0, mode):
     return median_ms(jax.jit(fwd_bwd), *dev)
 
 
-def with_config(fwd_config):
-    """Patch the fused recurrence's forward (BV, warps); None restores the default."""
+def with_config(fwd_config, bwd_config=None):
+    """Patch the fused recurrence's forward / backward (BV, warps); None keeps the default."""
     default = _ORIG_CONFIG
 
     def cfg(Kp, Vp, backward):
-        return default(Kp, Vp, backward) if backward or fwd_config is None else fwd_config
+        over = bwd_config if backward else fwd_config
+        return default(Kp, Vp, backward) if over is None else over
 
     fr._config = cfg
 
@@ -77,6 +78,13 @@ def fused_cases(impl, sizes):
             name = f"{label} fused fwd prefetch={depth} config={cfg or 'auto'}"
             yield name, partial(timed, iplr_jax.fused_recurrent, impl, dev, do, h0, "fwd")
     fr.PREFETCH = 2
+    with_config(None)
+    for label in ("S1", "S2"):
+        dev, do, h0 = args_for(sizes[label], jnp.bfloat16)
+        for cfg in (None, (16, 1), (16, 2), (32, 1), (32, 2), (32, 4), (64, 2), (64, 4)):
+            with_config(None, cfg)
+            name = f"{label} fused fwd+bwd bwd config={cfg or 'auto'}"
+            yield name, partial(timed, iplr_jax.fused_recurrent, impl, dev, do, h0, "fwd_bwd")
     with_config(None)
     dev, do, h0 = args_for(sizes["S4"], jnp.bfloat16)
     # what one read and one write of the float32 state cost through XLA, in this process
@@ -104,6 +112,47 @@ def wy_cases(impl, sizes):
                     partial(timed, iplr_jax.chunk, impl, dev, do, h0, mode),
                 )
     wy.X_PRECISION = jax.lax.Precision.HIGHEST
+
+
+def _inv_diag_blocks_substitution(lows):
+    """The previous diagonal-block inverse of `wy_fast` (row-by-row forward substitution,
+    15 dependent steps), kept here to time it against recursive doubling in one process."""
+    wy = importlib.import_module("iplr_jax.wy_fast")
+    rows = jax.lax.broadcasted_iota(jnp.int32, (wy.SUB, wy.SUB), 0)
+    eye = (rows == jax.lax.broadcasted_iota(jnp.int32, (wy.SUB, wy.SUB), 1)).astype(jnp.float32)
+
+    def body(r, xs):
+        out = []
+        for low, x in zip(lows, xs, strict=True):
+            lr = jnp.sum(wy._mask(rows == r, low), axis=0)
+            out.append(jnp.where(rows == r, x + jnp.sum(lr[:, None] * x, axis=0)[None, :], x))
+        return tuple(out)
+
+    return list(jax.lax.fori_loop(jnp.int32(1), jnp.int32(wy.SUB), body, tuple(eye for _ in lows)))
+
+
+def wy_inverse_cases(impl, sizes):
+    """The WY kernel alone and the chunk forward, with the diagonal blocks inverted by
+    recursive doubling (the default) or by the previous substitution."""
+    wy = importlib.import_module("iplr_jax.wy_fast")
+    default = wy._inv_diag_blocks
+    for label in ("S1", "S2", "S3"):
+        dev, do, h0 = args_for(sizes[label], jnp.bfloat16)
+        B, T, H, K = dev[0].shape
+        flat = [x.reshape(1, B * T, H, -1) for x in (dev[3], dev[4], dev[1], dev[2])]
+        for method, inv in (("doubling", default), ("substitution", _inv_diag_blocks_substitution)):
+            wy._inv_diag_blocks = inv
+            f = jax.jit(partial(
+                wy.wy_fwd, chunk_size=64, out_dtype=jnp.bfloat16, with_x=True,
+                interpret=impl == "interpret",
+            ))
+            yield f"{label} wy_fwd inverse={method}", partial(median_ms, f, *flat)
+            for mode in ("fwd", "fwd_bwd"):
+                yield (
+                    f"{label} chunk {mode} inverse={method}",
+                    partial(timed, iplr_jax.chunk, impl, dev, do, h0, mode),
+                )
+    wy._inv_diag_blocks = default
 
 
 def wy_warps_cases(impl, sizes):
@@ -163,7 +212,8 @@ def main():
         for line in low_precision_error(impl, sizes):
             print(line, flush=True)
     for name, run in itertools.chain(
-        wy_warps_cases(impl, sizes), wy_cases(impl, sizes), fused_cases(impl, sizes)
+        wy_inverse_cases(impl, sizes), wy_warps_cases(impl, sizes), wy_cases(impl, sizes),
+        fused_cases(impl, sizes),
     ):
         if re.search(args.only, name):
             try:

@@ -115,8 +115,11 @@ def test_wy_kernel(rng, C, delta):
     a = -beta * k if delta else _unit_vectors(rng, (1, L, H, Kp))
     b = k.copy() if delta else -beta * a
     v = rng.standard_normal((1, L, H, Vp))
-    w, u = wy_fwd(*(jnp.asarray(x, jnp.float32) for x in (a, b, k, v)), chunk_size=C, interpret=True)
-    assert w.dtype == u.dtype == jnp.float32
+    w, u, x = wy_fwd(
+        *(jnp.asarray(x, jnp.float32) for x in (a, b, k, v)), chunk_size=C, with_x=True,
+        interpret=True,
+    )
+    assert w.dtype == u.dtype == x.dtype == jnp.float32
 
     def split(x):  # [1, L, H, D] -> [NC, H, C, D]
         return np.asarray(x, np.float64)[0].reshape(L // C, C, H, -1).transpose(0, 2, 1, 3)
@@ -125,6 +128,7 @@ def test_wy_kernel(rng, C, delta):
     X = np.linalg.inv(np.eye(C) - np.tril(A @ B.swapaxes(-1, -2), -1))
     W = X @ A
     U = X @ np.tril(A @ K.swapaxes(-1, -2), -1) @ Vc
+    assert rel_err(np.asarray(x, np.float64), X) < 1e-5
     assert rel_err(split(w), W) < 1e-5
     assert rel_err(split(u), U) < 1e-5
 
