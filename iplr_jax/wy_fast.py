@@ -49,33 +49,21 @@ def _input_dot_nt(x, y):
 
 
 def _inv_diag_blocks(lows):
-    """(I - L)^{-1} for each strictly lower L [16, 16] of `lows`, by recursive doubling.
+    """(I - L)^{-1} for each strictly lower L [16, 16] of `lows`, by forward substitution:
+    row r of X is e_r + L[r] X, and the rows above r are final when row r is formed. All
+    blocks advance in the same loop, so the dependent chain is 15 steps whatever C is."""
+    rows = jax.lax.broadcasted_iota(jnp.int32, (SUB, SUB), 0)
+    eye = (rows == jax.lax.broadcasted_iota(jnp.int32, (SUB, SUB), 1)).astype(_F32)
 
-    With D_m the inverse of the block diagonal of I - L at block size m (D_1 = I), the
-    block diagonal at size 2m is (I - L_d)(I - D_m L_m) with L_m the part of L inside the 2m
-    blocks but outside the m blocks, and D_m L_m is nilpotent of order 2, so
+    def body(r, xs):
+        out = []
+        for low, x in zip(lows, xs, strict=True):
+            lr = jnp.sum(_mask(rows == r, low), axis=0)  # L[r, :]
+            new = jnp.sum(lr[:, None] * x, axis=0)  # L[r, :] @ X
+            out.append(jnp.where(rows == r, x + new[None, :], x))
+        return tuple(out)
 
-        D_2m = D_m + D_m L_m D_m.
-
-    Three levels of two 16 x 16 dots each (D_2 = I + L_1 needs none), instead of a 15-step
-    row-by-row substitution whose every step reduces across the tile: on the GPU that chain
-    of cross-lane reductions, not the arithmetic, was the WY kernel's cost. The dots run at
-    `X_PRECISION`: D_m are results whose entries can be large, not inputs.
-    """
-    r = jax.lax.broadcasted_iota(jnp.int32, (SUB, SUB), 0)
-    c = jax.lax.broadcasted_iota(jnp.int32, (SUB, SUB), 1)
-    eye = (r == c).astype(_F32)
-
-    def level(low, m):  # L_m: same 2m-block, different m-block
-        return _mask(((r // (2 * m)) == (c // (2 * m))) & ((r // m) != (c // m)), low)
-
-    out = []
-    for low in lows:
-        d = eye + level(low, 1)
-        for m in (2, 4, 8):
-            d = d + _dot(d, _dot(level(low, m), d, X_PRECISION), X_PRECISION)
-        out.append(d)
-    return out
+    return jax.lax.fori_loop(jnp.int32(1), jnp.int32(SUB), body, tuple(eye for _ in lows))
 
 
 def _wy_kernel(a_ref, b_ref, k_ref, v_ref, w_ref, u_ref, *x_ref, block_v: int):
@@ -86,8 +74,8 @@ def _wy_kernel(a_ref, b_ref, k_ref, v_ref, w_ref, u_ref, *x_ref, block_v: int):
     refs (Triton cannot slice register values), so no [C, Kp] tile stays live throughout.
 
     The inverse. Solving row by row over all C rows needs C dependent steps, each with two
-    cross-warp reductions over a C x C tile. Here the 16 x 16 diagonal blocks are inverted by
-    recursive doubling (`_inv_diag_blocks`: six small dots each), and the off-diagonal
+    cross-warp reductions over a C x C tile. Here only the 16 x 16 diagonal blocks are solved
+    row by row (`_inv_diag_blocks`: 15 steps, all blocks side by side), and the off-diagonal
     blocks follow from X = I + strict(A B^T) X by block rows:
 
         X_ij = X_ii sum_{m=j}^{i-1} M_im X_mj,     M = strict(A B^T), i > j,
