@@ -95,6 +95,8 @@ def check_inputs(
 
     N = B
     if cu_seqlens is not None:
+        if isinstance(cu_seqlens, (list, tuple)):  # offsets typed in by hand
+            cu_seqlens = np.asarray(cu_seqlens)
         if len(_shape(cu_seqlens)) != 1 or _shape(cu_seqlens)[0] < 2:
             raise ValueError(
                 f"cu_seqlens must have shape [N + 1] with N >= 1, got shape {_shape(cu_seqlens)}"

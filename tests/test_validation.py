@@ -69,6 +69,19 @@ def test_bad_cu_seqlens(op):
         OPS[op](*one, cu_seqlens=np.array([[0, 8]], np.int32))
 
 
+@pytest.mark.parametrize("op", OPS)
+def test_cu_seqlens_as_list(op):
+    """Offsets typed as a Python list behave like the int32 array (and are validated)."""
+    rng = np.random.default_rng()
+    q, k, v, a, b = (jnp.asarray(rng.standard_normal(x.shape), jnp.float32) / 4 for x in _inputs(B=1))
+    o1, h1 = OPS[op](q, k, v, a, b, cu_seqlens=[0, 3, 8], output_final_state=True)
+    o2, h2 = OPS[op](q, k, v, a, b, cu_seqlens=jnp.array([0, 3, 8], jnp.int32), output_final_state=True)
+    np.testing.assert_array_equal(np.asarray(o1), np.asarray(o2))
+    np.testing.assert_array_equal(np.asarray(h1), np.asarray(h2))
+    with pytest.raises(ValueError, match=r"non-decreasing offsets from 0 to T=8, got \[0, 9, 8\]"):
+        OPS[op](q, k, v, a, b, cu_seqlens=[0, 9, 8])
+
+
 def test_bad_chunk_size():
     for c in (8, 48, 128):
         msg = rf"chunk_size must be a power of two in \(16, 32, 64\), got {c}"
