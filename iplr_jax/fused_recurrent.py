@@ -143,6 +143,7 @@ def _call(kernel, args, outs, *, grid, interpret, num_warps):
         out_shape=[jax.ShapeDtypeStruct(shp, dt) for shp, dt, _ in outs],
         compiler_params=pltr.CompilerParams(num_warps=num_warps, num_stages=2),
         interpret=interpret,
+        name="iplr_fused" + kernel.func.__name__.removesuffix("_kernel"),  # iplr_fused_bwd_dS, ...
     )(*(x for x, _ in args))
 
 
