@@ -112,9 +112,9 @@ def test_decode_step_lowers():
     assert triton_kernels(step, *x, h0) == FUSED
 
 
-def test_traced_scale_lowers():
+@pytest.mark.parametrize("op, kernels", [("chunk", [WY, STATE, OUT]), ("fused_recurrent", FUSED)])
+def test_traced_scale_lowers(op, kernels):
     x, _ = specs(1, 64, 2, 64, 64, jnp.bfloat16)
     s = jax.ShapeDtypeStruct((), jnp.float32)
-    for op in (iplr_jax.chunk, iplr_jax.fused_recurrent):
-        names = triton_kernels(lambda *a: op(*a[:5], scale=a[5], implementation="pallas")[0], *x, s)
-        assert names, op
+    fn = getattr(iplr_jax, op)
+    assert triton_kernels(lambda *a: fn(*a[:5], scale=a[5], implementation="pallas")[0], *x, s) == kernels
