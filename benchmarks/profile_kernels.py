@@ -3,7 +3,8 @@
     python benchmarks/profile_kernels.py                 # on the GPU: S1, S2, S3 and decode S4
     python benchmarks/profile_kernels.py --interpret     # a CPU smoke run at a tiny size
 
-Chunked forward: WY, the whole forward fused and unfused (state sweep + output = total - WY);
+Chunked forward: WY (alone, and with Q' / O_intra), the whole forward in each output mode
+(`chunk.OUTPUT_MODES`; state sweep + output = total - WY);
 chunked backward: reverse dS sweep, intra-chunk gradients (X and W come from the forward); fused recurrence:
 the bare forward kernel against the public jitted call (wrapper cost), at the decode size too.
 Inputs are drawn as a layer draws them, on the aligned layout the kernels take.
@@ -59,23 +60,15 @@ def profile_chunk(label, B, T, H, K, V, dtype, interpret, C=64):
     cu = jnp.arange(B + 1, dtype=jnp.int32) * (T // C)
     scale = K**-0.5
     kw = dict(scale=scale, chunk_size=C, interpret=interpret)
+    wy = jax.jit(functools.partial(wy_fwd, chunk_size=C, out_dtype=dtype, interpret=interpret))
     rows = [
-        (
-            label,
-            "wy_fwd",
-            median_ms(
-                jax.jit(functools.partial(wy_fwd, chunk_size=C, out_dtype=dtype, interpret=interpret)),
-                a,
-                b,
-                k,
-                v,
-            ),
-        )
+        (label, "wy_fwd", median_ms(wy, a, b, k, v)),
+        (label, "wy_fwd with Q', O_intra", median_ms(lambda *x: wy(*x, q=q), a, b, k, v)),
     ]
-    for fuse in (False, True):
-        ck.FUSE_OUTPUT = fuse
+    for output in ck.OUTPUT_MODES:
+        ck.FUSE_OUTPUT = output
         f = jax.jit(functools.partial(ck.chunk_fwd, residuals=False, **kw))
-        rows.append((label, f"chunk_fwd total, fuse={fuse}", median_ms(f, q, k, v, a, b, h0, cu)))
+        rows.append((label, f"chunk_fwd total, {output}", median_ms(f, q, k, v, a, b, h0, cu)))
     ck.FUSE_OUTPUT = None
     _, _, res = jax.jit(functools.partial(ck.chunk_fwd, **kw))(q, k, v, a, b, h0, cu)
     dt = jnp.dtype(dtype)
@@ -140,8 +133,9 @@ def main():
         dec = {"S4": SIZES["S4"]}
     rows = []
     for label, d in sizes.items():
-        rows += profile_chunk(label, **d, dtype=jnp.bfloat16, interpret=args.interpret)
-        print(*rows[-7:], sep="\n", flush=True)
+        new = profile_chunk(label, **d, dtype=jnp.bfloat16, interpret=args.interpret)
+        rows += new
+        print(*new, sep="\n", flush=True)
     for label, d in {**dec, **({} if args.interpret else {"S1": SIZES["S1"]})}.items():
         rows += profile_recurrent(label, **d, dtype=jnp.bfloat16, interpret=args.interpret)
         print(*rows[-2:], sep="\n", flush=True)

@@ -5,7 +5,8 @@
 WY kernel: its 16x16 block products at float32 or tf32 (time of the chunk forward and
 forward+backward, and the output error against a float32 reference). Fused recurrence: rows
 loaded ahead of the step (`fused_recurrent.PREFETCH`) and the forward V-block / warps at S1-S3;
-the decode step at S4 by V-block, next to an XLA copy of the state. Prints one line per case.
+the decode step at S4 by V-block, next to an XLA copy of the state. The chunk forward's output
+modes (`chunk.OUTPUT_MODES`) at S1-S3. Prints one line per case.
 (The first session's sweep, recorded in benchmarks/NOTES.md, also tried the chunk state sweep
 with prefetching and bf16 state products; both were dropped.)
 """
@@ -66,6 +67,20 @@ _ORIG_PLAN = ck._plan
 
 def with_plan(**over):
     ck._plan = lambda *a: _ORIG_PLAN(*a)._replace(**over)
+
+
+def output_mode_cases(impl, sizes):
+    """The chunk forward and forward+backward in each output mode. Set through FUSE_OUTPUT
+    rather than `with_plan(fuse=...)` so that `_plan` also picks the mode's warps."""
+    for label in ("S1", "S2", "S3"):
+        dev, do, h0 = args_for(sizes[label], jnp.bfloat16)
+        for output, mode in itertools.product(ck.OUTPUT_MODES, ("fwd", "fwd_bwd")):
+            ck.FUSE_OUTPUT = output
+            yield (
+                f"{label} chunk {mode} output={output}",
+                partial(timed, iplr_jax.chunk, impl, dev, do, h0, mode),
+            )
+    ck.FUSE_OUTPUT = None
 
 
 def fused_cases(impl, sizes):
@@ -220,8 +235,8 @@ def main():
         for line in low_precision_error(impl, sizes):
             print(line, flush=True)
     for name, run in itertools.chain(
-        wy_inverse_cases(impl, sizes), wy_warps_cases(impl, sizes), wy_cases(impl, sizes),
-        fused_cases(impl, sizes),
+        output_mode_cases(impl, sizes), wy_inverse_cases(impl, sizes), wy_warps_cases(impl, sizes),
+        wy_cases(impl, sizes), fused_cases(impl, sizes),
     ):
         if re.search(args.only, name):
             try:

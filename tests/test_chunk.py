@@ -108,29 +108,38 @@ def _unit_vectors(rng, shape):
 @pytest.mark.parametrize("C", [16, 32, 64])
 @pytest.mark.parametrize("delta", [False, True])
 def test_wy_kernel(rng, C, delta):
-    """W, U of the WY kernel against X, W, U formed in float64 numpy."""
+    """W, U, X and the output terms Q', O_intra of the WY kernel against float64 numpy."""
     L, H, Kp, Vp = 2 * C, 2, 32, 128  # Vp = 128: two V-blocks inside the kernel
     beta = rng.uniform(0.05, 1.95, (1, L, H, 1))
     k = _unit_vectors(rng, (1, L, H, Kp))
     a = -beta * k if delta else _unit_vectors(rng, (1, L, H, Kp))
     b = k.copy() if delta else -beta * a
     v = rng.standard_normal((1, L, H, Vp))
-    w, u, x = wy_fwd(
-        *(jnp.asarray(x, jnp.float32) for x in (a, b, k, v)), chunk_size=C, with_x=True,
-        interpret=True,
+    q = rng.standard_normal((1, L, H, Kp))
+    f32 = lambda x: jnp.asarray(x, jnp.float32)
+    w, u, x, qp, oi = wy_fwd(
+        *map(f32, (a, b, k, v)), chunk_size=C, with_x=True, q=f32(q), interpret=True
     )
-    assert w.dtype == u.dtype == x.dtype == jnp.float32
+    assert w.dtype == u.dtype == x.dtype == qp.dtype == oi.dtype == jnp.float32
+    assert qp.shape == q.shape and oi.shape == v.shape
 
     def split(x):  # [1, L, H, D] -> [NC, H, C, D]
         return np.asarray(x, np.float64)[0].reshape(L // C, C, H, -1).transpose(0, 2, 1, 3)
 
-    A, B, K, Vc = map(split, (a, b, k, v))
-    X = np.linalg.inv(np.eye(C) - np.tril(A @ B.swapaxes(-1, -2), -1))
+    A, B, K, Vc, Q = map(split, (a, b, k, v, q))
+    T = lambda m: m.swapaxes(-1, -2)
+    X = np.linalg.inv(np.eye(C) - np.tril(A @ T(B), -1))
     W = X @ A
-    U = X @ np.tril(A @ K.swapaxes(-1, -2), -1) @ Vc
+    U = X @ np.tril(A @ T(K), -1) @ Vc
     assert rel_err(np.asarray(x, np.float64), X) < 1e-5
     assert rel_err(split(w), W) < 1e-5
     assert rel_err(split(u), U) < 1e-5
+    assert rel_err(split(qp), Q + np.tril(Q @ T(B)) @ W) < 1e-5
+    assert rel_err(split(oi), np.tril(Q @ T(K)) @ Vc + np.tril(Q @ T(B)) @ U) < 1e-5
+    # without q the kernel writes W and U alike
+    w2, u2 = wy_fwd(*map(f32, (a, b, k, v)), chunk_size=C, interpret=True)
+    np.testing.assert_array_equal(np.asarray(w2), np.asarray(w))
+    np.testing.assert_array_equal(np.asarray(u2), np.asarray(u))
 
 
 def _aligned_reference(q, k, v, a, b, h0, cu_chunks, C, scale):
@@ -155,12 +164,12 @@ def _aligned_reference(q, k, v, a, b, h0, cu_chunks, C, scale):
     return o, ht, h, v_new
 
 
-@pytest.mark.parametrize("fuse", [False, True])
+@pytest.mark.parametrize("output", chunk_mod.OUTPUT_MODES)
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_chunk_fwd_residuals(rng, monkeypatch, fuse, dtype):
+def test_chunk_fwd_residuals(rng, monkeypatch, output, dtype):
     """chunk_fwd's o, ht, h and v_new on an aligned layout with an empty sequence and padding
-    chunks past cu_chunks[-1], for the separate and the fused output kernel."""
-    monkeypatch.setattr(chunk_mod, "FUSE_OUTPUT", fuse)
+    chunks past cu_chunks[-1], for each output mode."""
+    monkeypatch.setattr(chunk_mod, "FUSE_OUTPUT", output)
     C, H, Kp, Vp = 16, 2, 32, 32
     cu_chunks = np.array([0, 2, 2, 5], np.int32)
     NC, L = 6, 6 * C  # chunk 5 is padding
@@ -196,16 +205,18 @@ def test_chunk_fwd_residuals(rng, monkeypatch, fuse, dtype):
     )
     assert res2 is None
     np.testing.assert_array_equal(np.asarray(o2[:, valid]), np.asarray(o[:, valid]))
+    for out in (o, o2):  # fused, the sweep zero-fills the padding chunk's output
+        assert not np.any(np.asarray(out[:, ~valid], np.float32))
     np.testing.assert_array_equal(np.asarray(ht2), np.asarray(ht))
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("K", [64, 128])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
-@pytest.mark.parametrize("fuse", [None, False, True])
-def test_pallas_medium(rng, monkeypatch, K, dtype, fuse):
-    """The compiled kernels at a medium size (B2 T1024 H4 V=128), both output variants."""
-    monkeypatch.setattr(chunk_mod, "FUSE_OUTPUT", fuse)
+@pytest.mark.parametrize("output", [None, *chunk_mod.OUTPUT_MODES])
+def test_pallas_medium(rng, monkeypatch, K, dtype, output):
+    """The compiled kernels at a medium size (B2 T1024 H4 V=128), each output mode."""
+    monkeypatch.setattr(chunk_mod, "FUSE_OUTPUT", output)
     (q, k, v, a, b), h0 = make_inputs(rng, 2, 1024, 4, K, 128, dtype=dtype)
     o, ht = jax.jit(
         functools.partial(iplr_jax.chunk, output_final_state=True, implementation="pallas")
@@ -215,9 +226,10 @@ def test_pallas_medium(rng, monkeypatch, K, dtype, fuse):
     assert rel_err(ht, rht) < tol(dtype)
 
 
-def test_fused_output_public_path(rng, monkeypatch):
-    """`chunk` with the output fused into the state sweep: packed, an empty sequence, K != V."""
-    monkeypatch.setattr(chunk_mod, "FUSE_OUTPUT", True)
+@pytest.mark.parametrize("output", chunk_mod.OUTPUT_MODES)
+def test_output_modes_public_path(rng, monkeypatch, output):
+    """`chunk` in each output mode: packed, an empty sequence, K != V."""
+    monkeypatch.setattr(chunk_mod, "FUSE_OUTPUT", output)
     cu = np.array([0, 19, 19, 50], np.int32)
     (q, k, v, a, b), h0 = make_inputs(rng, 1, 50, 2, 20, 16, N=3)
     o, ht = jax.jit(
