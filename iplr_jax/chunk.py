@@ -171,19 +171,23 @@ def _plan(N: int, H: int, Kp: int, Vp: int, num_chunks: int) -> _Plan:
     """Block sizes and output mode. The sweep's [Kp, BV] float32 state plus its [C, Kp] tiles
     must fit in registers: BV <= 8192 / Kp (64 for Kp = 128, 32 for Kp = 256); smaller BV when
     there are too few programs to occupy the SMs (the sweep is a dependent chain per program).
-
-    Output mode: "precomputed" for all sizes, UNMEASURED on a GPU so far. It moves the Q K^T and
-    Q B^T work of the fused output off the sequential chain into the parallel WY kernel, and
-    drops the output kernel's re-read of h and v_new, for one more [C, Kp] x [Kp, BV] product
-    per chunk, a longer WY kernel and the round trip of Q' (input dtype) and O_intra (float32).
-    The other two, measured on the H100, bf16 (benchmarks/results/2026-11-25-H100.md),
-    "recompute" vs "separate": S1 (Kp 64, 32 chunks/seq) 0.637 vs 0.755 ms; S2 (Kp 128, 64
-    chunks/seq) 1.916 vs 1.763; S3 (Kp 128, 512 chunks/seq, 64 programs) 3.718 vs 2.853.
     """
     bv = min(Vp, max(16, 8192 // Kp))
     while bv > 16 and N * H * (Vp // bv) < NUM_SMS:
         bv //= 2
-    fuse = "precomputed"
+    programs = N * H * (Vp // bv)
+    # "recompute" adds Q K^T, Q B^T and three more dots to every step of the sequential chain;
+    # it pays only when that chain is short next to the traffic it saves: the sweep already
+    # fills the SMs, each program walks few chunks, and the [C, Kp] products are small.
+    # Measured on the H100, bf16 (benchmarks/results/2026-11-25-H100.md), against "separate":
+    # S1 (Kp 64, 32 chunks/seq) 0.637 vs 0.755 ms; S2 (Kp 128, 64 chunks/seq) 1.916 vs 1.763;
+    # S3 (Kp 128, 512 chunks/seq, 64 programs) 3.718 vs 2.853. Hence Kp <= 64 only.
+    # "precomputed" is opt-in (FUSE_OUTPUT) until it has been timed on the GPU against these:
+    # it moves that work into the parallel WY kernel, for a longer WY kernel and the round trip
+    # of Q' (input dtype) and O_intra (float32) (benchmarks/NOTES.md).
+    per_seq = num_chunks / max(N, 1)
+    recompute = programs >= NUM_SMS and per_seq <= 64 and Kp <= 64
+    fuse = "recompute" if recompute else "separate"
     if FUSE_OUTPUT is not None:
         fuse = {True: "recompute", False: "separate"}.get(FUSE_OUTPUT, FUSE_OUTPUT)
     if fuse not in OUTPUT_MODES:

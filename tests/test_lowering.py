@@ -10,6 +10,7 @@ only on the GPU (`-k "pallas or gpu"` there).
 
 from __future__ import annotations
 
+import importlib
 import re
 
 import jax
@@ -19,6 +20,8 @@ from jax import export
 
 import iplr_jax
 import iplr_jax._common as common
+
+chunk_module = importlib.import_module("iplr_jax.chunk")  # `iplr_jax.chunk` is the function
 
 TRITON_CALL = "__gpu$xla.gpu.triton"
 WY, STATE, OUT = "iplr_wy_fwd", "iplr_chunk_state_fwd", "iplr_chunk_output_fwd"
@@ -81,6 +84,15 @@ def test_chunk_lowers(K, V, dtype, bwd):
     assert names[:2] == [WY, STATE] and set(names[2:]) <= {OUT}, names
     step = loss_grads(iplr_jax.chunk, implementation="pallas")
     assert triton_kernels(step, *x, h0) == [WY, STATE] + bwd
+
+
+@pytest.mark.parametrize("output", ["separate", "recompute", "precomputed"])
+@pytest.mark.parametrize("K, V", [(64, 64), (200, 130)])
+def test_chunk_output_modes_lower(monkeypatch, output, K, V):
+    monkeypatch.setattr(chunk_module, "FUSE_OUTPUT", output)
+    x, _ = specs(2, 100, 2, K, V, jnp.bfloat16)
+    names = triton_kernels(lambda *a: iplr_jax.chunk(*a, implementation="pallas")[0], *x)
+    assert names == [WY, STATE] + ([OUT] if output == "separate" else [])
 
 
 @pytest.mark.parametrize("C", [16, 32, 64])
