@@ -5,8 +5,10 @@
 WY kernel: its 16x16 block products at float32 or tf32 (time of the chunk forward and
 forward+backward, and the output error against a float32 reference). Fused recurrence: rows
 loaded ahead of the step (`fused_recurrent.PREFETCH`) and the forward V-block / warps at S1-S3;
-the decode step at S4 by V-block, next to an XLA copy of the state. The chunk forward's output
-modes (`chunk.OUTPUT_MODES`) at S1-S3. Prints one line per case.
+the decode step at S4 by V-block, next to an XLA copy of the state; the backward's V-block / warps
+at S1-S2. The chunk forward's output modes (`chunk.OUTPUT_MODES`) and the WY kernel's diagonal
+inverse (substitution against the recursive-doubling candidate) at S1-S3. Prints one line per
+case.
 (The first session's sweep, recorded in benchmarks/NOTES.md, also tried the chunk state sweep
 with prefetching and bf16 state products; both were dropped.)
 """
@@ -62,16 +64,11 @@ def with_config(fwd_config, bwd_config=None):
 
 
 _ORIG_CONFIG = fr._config
-_ORIG_PLAN = ck._plan
-
-
-def with_plan(**over):
-    ck._plan = lambda *a: _ORIG_PLAN(*a)._replace(**over)
 
 
 def output_mode_cases(impl, sizes):
-    """The chunk forward and forward+backward in each output mode. Set through FUSE_OUTPUT
-    rather than `with_plan(fuse=...)` so that `_plan` also picks the mode's warps."""
+    """The chunk forward and forward+backward in each output mode (`chunk.FUSE_OUTPUT`, so that
+    `_plan` also picks the mode's warps)."""
     for label in ("S1", "S2", "S3"):
         dev, do, h0 = args_for(sizes[label], jnp.bfloat16)
         for output, mode in itertools.product(ck.OUTPUT_MODES, ("fwd", "fwd_bwd")):
