@@ -36,9 +36,12 @@ def has_gpu() -> bool:
         return False
 
 
-def resolve_implementation(implementation: str | None) -> str:
-    """`None` -> the fastest available: "pallas" on a GPU, "xla" elsewhere."""
+def resolve_implementation(implementation: str | None, *inputs) -> str:
+    """`None` -> the fastest available: "pallas" on a GPU, "xla" elsewhere, and "xla" for
+    float64 `inputs` everywhere (the kernels compute in float32, the xla path in float64)."""
     if implementation is None:
+        if any(getattr(x, "dtype", None) == jnp.float64 for x in inputs):
+            return "xla"
         return "pallas" if has_gpu() else "xla"
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(

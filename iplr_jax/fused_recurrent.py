@@ -271,12 +271,13 @@ def fused_recurrent(
       initial_state: [N, H, K, V].
       output_final_state: also return the state after each sequence's last token.
       cu_seqlens: int32 [N + 1] offsets of packed sequences in a batch of 1; may be traced.
-      implementation: None (fastest available), "pallas", "xla" or "interpret".
+      implementation: None (fastest available; "xla" for float64 inputs, which the float32
+        kernels would round), "pallas", "xla" or "interpret".
 
     Returns:
       `o` [B, T, H, V] in v's dtype and the final state [N, H, K, V] float32 (or None).
     """
-    impl = resolve_implementation(implementation)
+    impl = resolve_implementation(implementation, q, k, v, a, b)
     dims = check_inputs(
         q, k, v, a, b, scale=scale, initial_state=initial_state, cu_seqlens=cu_seqlens,
         implementation=impl,

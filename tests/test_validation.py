@@ -113,3 +113,21 @@ def test_validation_before_tracing_under_jit():
     args[2] = jnp.ones((2, 8, 3, 3))
     with pytest.raises(ValueError, match=r"v must have shape"):
         f(*args)
+
+
+@pytest.mark.parametrize("op", ["chunk", "fused_recurrent"])
+def test_default_implementation_keeps_float64(monkeypatch, op):
+    """On a GPU `implementation=None` picks the kernels, which compute in float32; float64
+    inputs go to the xla path, which stays in float64 (checked here with a pretended GPU: the
+    kernels cannot run on a CPU, so picking them would fail)."""
+    import iplr_jax._common as common
+
+    monkeypatch.setattr(common, "has_gpu", lambda: True)
+    assert common.resolve_implementation(None, jnp.ones(2, jnp.float32)) == "pallas"
+    rng = np.random.default_rng()
+    q, k, v, a, b = (jnp.asarray(rng.standard_normal(x.shape) / 4, jnp.float64) for x in _inputs())
+    o, ht = getattr(iplr_jax, op)(q, k, v, a, b, output_final_state=True)
+    ro, rht = iplr_jax.naive(q, k, v, a, b, output_final_state=True)
+    assert o.dtype == jnp.float64
+    assert float(jnp.max(jnp.abs(o - ro))) < 1e-12 * float(jnp.max(jnp.abs(ro)))
+    assert float(jnp.max(jnp.abs(ht - rht))) < 1e-12 * float(jnp.max(jnp.abs(rht)))
