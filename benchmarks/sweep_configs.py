@@ -2,13 +2,13 @@
 
     python benchmarks/sweep_configs.py [--only REGEX] [--interpret]
 
-WY kernel: its 16x16 block products at float32 or tf32 (time of the chunk forward and
-forward+backward, and the output error against a float32 reference). Fused recurrence: rows
+WY kernel: its float32 16x16 block products on FMA units or as 3 tf32 / 3 or 6 bf16 matrix
+products, with the diagonal blocks inverted by substitution or recursive doubling (the kernel's
+time, the chunk forward's time and error); its warps. Fused recurrence: rows
 loaded ahead of the step (`fused_recurrent.PREFETCH`) and the forward V-block / warps at S1-S3;
 the decode step at S4 by V-block, next to an XLA copy of the state; the backward's V-block / warps
-at S1-S2. The chunk forward's output modes (`chunk.OUTPUT_MODES`) and the WY kernel's diagonal
-inverse (substitution against the recursive-doubling candidate) at S1-S3. Prints one line per
-case.
+at S1-S2. The chunk forward's output modes (`chunk.OUTPUT_MODES`) at S1-S3. Prints one line
+per case.
 (The first session's sweep, recorded in benchmarks/NOTES.md, also tried the chunk state sweep
 with prefetching and bf16 state products; both were dropped.)
 """
@@ -127,15 +127,16 @@ def wy_cases(impl, sizes):
 
 
 def _inv_diag_blocks_doubling(lows):
-    """A candidate for `wy_fast._inv_diag_blocks`, not yet timed on the GPU: (I - L)^{-1} of
-    each strictly lower L [16, 16] by recursive doubling instead of 15 substitution steps.
+    """A candidate for `wy_fast._inv_diag_blocks`: (I - L)^{-1} of each strictly lower L
+    [16, 16] by recursive doubling instead of 15 substitution steps.
 
     With D_m the inverse of the block diagonal of I - L at block size m (D_1 = I), the block
-    diagonal at size 2m is (I - L_d)(I - D_m L_m), L_m the part of L inside the 2m blocks but
-    outside the m blocks; D_m L_m is nilpotent of order 2, so D_2m = D_m + D_m L_m D_m: three
+    diagonal at size 2m is (I - L_d)(I - D_m L_m), L_m the part of L inside the 2m-blocks but
+    outside the m-blocks; D_m L_m is nilpotent of order 2, so D_2m = D_m + D_m L_m D_m: three
     levels of two 16 x 16 dots (D_2 = I + L_1 needs none) instead of a chain of 15 steps of
-    cross-lane reductions. Checked on CPU (`--interpret`, and against float64 with
-    `test_wy_kernel` when patched in)."""
+    cross-lane reductions. On the H100 (2026-11-26, session 4) it lost with HIGHEST (FMA) dots
+    and won only with 3-bf16 dots (WY at S2 0.44 -> 0.35 ms), and then a GPU test
+    (`test_pallas_medium[None-bfloat16-64]`) did not finish in 200 s: not adopted."""
     wy = importlib.import_module("iplr_jax.wy_fast")
     r = jax.lax.broadcasted_iota(jnp.int32, (wy.SUB, wy.SUB), 0)
     c = jax.lax.broadcasted_iota(jnp.int32, (wy.SUB, wy.SUB), 1)
@@ -151,28 +152,54 @@ def _inv_diag_blocks_doubling(lows):
     return out
 
 
-def wy_inverse_cases(impl, sizes):
-    """The WY kernel alone and the chunk forward, with the diagonal blocks inverted by the
-    substitution (the default) or by recursive doubling (the candidate)."""
+def wy_precision_cases(impl, sizes):
+    """The WY kernel's float32 16 x 16 products (`wy_fast.X_PRECISION`) on FMA units (HIGHEST,
+    Triton's "ieee") or on the matrix units as 3 tf32 / 3 or 6 bf16 products, with either
+    diagonal inverse: the WY kernel's time, the chunk forward's time and its relative error
+    against the float32 chunked form at HIGHEST precision on the same bf16 inputs (for bf16 and
+    for float32 kernel inputs: the second shows the products' own rounding)."""
     wy = importlib.import_module("iplr_jax.wy_fast")
-    default = wy._inv_diag_blocks
+    P = jax.lax.DotAlgorithmPreset
+    default_inv, default_prec = wy._inv_diag_blocks, wy.X_PRECISION
+    combos = [
+        ("substitution", jax.lax.Precision.HIGHEST), ("substitution", P.TF32_TF32_F32_X3),
+        ("substitution", P.BF16_BF16_F32_X3), ("substitution", P.BF16_BF16_F32_X6),
+        ("doubling", P.TF32_TF32_F32_X3), ("doubling", P.BF16_BF16_F32_X3),
+    ]
     for label in ("S1", "S2", "S3"):
         dev, do, h0 = args_for(sizes[label], jnp.bfloat16)
         B, T, H, K = dev[0].shape
         flat = [x.reshape(1, B * T, H, -1) for x in (dev[3], dev[4], dev[1], dev[2])]
-        for method, inv in (("substitution", default), ("doubling", _inv_diag_blocks_doubling)):
-            wy._inv_diag_blocks = inv
+        ref = {}  # computed once per size, and only when a chunk case runs
+
+        for method, prec in combos:
+            wy._inv_diag_blocks = default_inv if method == "substitution" else _inv_diag_blocks_doubling
+            wy.X_PRECISION = prec
             f = jax.jit(partial(
                 wy.wy_fwd, chunk_size=64, out_dtype=jnp.bfloat16, with_x=True,
                 interpret=impl == "interpret",
             ))
-            yield f"{label} wy_fwd inverse={method}", partial(median_ms, f, *flat)
-            for mode in ("fwd", "fwd_bwd"):
-                yield (
-                    f"{label} chunk {mode} inverse={method}",
-                    partial(timed, iplr_jax.chunk, impl, dev, do, h0, mode),
-                )
-    wy._inv_diag_blocks = default
+            tag = f"{method} {getattr(prec, 'name', prec)}"
+            yield f"{label} wy_fwd {tag}", partial(median_ms, f, *flat)
+
+            def run(dev=dev, do=do, h0=h0, ref=ref):
+                if not ref:
+                    with jax.default_matmul_precision("highest"):
+                        ref[0], _ = jax.jit(lambda *a: iplr_jax.chunk(*a, implementation="xla"))(
+                            *(x.astype(jnp.float32) for x in dev)
+                        )
+                t_fwd = timed(iplr_jax.chunk, impl, dev, do, h0, "fwd")
+                errs = []
+                for dt in (jnp.bfloat16, jnp.float32):
+                    o, _ = jax.jit(lambda *a: iplr_jax.chunk(*a, implementation=impl))(
+                        *(x.astype(dt) for x in dev)
+                    )
+                    diff = o.astype(jnp.float32) - ref[0]
+                    errs.append(float(jnp.linalg.norm(diff.ravel()) / jnp.linalg.norm(ref[0].ravel())))
+                return f"{t_fwd:9.3f}  rel. error bf16 {errs[0]:.2e} f32 {errs[1]:.2e}"
+
+            yield f"{label} chunk fwd wy {tag}", run
+    wy._inv_diag_blocks, wy.X_PRECISION = default_inv, default_prec
 
 
 def wy_warps_cases(impl, sizes):
@@ -232,12 +259,14 @@ def main():
         for line in low_precision_error(impl, sizes):
             print(line, flush=True)
     for name, run in itertools.chain(
-        output_mode_cases(impl, sizes), wy_inverse_cases(impl, sizes), wy_warps_cases(impl, sizes),
+        wy_precision_cases(impl, sizes), output_mode_cases(impl, sizes),
+        wy_warps_cases(impl, sizes),
         wy_cases(impl, sizes), fused_cases(impl, sizes),
     ):
         if re.search(args.only, name):
             try:
-                print(f"{name:62} {run():9.3f}", flush=True)
+                r = run()
+                print(f"{name:62} {r:9.3f}" if isinstance(r, float) else f"{name:50} {r}", flush=True)
             except Exception as e:  # a configuration that does not compile: say so, go on
                 print(f"{name:62}   failed: {type(e).__name__}: {str(e)[:120]}", flush=True)
 

@@ -47,16 +47,21 @@ PREFETCH = 2
 def _config(Kp: int, Vp: int, backward: bool) -> tuple[int, int]:
     """(BV, num_warps): the grid is (sequences, heads, Vp // BV), each program a loop over T.
 
-    Forward: V-blocks of 32 columns. Backward: wider blocks (up to 8192 state elements)
-    because every V-block adds a float32 [L, H, Kp] partial of dk, db, dq and da (16 bytes per
-    token, head and key per block); with K = V = 128 that is 2 blocks. About 32 state
-    elements per thread, and at least 2 warps. Splitting V further to occupy more SMs does
-    not pay: measured on the H100 (forward, bf16, benchmarks/results/2026-11-25-H100-session2.md)
-    S1 (256 programs of BV 32): BV 32 / 2 warps 1.45 ms, BV 16 / 1 warp 1.97, BV 16 / 2 warps
-    1.58; S3 (32 programs of BV 32): BV 32 / 4 warps 26.0 ms, BV 16 / 2 warps 28.4.
+    Forward: V-blocks of 32 columns. Splitting V further to occupy more SMs does not pay:
+    measured on the H100 (bf16, benchmarks/results/2026-11-25-H100-session2.md) S1 (256
+    programs of BV 32): BV 32 / 2 warps 1.45 ms, BV 16 / 1 warp 1.97, BV 16 / 2 warps 1.58;
+    S3 (32 programs of BV 32): BV 32 / 4 warps 26.0 ms, BV 16 / 2 warps 28.4.
+    Backward: BV 16 at Kp <= 64, else 32, about 64 state elements per thread. Every V-block
+    adds a float32 [L, H, Kp] partial of dk, db, dq and da, but more programs won here:
+    forward+backward on the H100 (benchmarks/results/2026-11-26-H100-session4.md), S1 (Kp 64)
+    BV 16 / 1 warp 6.28 ms, BV 32 / 2 warps 6.61, BV 64 / 4 warps 7.25; S2 (Kp 128) BV 32 /
+    2 warps 15.10 ms, BV 16 / 2 warps 15.99, BV 64 / 4 warps 20.29.
     """
-    bv = min(Vp, max(16, 8192 // Kp)) if backward else min(Vp, 32)
-    return bv, max(2, min(8, Kp * bv // 1024))
+    if not backward:
+        bv = min(Vp, 32)
+        return bv, max(2, min(8, Kp * bv // 1024))
+    bv = min(Vp, 16 if Kp <= 64 else 32)
+    return bv, max(1, min(8, Kp * bv // 2048))
 
 
 # -- kernels -------------------------------------------------------------------------------------
