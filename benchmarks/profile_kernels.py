@@ -3,7 +3,7 @@
     python benchmarks/profile_kernels.py                 # on the GPU: S1, S2, S3 and decode S4
     python benchmarks/profile_kernels.py --interpret     # a CPU smoke run at a tiny size
 
-Chunked forward: WY (alone, and with Q' / O_intra), the whole forward in each output mode
+Chunked forward: WY alone, the whole forward in each output mode
 (`chunk.OUTPUT_MODES`; state sweep + output = total - WY);
 chunked backward: reverse dS sweep, intra-chunk gradients (X and W come from the forward); fused recurrence:
 the bare forward kernel against the public jitted call (wrapper cost), at the decode size too.
@@ -63,7 +63,6 @@ def profile_chunk(label, B, T, H, K, V, dtype, interpret, C=64):
     wy = jax.jit(functools.partial(wy_fwd, chunk_size=C, out_dtype=dtype, interpret=interpret))
     rows = [
         (label, "wy_fwd", median_ms(wy, a, b, k, v)),
-        (label, "wy_fwd with Q', O_intra", median_ms(lambda *x: wy(*x, q=q), a, b, k, v)),
     ]
     for output in ck.OUTPUT_MODES:
         ck.FUSE_OUTPUT = output

@@ -33,14 +33,11 @@ from iplr_jax.wy_fast import _mask, wy_fwd
 #   2. `_state_kernel`: per (sequence, head, V-block) the sequential S0 -> S_C sweep; writes the
 #      residuals h (state before each chunk) and v_new (V2), and optionally the output too.
 #   3. `_output_kernel`: O per (chunk, head, V-block) from h and v_new, parallel over chunks.
-# The output has three modes (`_plan`):
+# The output has two modes (`_plan`):
 #   "separate":    pass 3.
 #   "recompute":   O in pass 2 as pass 3 computes it. Saves re-reading h and v_new (and, when no
 #                  gradient is taken, writing them) but recomputes Q K^T and Q B^T per V-block
 #                  on the sequential path.
-#   "precomputed": pass 1 also writes Q' = Q + incl(Q B^T) W and O_intra = incl(Q K^T) V +
-#                  incl(Q B^T) U (chunk-local, V2 = U + W S0), so pass 2 adds only
-#                  O = scale (Q' S0 + O_intra), one product of the shape of W S0.
 #
 # Dot operands: products of two inputs (Q K^T, Q B^T, K^T V, incl(Q K^T) V) take the inputs'
 # dtype (bf16 matrix units, exact products, f32 accumulation); products with the float32 state
@@ -50,7 +47,7 @@ from iplr_jax.wy_fast import _mask, wy_fwd
 _F32 = jnp.float32
 _TN = (((0,), (0,)), ((), ()))  # x^T @ y
 _NT = (((1,), (1,)), ((), ()))  # x @ y^T
-OUTPUT_MODES = ("separate", "recompute", "precomputed")
+OUTPUT_MODES = ("separate", "recompute")
 # None: `_plan` picks the output mode; one of OUTPUT_MODES forces it (for benchmarks and
 # tests), as do True ("recompute") and False ("separate"), its older values.
 FUSE_OUTPUT: bool | str | None = None
@@ -82,15 +79,14 @@ def _state_kernel(
 
     Bytes per chunk: reads W, K, B [C, Kp] and U, V [C, BV] (input dtype); writes h [Kp, BV]
     (input dtype) and v_new [C, BV] (float32) when residuals are wanted; with the output fused
-    it also writes O [C, BV] and reads Q [C, Kp] ("recompute") or Q' [C, Kp] and O_intra
-    [C, BV] float32 ("precomputed"). The state never leaves registers between chunks. BV is
+    ("recompute") it also reads Q [C, Kp] and writes O [C, BV]. The state never leaves
+    registers between chunks. BV is
     small (16-64, `_plan`) so that S and the [C, Kp] operand tiles fit for Kp up to 256, and
     so that N * H * (Vp / BV) programs fill the GPU: this sweep is latency-bound.
     """
     fuse = output != "separate"
     refs = list(refs)
-    q_ref = refs.pop(0) if fuse else None  # Q, or Q' when precomputed
-    oi_ref = refs.pop(0) if output == "precomputed" else None
+    q_ref = refs.pop(0) if fuse else None
     ht_ref = refs.pop(0)
     h_ref, vn_ref = (refs.pop(0), refs.pop(0)) if residuals else (None, None)
     o_ref = refs.pop(0) if fuse else None
@@ -106,12 +102,8 @@ def _state_kernel(
         if residuals:
             vn_ref[r, :] = v2
         k, b, v = k_ref[r, :], b_ref[r, :], v_ref[r, :]
-        if output == "recompute":
+        if fuse:
             o = _chunk_output(q_ref[r, :], k, b, v, v2, s, dt, scale)
-            o_ref[r, :] = o.astype(o_ref.dtype)
-        elif output == "precomputed":
-            # float32 operands like W S0, so the state is not rounded to 16 bits
-            o = scale * (_dot(q_ref[r, :].astype(_F32), s) + oi_ref[r, :])
             o_ref[r, :] = o.astype(o_ref.dtype)
         return s + _dot(k, v, _TN) + _dot(b.astype(_F32), v2, _TN)  # S0 + K^T V + B^T V2
 
@@ -182,9 +174,9 @@ def _plan(N: int, H: int, Kp: int, Vp: int, num_chunks: int) -> _Plan:
     # Measured on the H100, bf16 (benchmarks/results/2026-11-25-H100.md), against "separate":
     # S1 (Kp 64, 32 chunks/seq) 0.637 vs 0.755 ms; S2 (Kp 128, 64 chunks/seq) 1.916 vs 1.763;
     # S3 (Kp 128, 512 chunks/seq, 64 programs) 3.718 vs 2.853. Hence Kp <= 64 only.
-    # "precomputed" is opt-in (FUSE_OUTPUT) until it has been timed on the GPU against these:
-    # it moves that work into the parallel WY kernel, for a longer WY kernel and the round trip
-    # of Q' (input dtype) and O_intra (float32) (benchmarks/NOTES.md).
+    # Moving that work into the parallel WY kernel instead (it wrote Q' = Q + incl(Q B^T) W and
+    # O_intra, leaving one product per chunk here) was 5-10x slower on the H100 (S2 7.30 ms;
+    # benchmarks/results/2026-11-26-H100-session4.md) and was dropped.
     per_seq = num_chunks / max(N, 1)
     recompute = programs >= NUM_SMS and per_seq <= 64 and Kp <= 64
     fuse = "recompute" if recompute else "separate"
@@ -222,12 +214,8 @@ def chunk_fwd(q, k, v, a, b, h0, cu_chunks, *, scale, chunk_size, interpret, res
     plan = _plan(N, H, Kp, Vp, NC)
     output = plan.fuse
     fuse = output != "separate"
-    pre = output == "precomputed"
-    w, u, *rest = wy_fwd(
-        a, b, k, v, chunk_size=C, out_dtype=dt, with_x=residuals, q=q if pre else None,
-        interpret=interpret,
-    )
-    x = rest.pop(0) if residuals else None
+    w, u, *rest = wy_fwd(a, b, k, v, chunk_size=C, out_dtype=dt, with_x=residuals, interpret=interpret)
+    x = rest[0] if residuals else None
     keep = residuals or not fuse
     BV = plan.block_v
     nv = Vp // BV
@@ -240,10 +228,7 @@ def chunk_fwd(q, k, v, a, b, h0, cu_chunks, *, scale, chunk_size, interpret, res
     out_shape = [jax.ShapeDtypeStruct((N, H, Kp, Vp), _F32)]
     if fuse:
         in_specs.append(kfull)
-        args.append(rest[0] if pre else q)  # Q' or Q
-    if pre:
-        in_specs.append(vfull)
-        args.append(rest[1])  # O_intra
+        args.append(q)
     if keep:
         out_specs += [pl.BlockSpec((NC, None, Kp, BV), lambda n, h, j: (0, h, 0, j)), vfull]
         out_shape += [

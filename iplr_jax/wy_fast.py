@@ -9,12 +9,6 @@ Per chunk of C rows with `A, B, K` ([C, Kp]) and `V` ([C, Vp]):
 Chunks are independent, so the grid is (chunks, heads) and the kernel never leaves the chunk.
 The forward needs W and U; the backward needs X and W, so a forward that keeps residuals
 writes X too (4 C bytes per token and head) instead of the backward recomputing them.
-
-Given Q it also writes the chunk-local parts of the output, so that the sequential sweep adds
-only one [C, Kp] x [Kp, BV] product per chunk (O = scale (Q' S0 + O_intra), since V2 = U + W S0):
-
-    Q'      = Q + incl(Q B^T) W = Q + R A,              R = incl(Q B^T) X
-    O_intra = incl(Q K^T) V + incl(Q B^T) U = (incl(Q K^T) + incl(Q B^T) P) V,   P = X strict(A K^T)
 """
 
 from __future__ import annotations
@@ -30,7 +24,10 @@ _HI = jax.lax.Precision.HIGHEST
 _F32 = jnp.float32
 SUB = 16  # the diagonal-block size of the triangular inverse (the smallest Triton dot)
 # Precision of the 16 x 16 block products that build X off the diagonal and P = X L below.
-# Their float32 operands are results, not inputs: tf32 would round them to 11 bits.
+# Their float32 operands are results, not inputs: tf32 would round them to 11 bits. HIGHEST
+# runs them on the FMA units. As three bf16 products on the matrix units (BF16_BF16_F32_X3)
+# with a doubling inverse the kernel took 0.35 instead of 0.44 ms at S2, but a GPU test of that
+# variant did not finish (benchmarks/results/2026-11-26-H100-session4.md): not adopted.
 X_PRECISION = _HI
 
 
@@ -72,12 +69,11 @@ def _inv_diag_blocks(lows):
     return jax.lax.fori_loop(jnp.int32(1), jnp.int32(SUB), body, tuple(eye for _ in lows))
 
 
-def _wy_kernel(a_ref, b_ref, k_ref, v_ref, *refs, block_v: int, with_x: bool, with_q: bool):
-    """One (chunk, head): X blockwise, then W, U (and X, and Q', O_intra, when asked).
+def _wy_kernel(a_ref, b_ref, k_ref, v_ref, w_ref, u_ref, x_ref=None, *, block_v: int):
+    """One (chunk, head): X blockwise, then W, U (and X, when `x_ref` is given).
 
     Bytes: reads A, B, K ([C, Kp]) and V ([C, Vp]) once, writes W [C, Kp] and U [C, Vp] (input
-    dtype) and X [C, C] float32; with Q, also reads Q and writes Q' [C, Kp] (input dtype) and
-    O_intra [C, Vp] float32. Rows are handled in 16-row blocks loaded straight from the refs
+    dtype) and X [C, C] float32. Rows are handled in 16-row blocks loaded straight from the refs
     (Triton cannot slice register values), so no [C, Kp] tile stays live throughout.
 
     The inverse. Solving row by row over all C rows needs C dependent steps, each with two
@@ -90,20 +86,14 @@ def _wy_kernel(a_ref, b_ref, k_ref, v_ref, *refs, block_v: int, with_x: bool, wi
     as 16 x 16 x 16 dots in float32 (`X_PRECISION`): X feeds every later product and its
     entries can be large when consecutive transitions nearly cancel. W = X A and U = P V with
     P = X strict(A K^T) take float32 X and P at the default precision (tf32 on the GPU, about
-    the rounding of W and U to 16 bits); Q' = Q + R A and O_intra = G V likewise, with the
-    C x C factors R = incl(Q B^T) X and G = incl(Q K^T) + incl(Q B^T) P at `X_PRECISION`.
+    the rounding of W and U to 16 bits).
     """
-    refs = list(refs)
-    q_ref = refs.pop(0) if with_q else None
-    w_ref, u_ref = refs.pop(0), refs.pop(0)
-    x_ref = refs.pop(0) if with_x else None
-    qp_ref, oi_ref = (refs.pop(0), refs.pop(0)) if with_q else (None, None)
     C = a_ref.shape[0]
     nb = C // SUB
     Vp = v_ref.shape[-1]
     r16 = jax.lax.broadcasted_iota(jnp.int32, (SUB, SUB), 0)
     c16 = jax.lax.broadcasted_iota(jnp.int32, (SUB, SUB), 1)
-    strict, incl = r16 > c16, r16 >= c16
+    strict = r16 > c16
 
     def rows(ref, i, cols=slice(None)):
         return ref[pl.ds(i * SUB, SUB), cols]
@@ -124,7 +114,7 @@ def _wy_kernel(a_ref, b_ref, k_ref, v_ref, *refs, block_v: int, with_x: bool, wi
         for j in range(i - 1, -1, -1):
             acc = sum(_dot(m[i, s], x[s, j], X_PRECISION) for s in range(j, i))
             x[i, j] = _dot(x[i, i], acc, X_PRECISION)
-    if with_x:
+    if x_ref is not None:
         zero = jnp.zeros((SUB, SUB), _F32)
         for i in range(nb):
             for j in range(nb):
@@ -142,34 +132,12 @@ def _wy_kernel(a_ref, b_ref, k_ref, v_ref, *refs, block_v: int, with_x: bool, wi
         for i in range(nb)
         for s in range(i + 1)
     }
-    if with_q:
-        # Q' first, so that X is dead before G; G through P rather than R L, so that L is dead
-        # once P is formed; incl(Q K^T) only when G needs it
-        qb = {}
-        for i in range(nb):
-            q_i = rows(q_ref, i)
-            for j in range(i + 1):
-                qb[i, j] = _input_dot_nt(q_i, rows(b_ref, j))
-            qb[i, i] = _mask(incl, qb[i, i])
-        for i in range(nb):
-            r = [sum(_dot(qb[i, t], x[t, j], X_PRECISION) for t in range(j, i + 1)) for j in range(i + 1)]
-            qp = f32(rows(q_ref, i)) + sum(_dot(r[j], f32(rows(a_ref, j))) for j in range(i + 1))
-            qp_ref[pl.ds(i * SUB, SUB), :] = qp.astype(qp_ref.dtype)
-        g = {}
-        for i in range(nb):
-            q_i = rows(q_ref, i)
-            for s in range(i + 1):
-                qk = _input_dot_nt(q_i, rows(k_ref, s))
-                qk = _mask(incl, qk) if s == i else qk
-                g[i, s] = qk + sum(_dot(qb[i, j], p[j, s], X_PRECISION) for j in range(s, i + 1))
     for vb in range(Vp // block_v):
         cols = pl.ds(vb * block_v, block_v)
         v_blk = [f32(rows(v_ref, s, cols)) for s in range(nb)]
         for i in range(nb):
             u = sum(_dot(p[i, s], v_blk[s]) for s in range(i + 1))
             u_ref[pl.ds(i * SUB, SUB), cols] = u.astype(u_ref.dtype)
-            if with_q:
-                oi_ref[pl.ds(i * SUB, SUB), cols] = sum(_dot(g[i, s], v_blk[s]) for s in range(i + 1))
 
 
 def _warps(Kp: int) -> int:
@@ -181,23 +149,19 @@ def _warps(Kp: int) -> int:
 
 def wy_fwd(
     a: jax.Array, b: jax.Array, k: jax.Array, v: jax.Array, *, chunk_size: int,
-    out_dtype=None, with_x: bool = False, q: jax.Array | None = None, interpret: bool = False,
+    out_dtype=None, with_x: bool = False, interpret: bool = False,
 ) -> tuple[jax.Array, ...]:
     """W = X A and U = X strict(A K^T) V for every chunk, X = (I - strict(A B^T))^{-1}.
 
     Args:
       a, b, k: [1, L, H, Kp]; v: [1, L, H, Vp]; L a multiple of `chunk_size` (16, 32 or 64),
         Kp and Vp powers of two >= 16.
-      out_dtype: dtype of W, U and Q' (default float32).
+      out_dtype: dtype of W and U (default float32).
       with_x: also return X (for the backward).
-      q: [1, L, H, Kp]: also return the chunk-local output terms Q' and O_intra (module doc).
 
     Returns:
-      W [1, L, H, Kp] and U [1, L, H, Vp] in `out_dtype`; with `with_x` X [NC, H, C, C]
-      float32 (NC = L / chunk_size); with `q` Q' [1, L, H, Kp] in `out_dtype` and O_intra
-      [1, L, H, Vp] float32. O_intra stays float32 because it is a sum of two terms that
-      can cancel (and, in the output, against Q' S0): rounding it to 16 bits would add an
-      error on the scale of those terms, not of the output; it costs 2 bytes more per element.
+      W [1, L, H, Kp] and U [1, L, H, Vp] in `out_dtype`; with `with_x` also X [NC, H, C, C]
+      float32 (NC = L / chunk_size).
     """
     _, L, H, Kp = a.shape
     Vp = v.shape[-1]
@@ -207,7 +171,6 @@ def wy_fwd(
     out_dtype = _F32 if out_dtype is None else out_dtype
     kspec = pl.BlockSpec((None, C, None, Kp), lambda c, h: (0, c, h, 0))
     vspec = pl.BlockSpec((None, C, None, Vp), lambda c, h: (0, c, h, 0))
-    in_specs, args = [kspec, kspec, kspec, vspec], [a, b, k, v]
     out_specs = [kspec, vspec]
     out_shape = [
         jax.ShapeDtypeStruct((1, L, H, Kp), out_dtype),
@@ -216,21 +179,13 @@ def wy_fwd(
     if with_x:
         out_specs.append(pl.BlockSpec((None, None, C, C), lambda c, h: (c, h, 0, 0)))
         out_shape.append(jax.ShapeDtypeStruct((L // C, H, C, C), _F32))
-    if q is not None:
-        in_specs.append(kspec)
-        args.append(q)
-        out_specs += [kspec, vspec]
-        out_shape += [
-            jax.ShapeDtypeStruct((1, L, H, Kp), out_dtype),
-            jax.ShapeDtypeStruct((1, L, H, Vp), _F32),
-        ]
     return tuple(pl.pallas_call(
-        functools.partial(_wy_kernel, block_v=min(Vp, 64), with_x=with_x, with_q=q is not None),
+        functools.partial(_wy_kernel, block_v=min(Vp, 64)),
         grid=(L // C, H),
-        in_specs=in_specs,
+        in_specs=[kspec, kspec, kspec, vspec],
         out_specs=out_specs,
         out_shape=out_shape,
         compiler_params=pltr.CompilerParams(num_warps=_warps(Kp), num_stages=1),
         interpret=interpret,
         name="iplr_wy_fwd",
-    )(*args))
+    )(a, b, k, v))

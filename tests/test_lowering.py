@@ -86,7 +86,7 @@ def test_chunk_lowers(K, V, dtype, bwd):
     assert triton_kernels(step, *x, h0) == [WY, STATE] + bwd
 
 
-@pytest.mark.parametrize("output", ["separate", "recompute", "precomputed"])
+@pytest.mark.parametrize("output", chunk_module.OUTPUT_MODES)
 @pytest.mark.parametrize("K, V", [(64, 64), (200, 130)])
 def test_chunk_output_modes_lower(monkeypatch, output, K, V):
     monkeypatch.setattr(chunk_module, "FUSE_OUTPUT", output)
