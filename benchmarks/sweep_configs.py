@@ -56,9 +56,9 @@ def with_config(fwd_config, bwd_config=None):
     """Patch the fused recurrence's forward / backward (BV, warps); None keeps the default."""
     default = _ORIG_CONFIG
 
-    def cfg(Kp, Vp, backward):
+    def cfg(Kp, Vp, backward, pairs=1):
         over = bwd_config if backward else fwd_config
-        return default(Kp, Vp, backward) if over is None else over
+        return default(Kp, Vp, backward, pairs) if over is None else over
 
     fr._config = cfg
 

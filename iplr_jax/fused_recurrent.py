@@ -44,23 +44,30 @@ _F32 = jnp.float32
 PREFETCH = 2
 
 
-def _config(Kp: int, Vp: int, backward: bool) -> tuple[int, int]:
-    """(BV, num_warps): the grid is (sequences, heads, Vp // BV), each program a loop over T.
+def _config(Kp: int, Vp: int, backward: bool, pairs: int = 1) -> tuple[int, int]:
+    """(BV, num_warps): the grid is (sequences, heads, Vp // BV), each program a loop over T;
+    `pairs` = sequences x heads.
 
     Forward: V-blocks of 32 columns. Splitting V further to occupy more SMs does not pay:
     measured on the H100 (bf16, benchmarks/results/2026-11-25-H100-session2.md) S1 (256
     programs of BV 32): BV 32 / 2 warps 1.45 ms, BV 16 / 1 warp 1.97, BV 16 / 2 warps 1.58;
     S3 (32 programs of BV 32): BV 32 / 4 warps 26.0 ms, BV 16 / 2 warps 28.4.
-    Backward: BV 16 at Kp <= 64, else 32, about 64 state elements per thread. Every V-block
-    adds a float32 [L, H, Kp] partial of dk, db, dq and da, but more programs won here:
-    forward+backward on the H100 (benchmarks/results/2026-11-26-H100-session4.md), S1 (Kp 64)
-    BV 16 / 1 warp 6.28 ms, BV 32 / 2 warps 6.61, BV 64 / 4 warps 7.25; S2 (Kp 128) BV 32 /
-    2 warps 15.10 ms, BV 16 / 2 warps 15.99, BV 64 / 4 warps 20.29.
+
+    Backward: the widest block that fits (8192 state elements), halved while there are fewer
+    than 512 programs, down to BV 16 at Kp <= 64 and 32 above; about 64 state elements per
+    thread. More programs won, although every V-block adds a float32 [L, H, Kp] partial of dk,
+    db, dq and da: forward+backward on the H100 (benchmarks/results/2026-11-26-H100-session4.md),
+    S1 (Kp 64, 128 pairs) BV 16 / 1 warp 6.28 ms, BV 32 / 2 warps 6.61, BV 64 / 4 warps 7.25;
+    S2 (Kp 128, 64 pairs) BV 32 / 2 warps 15.10 ms, BV 16 / 2 warps 15.99, BV 64 / 4 warps
+    20.29. Halving only while programs are few keeps those partials at a few blocks when V or
+    the batch is large.
     """
     if not backward:
         bv = min(Vp, 32)
         return bv, max(2, min(8, Kp * bv // 1024))
-    bv = min(Vp, 16 if Kp <= 64 else 32)
+    bv, smallest = min(Vp, 8192 // Kp), (16 if Kp <= 64 else 32)
+    while bv > smallest and pairs * (Vp // bv) < 512:
+        bv //= 2
     return bv, max(1, min(8, Kp * bv // 2048))
 
 
@@ -180,7 +187,7 @@ def _fwd(q, k, v, a, b, h0, cu, scale, interpret, residuals):
 
 def _bwd(q, k, v, a, b, h0, cu, v2, do, dht, scale, interpret):
     (L, H, Kp), Vp, N = q.shape, v.shape[-1], h0.shape[0]
-    BV, nw = _config(Kp, Vp, backward=True)
+    BV, nw = _config(Kp, Vp, backward=True, pairs=N * H)
     NV, sp = Vp // BV, _Specs(L, N, Kp, BV)
     grid = (N, H, NV)
     kpart = ((NV, L, H, Kp), _F32, sp.kpart)

@@ -156,9 +156,25 @@ def test_v_blocks(impl, rng, monkeypatch):
     """Several V-blocks per head (forward slabs, backward partials summed over blocks)."""
     # the module, not the function of the same name that iplr_jax exports
     fr = importlib.import_module("iplr_jax.fused_recurrent")
-    monkeypatch.setattr(fr, "_config", lambda Kp, Vp, backward: (16, 1))
+    monkeypatch.setattr(fr, "_config", lambda Kp, Vp, backward, pairs=1: (16, 1))
     inputs, h0 = make_inputs(rng, 2, 10, 1, 20, 40)  # Vp = 64: four V-blocks
     _check(_op(impl), inputs, h0, jnp.float32)
+
+
+@pytest.mark.parametrize("Kp", [16, 64, 128, 256])
+@pytest.mark.parametrize("Vp", [16, 64, 128, 1024])
+@pytest.mark.parametrize("pairs", [1, 64, 128, 4096])
+def test_backward_blocks_bounded(Kp, Vp, pairs):
+    """The backward's V-blocks: a power of two dividing Vp that fits the registers, split below
+    the widest only while programs are few, since each block adds float32 partials of size
+    [L, H, Kp] for four gradients."""
+    fr = importlib.import_module("iplr_jax.fused_recurrent")
+    bv, warps = fr._config(Kp, Vp, backward=True, pairs=pairs)
+    widest = min(Vp, 8192 // Kp)
+    assert Vp % bv == 0 and bv & (bv - 1) == 0 and Kp * bv <= 8192 and 1 <= warps <= 8
+    if bv < widest:  # halved: the programs at twice the block were fewer than 512
+        assert pairs * (Vp // (2 * bv)) < 512
+        assert bv >= (16 if Kp <= 64 else 32)
 
 
 @pytest.mark.parametrize("impl", RECURRENT_IMPLS)
