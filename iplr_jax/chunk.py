@@ -80,9 +80,9 @@ def _state_kernel(
     Bytes per chunk: reads W, K, B [C, Kp] and U, V [C, BV] (input dtype); writes h [Kp, BV]
     (input dtype) and v_new [C, BV] (float32) when residuals are wanted; with the output fused
     ("recompute") it also reads Q [C, Kp] and writes O [C, BV]. The state never leaves
-    registers between chunks. BV is
-    small (16-64, `_plan`) so that S and the [C, Kp] operand tiles fit for Kp up to 256, and
-    so that N * H * (Vp / BV) programs fill the GPU: this sweep is latency-bound.
+    registers between chunks. BV is small (16-64, `_plan`) so that S and the [C, Kp] operand
+    tiles fit for Kp up to 256, and so that N * H * (Vp / BV) programs fill the GPU: this
+    sweep is latency-bound.
     """
     fuse = output != "separate"
     refs = list(refs)
