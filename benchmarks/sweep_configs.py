@@ -7,8 +7,8 @@ products, with the diagonal blocks inverted by substitution or recursive doublin
 time, the chunk forward's time and error); its warps. Fused recurrence: rows
 loaded ahead of the step (`fused_recurrent.PREFETCH`) and the forward V-block / warps at S1-S3;
 the decode step at S4 by V-block, next to an XLA copy of the state; the backward's V-block / warps
-at S1-S2. The chunk forward's output modes (`chunk.OUTPUT_MODES`) at S1-S3. Prints one line
-per case.
+at S1-S2. The chunk forward's output modes (`chunk.OUTPUT_MODES`) at S1-S3. The K = 200
+backward in jnp or on the kernels. Prints one line per case.
 (The first session's sweep, recorded in benchmarks/NOTES.md, also tried the chunk state sweep
 with prefetching and bf16 state products; both were dropped.)
 """
@@ -202,6 +202,39 @@ def wy_precision_cases(impl, sizes):
     wy._inv_diag_blocks, wy.X_PRECISION = default_inv, default_prec
 
 
+def kp256_bwd_cases(impl, sizes):
+    """K = 200 forward+backward with the backward in jnp (the default above Kp 128) or on the
+    kernels (`chunk_bwd.KERNEL_MAX_KP = 256`), bf16 and float32. On the H100 the float32 kernels
+    asked for 384 KB of shared memory (227 KB there); bf16 has not been tried. Prints the time,
+    or the failure, and the kernels' largest gradient error against the jnp backward's."""
+    cb = importlib.import_module("iplr_jax.chunk_bwd")
+    size = dict(B=1, T=8192, H=8, K=200, V=200) if impl == "pallas" else dict(B=1, T=128, H=1, K=200, V=40)
+    for dt in (jnp.bfloat16, jnp.float32):
+        dev, do, h0 = args_for(size, dt)
+
+        def grads(dev, do, h0):  # a new function per call: jit caches by function
+            run = lambda *x: iplr_jax.chunk(*x, initial_state=h0, implementation=impl)[0]
+            return jax.jit(lambda *a: jax.vjp(run, *a)[1](do))(*dev)
+
+        def run(dev=dev, do=do, h0=h0):
+            cb.KERNEL_MAX_KP = 128
+            g_jnp = grads(dev, do, h0)
+            t_jnp = timed(iplr_jax.chunk, impl, dev, do, h0, "fwd_bwd")
+            cb.KERNEL_MAX_KP = 256
+            try:
+                g = grads(dev, do, h0)
+                t = timed(iplr_jax.chunk, impl, dev, do, h0, "fwd_bwd")
+            finally:
+                cb.KERNEL_MAX_KP = 128
+            err = max(
+                float(jnp.linalg.norm((x - r).astype(jnp.float32)) / jnp.linalg.norm(r.astype(jnp.float32)))
+                for x, r in zip(g, g_jnp, strict=True)
+            )
+            return f"jnp backward {t_jnp:8.3f}  kernels {t:8.3f}  max rel. diff of grads {err:.1e}"
+
+        yield f"kp256 bwd B{size['B']} T{size['T']} H{size['H']} K200 {jnp.dtype(dt).name}", run
+
+
 def wy_warps_cases(impl, sizes):
     """The WY kernel alone, by warps: its substitution reduces over 16 x 16 tiles, which stay
     inside one warp only with few warps; its [16, Kp] products want more."""
@@ -259,7 +292,7 @@ def main():
         for line in low_precision_error(impl, sizes):
             print(line, flush=True)
     for name, run in itertools.chain(
-        wy_precision_cases(impl, sizes), output_mode_cases(impl, sizes),
+        wy_precision_cases(impl, sizes), output_mode_cases(impl, sizes), kp256_bwd_cases(impl, sizes),
         wy_warps_cases(impl, sizes),
         wy_cases(impl, sizes), fused_cases(impl, sizes),
     ):

@@ -31,7 +31,7 @@ Not stored: dV2 / dZ (4 Vp B each in float32), recomputed in the intra kernel fr
 When Vp is larger than one intra block (`_intra_block`: 128), each V-block writes float32
 partial K-side gradients (dq, dk, da, db) and XLA sums them; for Vp <= 128 there is one block
 and the kernel writes them directly in the inputs' dtypes. Kp = 256 does not reach the kernels
-(see `chunk_bwd`).
+(`KERNEL_MAX_KP`, see `chunk_bwd`).
 """
 
 from __future__ import annotations
@@ -52,6 +52,8 @@ _HI = lax.Precision.HIGHEST
 # float32 inputs: bulk dots at DEFAULT (tf32 on the GPU, DESIGN section 9).
 _F32_PRECISION = lax.Precision.DEFAULT
 _INTRA_WARPS = 8
+# The largest Kp whose backward runs on the kernels; above it the jnp form (see `chunk_bwd`).
+KERNEL_MAX_KP = 128
 
 
 def _sweep_block(N: int, H: int, Kp: int, Vp: int) -> tuple[int, int]:
@@ -240,9 +242,10 @@ def chunk_bwd(q, k, v, a, b, res, cu_chunks, do, dht, *, scale, chunk_size, inte
 
     For Kp = 256 the same equations run as jnp (`_chunk_bwd_reference`, XLA): the kernels'
     [C, Kp] dot operands do not fit in shared memory there (H100, K = 200, float32: 384 KB
-    requested, 227 KB available).
+    requested, 227 KB available). In 16-bit they may (`benchmarks/sweep_configs.py`, case
+    "kp256 bwd"; not yet run on a GPU).
     """
-    if q.shape[-1] > 128:
+    if q.shape[-1] > KERNEL_MAX_KP:
         return _chunk_bwd_reference(
             q, k, v, a, b, res.h, res.v_new, cu_chunks, do, dht, scale=scale, chunk_size=chunk_size
         )

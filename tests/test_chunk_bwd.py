@@ -182,6 +182,14 @@ def test_kernels_partial_v_blocks(rng, monkeypatch):
     _kernels_vs_reference(rng, KERNEL_CASES[1], jnp.bfloat16)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_kernels_kp256(rng, monkeypatch, dtype):
+    """Kp = 256 on the kernels (interpreted): the GPU runs it in jnp for lack of shared memory,
+    so only this test keeps the kernels' Kp = 256 path (V-block partials, 4 blocks) correct."""
+    monkeypatch.setattr(chunk_bwd_module, "KERNEL_MAX_KP", 256)
+    _kernels_vs_reference(rng, (1, 70, 1, 200, 130, [0, 30, 70], 64), dtype)
+
+
 def _kernels_vs_reference(rng, case, dtype):
     B, T, H, K, V, cu, C = case
     inputs, h0 = make_inputs(rng, B, T, H, K, V, dtype=dtype, N=None if cu is None else len(cu) - 1)
