@@ -3,8 +3,8 @@
     python benchmarks/profile_kernels.py                 # on the GPU: S1, S2, S3 and decode S4
     python benchmarks/profile_kernels.py --interpret     # a CPU smoke run at a tiny size
 
-Chunked forward: WY alone, the whole forward in each output mode
-(`chunk.OUTPUT_MODES`; state sweep + output = total - WY);
+Chunked forward: WY alone, the whole forward with the output kernel separate
+and fused into the sweep (`chunk.FUSE_OUTPUT`; state sweep + output = total - WY);
 chunked backward: reverse dS sweep, intra-chunk gradients (X and W come from the forward); fused recurrence:
 the bare forward kernel against the public jitted call (wrapper cost), at the decode size too.
 Inputs are drawn as a layer draws them, on the aligned layout the kernels take.
@@ -61,13 +61,12 @@ def profile_chunk(label, B, T, H, K, V, dtype, interpret, C=64):
     scale = K**-0.5
     kw = dict(scale=scale, chunk_size=C, interpret=interpret)
     wy = jax.jit(functools.partial(wy_fwd, chunk_size=C, out_dtype=dtype, interpret=interpret))
-    rows = [
-        (label, "wy_fwd", median_ms(wy, a, b, k, v)),
-    ]
-    for output in ck.OUTPUT_MODES:
-        ck.FUSE_OUTPUT = output
+    rows = [(label, "wy_fwd", median_ms(wy, a, b, k, v))]
+    for fuse in (False, True):
+        ck.FUSE_OUTPUT = fuse
         f = jax.jit(functools.partial(ck.chunk_fwd, residuals=False, **kw))
-        rows.append((label, f"chunk_fwd total, {output}", median_ms(f, q, k, v, a, b, h0, cu)))
+        name = f"chunk_fwd total, {'fused' if fuse else 'separate'}"
+        rows.append((label, name, median_ms(f, q, k, v, a, b, h0, cu)))
     ck.FUSE_OUTPUT = None
     _, _, res = jax.jit(functools.partial(ck.chunk_fwd, **kw))(q, k, v, a, b, h0, cu)
     dt = jnp.dtype(dtype)

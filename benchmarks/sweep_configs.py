@@ -7,7 +7,7 @@ products, with the diagonal blocks inverted by substitution or recursive doublin
 time, the chunk forward's time and error); its warps. Fused recurrence: rows
 loaded ahead of the step (`fused_recurrent.PREFETCH`) and the forward V-block / warps at S1-S3;
 the decode step at S4 by V-block, next to an XLA copy of the state; the backward's V-block / warps
-at S1-S2. The chunk forward's output modes (`chunk.OUTPUT_MODES`) at S1-S3. The K = 200
+at S1-S2. The chunk forward with its output separate or fused into the sweep at S1-S3. The K = 200
 backward in jnp or on the kernels. Prints one line per case.
 (The first session's sweep, recorded in benchmarks/NOTES.md, also tried the chunk state sweep
 with prefetching and bf16 state products; both were dropped.)
@@ -67,14 +67,14 @@ _ORIG_CONFIG = fr._config
 
 
 def output_mode_cases(impl, sizes):
-    """The chunk forward and forward+backward in each output mode (`chunk.FUSE_OUTPUT`, so that
-    `_plan` also picks the mode's warps)."""
+    """The chunk forward and forward+backward, output separate or fused into the sweep
+    (`chunk.FUSE_OUTPUT`, so that `_plan` also picks the matching warps)."""
     for label in ("S1", "S2", "S3"):
         dev, do, h0 = args_for(sizes[label], jnp.bfloat16)
-        for output, mode in itertools.product(ck.OUTPUT_MODES, ("fwd", "fwd_bwd")):
-            ck.FUSE_OUTPUT = output
+        for fuse, mode in itertools.product((False, True), ("fwd", "fwd_bwd")):
+            ck.FUSE_OUTPUT = fuse
             yield (
-                f"{label} chunk {mode} output={output}",
+                f"{label} chunk {mode} fused={fuse}",
                 partial(timed, iplr_jax.chunk, impl, dev, do, h0, mode),
             )
     ck.FUSE_OUTPUT = None

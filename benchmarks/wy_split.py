@@ -48,16 +48,7 @@ def _x_kernel(a_ref, b_ref, x_ref):
         for j in range(i + 1):
             m[i, j] = wy._input_dot_nt(a_i, rows(b_ref, j))
         m[i, i] = wy._mask(strict, m[i, i])
-    diag = wy._inv_diag_blocks([m[i, i] for i in range(nb)])
-    x = {(i, i): diag[i] for i in range(nb)}
-    for i in range(1, nb):
-        for j in range(i - 1, -1, -1):
-            acc = sum(wy._dot(m[i, s], x[s, j], wy.X_PRECISION) for s in range(j, i))
-            x[i, j] = wy._dot(x[i, i], acc, wy.X_PRECISION)
-    zero = jnp.zeros((wy.SUB, wy.SUB), _F32)
-    for i in range(nb):
-        for j in range(nb):
-            x_ref[pl.ds(i * wy.SUB, wy.SUB), pl.ds(j * wy.SUB, wy.SUB)] = x[i, j] if j <= i else zero
+    wy._store_lower(x_ref, wy._inverse_blocks(m, nb), nb)
 
 
 def _wu_kernel(x_ref, a_ref, k_ref, v_ref, w_ref, u_ref, *, block_v, p_precision):

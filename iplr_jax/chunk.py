@@ -33,11 +33,9 @@ from iplr_jax.wy_fast import _mask, wy_fwd
 #   2. `_state_kernel`: per (sequence, head, V-block) the sequential S0 -> S_C sweep; writes the
 #      residuals h (state before each chunk) and v_new (V2), and optionally the output too.
 #   3. `_output_kernel`: O per (chunk, head, V-block) from h and v_new, parallel over chunks.
-# The output has two modes (`_plan`):
-#   "separate":    pass 3.
-#   "recompute":   O in pass 2 as pass 3 computes it. Saves re-reading h and v_new (and, when no
-#                  gradient is taken, writing them) but recomputes Q K^T and Q B^T per V-block
-#                  on the sequential path.
+# Fusing 3 into 2 saves re-reading h and v_new (and, when no gradient is taken, writing them)
+# at the price of recomputing Q K^T and Q B^T per V-block on the sequential path; it pays when
+# there are enough (sequence, head, V-block) programs to fill the GPU, see `_plan`.
 #
 # Dot operands: products of two inputs (Q K^T, Q B^T, K^T V, incl(Q K^T) V) take the inputs'
 # dtype (bf16 matrix units, exact products, f32 accumulation); products with the float32 state
@@ -47,10 +45,9 @@ from iplr_jax.wy_fast import _mask, wy_fwd
 _F32 = jnp.float32
 _TN = (((0,), (0,)), ((), ()))  # x^T @ y
 _NT = (((1,), (1,)), ((), ()))  # x @ y^T
-OUTPUT_MODES = ("separate", "recompute")
-# None: `_plan` picks the output mode; one of OUTPUT_MODES forces it (for benchmarks and
-# tests), as do True ("recompute") and False ("separate"), its older values.
-FUSE_OUTPUT: bool | str | None = None
+# None: `_plan` decides whether the output is fused into the state sweep; True/False force it
+# (for benchmarks and tests).
+FUSE_OUTPUT: bool | None = None
 
 
 def _dot(x, y, dims=None):
@@ -73,18 +70,16 @@ def _chunk_output(q, k, b, v, v2, s0, dt, scale):
 
 def _state_kernel(
     cu_ref, w_ref, u_ref, k_ref, b_ref, v_ref, h0_ref, *refs, chunk_size, num_chunks, residuals,
-    output, scale,
+    fuse, scale,
 ):
     """One (sequence n, head, V-block): S [Kp, BV] float32 carried over the sequence's chunks.
 
     Bytes per chunk: reads W, K, B [C, Kp] and U, V [C, BV] (input dtype); writes h [Kp, BV]
-    (input dtype) and v_new [C, BV] (float32) when residuals are wanted; with the output fused
-    ("recompute") it also reads Q [C, Kp] and writes O [C, BV]. The state never leaves
-    registers between chunks. BV is small (16-64, `_plan`) so that S and the [C, Kp] operand
-    tiles fit for Kp up to 256, and so that N * H * (Vp / BV) programs fill the GPU: this
-    sweep is latency-bound.
+    (input dtype) and v_new [C, BV] (float32) when residuals are wanted; fused, it also reads
+    Q [C, Kp] and writes O [C, BV]. The state never leaves registers between chunks. BV is
+    small (16-64, `_plan`) so that S and the [C, Kp] operand tiles fit for Kp up to 256, and
+    so that N * H * (Vp / BV) programs fill the GPU: this sweep is latency-bound.
     """
-    fuse = output != "separate"
     refs = list(refs)
     q_ref = refs.pop(0) if fuse else None
     ht_ref = refs.pop(0)
@@ -154,38 +149,34 @@ class Residuals(NamedTuple):
 
 class _Plan(NamedTuple):
     block_v: int  # V-block of the state sweep
-    block_v_out: int  # V-block of the output kernel ("separate")
-    fuse: str  # output mode, one of OUTPUT_MODES
+    block_v_out: int  # V-block of the output kernel
+    fuse: bool  # output computed in the state sweep
     warps: int
 
 
 def _plan(N: int, H: int, Kp: int, Vp: int, num_chunks: int) -> _Plan:
-    """Block sizes and output mode. The sweep's [Kp, BV] float32 state plus its [C, Kp] tiles
-    must fit in registers: BV <= 8192 / Kp (64 for Kp = 128, 32 for Kp = 256); smaller BV when
-    there are too few programs to occupy the SMs (the sweep is a dependent chain per program).
-    """
+    """Block sizes, and whether the output is fused into the sweep. The sweep's [Kp, BV]
+    float32 state plus its [C, Kp] tiles must fit in registers: BV <= 8192 / Kp (64 for
+    Kp = 128, 32 for Kp = 256); smaller BV when there are too few programs to occupy the SMs
+    (the sweep is a dependent chain per program)."""
     bv = min(Vp, max(16, 8192 // Kp))
     while bv > 16 and N * H * (Vp // bv) < NUM_SMS:
         bv //= 2
     programs = N * H * (Vp // bv)
-    # "recompute" adds Q K^T, Q B^T and three more dots to every step of the sequential chain;
+    # Fusing adds Q K^T, Q B^T and three more dots to every step of the sequential chain;
     # it pays only when that chain is short next to the traffic it saves: the sweep already
     # fills the SMs, each program walks few chunks, and the [C, Kp] products are small.
-    # Measured on the H100, bf16 (benchmarks/results/2026-11-25-H100.md), against "separate":
+    # Measured on the H100, bf16 (benchmarks/results/2026-11-25-H100.md), fused vs separate:
     # S1 (Kp 64, 32 chunks/seq) 0.637 vs 0.755 ms; S2 (Kp 128, 64 chunks/seq) 1.916 vs 1.763;
     # S3 (Kp 128, 512 chunks/seq, 64 programs) 3.718 vs 2.853. Hence Kp <= 64 only.
     # Moving that work into the parallel WY kernel instead (it wrote Q' = Q + incl(Q B^T) W and
     # O_intra, leaving one product per chunk here) was 5-10x slower on the H100 (S2 7.30 ms;
     # benchmarks/results/2026-11-26-H100-session4.md) and was dropped.
     per_seq = num_chunks / max(N, 1)
-    recompute = programs >= NUM_SMS and per_seq <= 64 and Kp <= 64
-    fuse = "recompute" if recompute else "separate"
-    if FUSE_OUTPUT is not None:
-        fuse = {True: "recompute", False: "separate"}.get(FUSE_OUTPUT, FUSE_OUTPUT)
-    if fuse not in OUTPUT_MODES:
-        raise ValueError(f"FUSE_OUTPUT must be None, a bool or one of {OUTPUT_MODES}, got {fuse!r}")
-    # the recomputing step holds Q, K, B tiles and two [C, C] products besides S: more warps
-    warps = 8 if Kp * bv >= 8192 or (fuse == "recompute" and Kp >= 128) else 4
+    fuse = programs >= NUM_SMS and per_seq <= 64 and Kp <= 64
+    fuse = fuse if FUSE_OUTPUT is None else FUSE_OUTPUT
+    # the fused step holds Q, K, B tiles and two [C, C] products besides S: more warps
+    warps = 8 if Kp * bv >= 8192 or (fuse and Kp >= 128) else 4
     # output kernel: [C, Kp] tiles of Q, K, B plus h [Kp, BVo]; BVo = 64 keeps it in registers
     return _Plan(bv, min(Vp, 64), fuse, warps)
 
@@ -212,8 +203,7 @@ def chunk_fwd(q, k, v, a, b, h0, cu_chunks, *, scale, chunk_size, interpret, res
     NC = L // C
     dt = k.dtype
     plan = _plan(N, H, Kp, Vp, NC)
-    output = plan.fuse
-    fuse = output != "separate"
+    fuse = plan.fuse
     w, u, *rest = wy_fwd(a, b, k, v, chunk_size=C, out_dtype=dt, with_x=residuals, interpret=interpret)
     x = rest[0] if residuals else None
     keep = residuals or not fuse
@@ -240,7 +230,7 @@ def chunk_fwd(q, k, v, a, b, h0, cu_chunks, *, scale, chunk_size, interpret, res
         out_shape.append(jax.ShapeDtypeStruct((1, L, H, Vp), v.dtype))
     outs = pl.pallas_call(
         functools.partial(
-            _state_kernel, chunk_size=C, num_chunks=NC, residuals=keep, output=output, scale=scale
+            _state_kernel, chunk_size=C, num_chunks=NC, residuals=keep, fuse=fuse, scale=scale
         ),
         grid=(N, H, nv),
         in_specs=in_specs,

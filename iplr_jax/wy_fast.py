@@ -69,6 +69,27 @@ def _inv_diag_blocks(lows):
     return jax.lax.fori_loop(jnp.int32(1), jnp.int32(SUB), body, tuple(eye for _ in lows))
 
 
+def _inverse_blocks(m, nb: int) -> dict:
+    """X = (I - M)^{-1} as 16 x 16 blocks x[i, j] (j <= i), from the blocks m[i, j] (j <= i) of
+    the strictly lower M: the diagonal blocks by `_inv_diag_blocks`, the others by block rows of
+    X = I + M X (see `_wy_kernel`)."""
+    diag = _inv_diag_blocks([m[i, i] for i in range(nb)])
+    x = {(i, i): diag[i] for i in range(nb)}
+    for i in range(1, nb):
+        for j in range(i - 1, -1, -1):
+            acc = sum(_dot(m[i, s], x[s, j], X_PRECISION) for s in range(j, i))
+            x[i, j] = _dot(x[i, i], acc, X_PRECISION)
+    return x
+
+
+def _store_lower(ref, x, nb: int):
+    """Write the blocks x[i, j] (j <= i) to the [16 nb, 16 nb] `ref`, zeros above."""
+    zero = jnp.zeros((SUB, SUB), _F32)
+    for i in range(nb):
+        for j in range(nb):
+            ref[pl.ds(i * SUB, SUB), pl.ds(j * SUB, SUB)] = x[i, j] if j <= i else zero
+
+
 def _wy_kernel(a_ref, b_ref, k_ref, v_ref, w_ref, u_ref, x_ref=None, *, block_v: int):
     """One (chunk, head): X blockwise, then W, U (and X, when `x_ref` is given).
 
@@ -91,9 +112,9 @@ def _wy_kernel(a_ref, b_ref, k_ref, v_ref, w_ref, u_ref, x_ref=None, *, block_v:
     C = a_ref.shape[0]
     nb = C // SUB
     Vp = v_ref.shape[-1]
-    r16 = jax.lax.broadcasted_iota(jnp.int32, (SUB, SUB), 0)
-    c16 = jax.lax.broadcasted_iota(jnp.int32, (SUB, SUB), 1)
-    strict = r16 > c16
+    strict = jax.lax.broadcasted_iota(jnp.int32, (SUB, SUB), 0) > jax.lax.broadcasted_iota(
+        jnp.int32, (SUB, SUB), 1
+    )
 
     def rows(ref, i, cols=slice(None)):
         return ref[pl.ds(i * SUB, SUB), cols]
@@ -108,17 +129,9 @@ def _wy_kernel(a_ref, b_ref, k_ref, v_ref, w_ref, u_ref, x_ref=None, *, block_v:
             if j == i:
                 m[i, j], lak[i, j] = _mask(strict, m[i, j]), _mask(strict, lak[i, j])
 
-    diag = _inv_diag_blocks([m[i, i] for i in range(nb)])
-    x = {(i, i): diag[i] for i in range(nb)}
-    for i in range(1, nb):
-        for j in range(i - 1, -1, -1):
-            acc = sum(_dot(m[i, s], x[s, j], X_PRECISION) for s in range(j, i))
-            x[i, j] = _dot(x[i, i], acc, X_PRECISION)
+    x = _inverse_blocks(m, nb)
     if x_ref is not None:
-        zero = jnp.zeros((SUB, SUB), _F32)
-        for i in range(nb):
-            for j in range(nb):
-                x_ref[pl.ds(i * SUB, SUB), pl.ds(j * SUB, SUB)] = x[i, j] if j <= i else zero
+        _store_lower(x_ref, x, nb)
 
     # W_i = sum_j X_ij A_j (A re-read rather than kept live through the inverse: for Kp = 256
     # the [C, Kp] float32 tile alone would fill the registers);  P = X L, so that

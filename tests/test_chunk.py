@@ -158,12 +158,12 @@ def _aligned_reference(q, k, v, a, b, h0, cu_chunks, C, scale):
     return o, ht, h, v_new
 
 
-@pytest.mark.parametrize("output", chunk_mod.OUTPUT_MODES)
+@pytest.mark.parametrize("fuse", [False, True])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_chunk_fwd_residuals(rng, monkeypatch, output, dtype):
+def test_chunk_fwd_residuals(rng, monkeypatch, fuse, dtype):
     """chunk_fwd's o, ht, h and v_new on an aligned layout with an empty sequence and padding
-    chunks past cu_chunks[-1], for each output mode."""
-    monkeypatch.setattr(chunk_mod, "FUSE_OUTPUT", output)
+    chunks past cu_chunks[-1], for the separate and the fused output kernel."""
+    monkeypatch.setattr(chunk_mod, "FUSE_OUTPUT", fuse)
     C, H, Kp, Vp = 16, 2, 32, 32
     cu_chunks = np.array([0, 2, 2, 5], np.int32)
     NC, L = 6, 6 * C  # chunk 5 is padding
@@ -207,10 +207,10 @@ def test_chunk_fwd_residuals(rng, monkeypatch, output, dtype):
 @pytest.mark.gpu
 @pytest.mark.parametrize("K", [64, 128])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
-@pytest.mark.parametrize("output", [None, *chunk_mod.OUTPUT_MODES])
-def test_pallas_medium(rng, monkeypatch, K, dtype, output):
-    """The compiled kernels at a medium size (B2 T1024 H4 V=128), each output mode."""
-    monkeypatch.setattr(chunk_mod, "FUSE_OUTPUT", output)
+@pytest.mark.parametrize("fuse", [None, False, True])
+def test_pallas_medium(rng, monkeypatch, K, dtype, fuse):
+    """The compiled kernels at a medium size (B2 T1024 H4 V=128), both output variants."""
+    monkeypatch.setattr(chunk_mod, "FUSE_OUTPUT", fuse)
     (q, k, v, a, b), h0 = make_inputs(rng, 2, 1024, 4, K, 128, dtype=dtype)
     o, ht = jax.jit(
         functools.partial(iplr_jax.chunk, output_final_state=True, implementation="pallas")
@@ -220,10 +220,10 @@ def test_pallas_medium(rng, monkeypatch, K, dtype, output):
     assert rel_err(ht, rht) < tol(dtype)
 
 
-@pytest.mark.parametrize("output", chunk_mod.OUTPUT_MODES)
-def test_output_modes_public_path(rng, monkeypatch, output):
-    """`chunk` in each output mode: packed, an empty sequence, K != V."""
-    monkeypatch.setattr(chunk_mod, "FUSE_OUTPUT", output)
+@pytest.mark.parametrize("fuse", [False, True])
+def test_output_variants_public_path(rng, monkeypatch, fuse):
+    """`chunk` with the output fused into the sweep or not: packed, an empty sequence, K != V."""
+    monkeypatch.setattr(chunk_mod, "FUSE_OUTPUT", fuse)
     cu = np.array([0, 19, 19, 50], np.int32)
     (q, k, v, a, b), h0 = make_inputs(rng, 1, 50, 2, 20, 16, N=3)
     o, ht = jax.jit(

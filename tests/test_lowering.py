@@ -86,13 +86,13 @@ def test_chunk_lowers(K, V, dtype, bwd):
     assert triton_kernels(step, *x, h0) == [WY, STATE] + bwd
 
 
-@pytest.mark.parametrize("output", chunk_module.OUTPUT_MODES)
+@pytest.mark.parametrize("fuse", [False, True])
 @pytest.mark.parametrize("K, V", [(64, 64), (200, 130)])
-def test_chunk_output_modes_lower(monkeypatch, output, K, V):
-    monkeypatch.setattr(chunk_module, "FUSE_OUTPUT", output)
+def test_chunk_output_variants_lower(monkeypatch, fuse, K, V):
+    monkeypatch.setattr(chunk_module, "FUSE_OUTPUT", fuse)
     x, _ = specs(2, 100, 2, K, V, jnp.bfloat16)
     names = triton_kernels(lambda *a: iplr_jax.chunk(*a, implementation="pallas")[0], *x)
-    assert names == [WY, STATE] + ([OUT] if output == "separate" else [])
+    assert names == [WY, STATE] + ([] if fuse else [OUT])
 
 
 @pytest.mark.parametrize("C", [16, 32, 64])
