@@ -83,7 +83,9 @@ def profile_chunk(label, B, T, H, K, V, dtype, interpret, C=64):
             cb._intra, chunk_size=C, dt=dt, **{k_: v_ for k_, v_ in kw.items() if k_ != "chunk_size"}
         )
     )
+    out = jax.jit(functools.partial(ck.output_fwd, block_v=min(V, 64), **kw))
     rows += [
+        (label, "output kernel alone", median_ms(out, q, k, b, v, res.v_new, res.h)),
         (label, "wy_fwd with X (fwd with residuals)", median_ms(wy_x, a, b, k, v)),
         (label, "bwd: dS sweep", median_ms(sweep, q, b, res.w, do, dht, cu)),
         (
@@ -122,19 +124,22 @@ def profile_recurrent(label, B, T, H, K, V, dtype, interpret):
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--interpret", action="store_true", help="tiny sizes through the interpreter")
+    p.add_argument("--sizes", default="S1,S2,S3", help="chunk sizes to profile, e.g. S2")
+    p.add_argument("--no-recurrent", action="store_true", help="skip the fused recurrence")
     args = p.parse_args()
     if args.interpret:
         sizes = {"tiny": dict(B=1, T=128, H=1, K=32, V=32)}
         dec = {"tiny-dec": dict(B=2, T=1, H=1, K=32, V=32)}
     else:
-        sizes = {s: SIZES[s] for s in ("S1", "S2", "S3")}
+        sizes = {s: SIZES[s] for s in args.sizes.split(",")}
         dec = {"S4": SIZES["S4"]}
     rows = []
     for label, d in sizes.items():
         new = profile_chunk(label, **d, dtype=jnp.bfloat16, interpret=args.interpret)
         rows += new
         print(*new, sep="\n", flush=True)
-    for label, d in {**dec, **({} if args.interpret else {"S1": SIZES["S1"]})}.items():
+    recurrent = {} if args.no_recurrent else {**dec, **({} if args.interpret else {"S1": SIZES["S1"]})}
+    for label, d in recurrent.items():
         rows += profile_recurrent(label, **d, dtype=jnp.bfloat16, interpret=args.interpret)
         print(*rows[-2:], sep="\n", flush=True)
     print(f"\n{jax.devices()[0].device_kind}, jax {jax.__version__}, bf16, median ms")

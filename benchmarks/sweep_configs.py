@@ -114,6 +114,7 @@ def wy_cases(impl, sizes):
     """The WY kernel's block products in float32 (HIGHEST) or tf32 (DEFAULT): time and the
     chunk output's error."""
     wy = importlib.import_module("iplr_jax.wy_fast")
+    default_prec = wy.X_PRECISION
     for label in ("S1", "S2"):
         dev, do, h0 = args_for(sizes[label], jnp.bfloat16)
         for prec in (jax.lax.Precision.HIGHEST, jax.lax.Precision.DEFAULT):
@@ -123,7 +124,7 @@ def wy_cases(impl, sizes):
                     f"{label} chunk {mode} wy precision={prec.name}",
                     partial(timed, iplr_jax.chunk, impl, dev, do, h0, mode),
                 )
-    wy.X_PRECISION = jax.lax.Precision.HIGHEST
+    wy.X_PRECISION = default_prec
 
 
 def _inv_diag_blocks_doubling(lows):
@@ -259,22 +260,103 @@ def wy_warps_cases(impl, sizes):
     wy._warps = default
 
 
-def low_precision_error(impl, sizes):
-    """Relative error of the bf16 chunk forward with float32 / tf32 WY block products, against
-    the float32 chunked form at HIGHEST precision on the same (bf16-rounded) inputs."""
+def _wy_reference(flat, rows):
+    """W, U in float64 (numpy) for the first `rows` rows of the flat [1, L, H, D] a, b, k, v."""
+    a, b, k, v = (np.asarray(t[0, :rows].astype(jnp.float32), np.float64) for t in flat)
+    C, H = 64, a.shape[1]
+    ch = lambda t: t.reshape(rows // C, C, H, -1).transpose(0, 2, 1, 3)
+    a, b, k, v = map(ch, (a, b, k, v))
+    X = np.linalg.inv(np.eye(C) - np.tril(a @ b.swapaxes(-1, -2), -1))
+    return X @ a, X @ np.tril(a @ k.swapaxes(-1, -2), -1) @ v
+
+
+def wy_u_cases(impl, sizes):
+    """The WY kernel alone with its float32 block products at HIGHEST or as 3 tf32 products:
+    time, and W and U (float32 out) against float64 on the first 64 chunks. (The fifth session
+    also tried U = X (L V) instead of (X L) V: no faster with 3 tf32 products, S2 0.372 against
+    0.373 ms, and U's error 3.5e-4 against 2.1e-4.)"""
     wy = importlib.import_module("iplr_jax.wy_fast")
+    default_prec = wy.X_PRECISION
+    for label in ("S1", "S2"):
+        (q, k, v, a, b), _, _ = args_for(sizes[label], jnp.bfloat16)
+        B, T, H, K = q.shape
+        flat = [x.reshape(1, B * T, H, -1) for x in (a, b, k, v)]
+        rows = min(64 * 64, B * T)
+        ref = _wy_reference(flat, rows)
+        for prec in (jax.lax.Precision.HIGHEST, jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3):
+            wy.X_PRECISION = prec
+            kw = dict(chunk_size=64, interpret=impl == "interpret")
+            f = jax.jit(partial(wy.wy_fwd, out_dtype=jnp.bfloat16, **kw))
+
+            def run(f=f, flat=flat, ref=ref, rows=rows, kw=kw, H=H):
+                t = median_ms(f, *flat)
+                w, u = jax.jit(partial(wy.wy_fwd, **kw))(*flat)
+                ch = lambda t_: np.asarray(t_[0, :rows], np.float64).reshape(rows // 64, 64, H, -1)
+                err = [
+                    np.linalg.norm(ch(g).transpose(0, 2, 1, 3) - r) / np.linalg.norm(r)
+                    for g, r in zip((w, u), ref, strict=True)
+                ]
+                return f"{t:8.3f}  W, U (f32 out) vs float64 {err[0]:.1e} {err[1]:.1e}"
+
+            yield f"{label} wy_fwd {getattr(prec, 'name', prec)}", run
+    wy.X_PRECISION = default_prec
+
+
+def output_kernel_cases(impl, sizes):
+    """The chunk output kernel alone by (V-block, warps), with incl(Q B^T) V2 in float32 (tf32)
+    or in the inputs' dtype (`low_v2`, fla's choice), v_new read as float32 or bf16; the largest
+    relative difference of the output from the default configuration's."""
+    for label in ("S1", "S2", "S3"):
+        (q, k, v, a, b), _, _ = args_for(sizes[label], jnp.bfloat16)
+        B, T, H, K = q.shape
+        V, N = v.shape[-1], B
+        h0 = jnp.zeros((B, H, K, V), jnp.float32)
+        flat = [x.reshape(1, B * T, H, -1) for x in (q, k, v, a, b)]
+        cu = jnp.arange(N + 1, dtype=jnp.int32) * (T // 64)
+        kw = dict(scale=K**-0.5, chunk_size=64, interpret=impl == "interpret")
+        _, _, res = jax.jit(partial(ck.chunk_fwd, **kw))(*flat, h0, cu)
+        qf, kf, vf, _, bf = flat
+        base = {}
+        for bv, warps, low, vn16 in (
+            (64, None, False, False), (64, 8, False, False), (128, 8, False, False), (128, 4, False, False),
+            (32, 4, False, False), (64, None, True, False), (64, None, True, True),
+            (128, 8, True, True), (128, 4, True, True),
+        ):
+            if bv > V:
+                continue
+            vn = res.v_new.astype(jnp.bfloat16) if vn16 else res.v_new
+            f = jax.jit(partial(ck.output_fwd, block_v=bv, warps=warps, low_v2=low, **kw))
+
+            def run(f=f, args=(qf, kf, bf, vf, vn, res.h), base=base):
+                t = median_ms(f, *args)
+                o = f(*args).astype(jnp.float32)
+                if not base:
+                    base[0] = o
+                d = float(jnp.linalg.norm((o - base[0]).ravel()) / jnp.linalg.norm(base[0].ravel()))
+                return f"{t:8.3f}  rel. diff from the first {d:.1e}"
+
+            yield f"{label} output kernel BV={bv} warps={warps or 'auto'} low_v2={low} v_new bf16={vn16}", run
+
+
+def low_precision_error(impl, sizes):
+    """Relative error of the bf16 chunk forward against the float32 chunked form at HIGHEST
+    precision on the same (bf16-rounded) inputs, with the WY block products at HIGHEST or as 3
+    tf32 products (`wy_fast.X_PRECISION`) and the output's incl(Q B^T) V2 at float32 or bf16
+    (`chunk.LOW_PRECISION_V2`)."""
+    wy = importlib.import_module("iplr_jax.wy_fast")
+    default_prec, default_low = wy.X_PRECISION, ck.LOW_PRECISION_V2
+    rel = lambda x, r: float(jnp.linalg.norm((x.astype(jnp.float32) - r).ravel()) / jnp.linalg.norm(r))
     for label in ("S2", "S3"):
         dev, _, _ = args_for(sizes[label], jnp.bfloat16)
+        f32 = [x.astype(jnp.float32) for x in dev]
         with jax.default_matmul_precision("highest"):
-            ref, _ = jax.jit(lambda *a: iplr_jax.chunk(*a, implementation="xla"))(
-                *(x.astype(jnp.float32) for x in dev)
-            )
-        for prec in (jax.lax.Precision.HIGHEST, jax.lax.Precision.DEFAULT):
-            wy.X_PRECISION = prec
+            ref, _ = jax.jit(lambda *a: iplr_jax.chunk(*a, implementation="xla"))(*f32)
+        for prec, low in ((jax.lax.Precision.HIGHEST, False), (default_prec, False), (default_prec, True)):
+            wy.X_PRECISION, ck.LOW_PRECISION_V2 = prec, low
             o, _ = jax.jit(lambda *a: iplr_jax.chunk(*a, implementation=impl))(*dev)
-            err = jnp.linalg.norm((o.astype(jnp.float32) - ref).ravel()) / jnp.linalg.norm(ref.ravel())
-            yield f"{label} chunk fwd wy precision={prec.name}: rel. error {float(err):.2e}"
-    wy.X_PRECISION = jax.lax.Precision.HIGHEST
+            tag = f"wy {getattr(prec, 'name', prec)} low_v2={low}"
+            yield f"{label} chunk fwd {tag}: rel. error {rel(o, ref):.2e}"
+    wy.X_PRECISION, ck.LOW_PRECISION_V2 = default_prec, default_low
 
 
 def main():
@@ -292,6 +374,7 @@ def main():
         for line in low_precision_error(impl, sizes):
             print(line, flush=True)
     for name, run in itertools.chain(
+        wy_u_cases(impl, sizes), output_kernel_cases(impl, sizes),
         wy_precision_cases(impl, sizes), output_mode_cases(impl, sizes), kp256_bwd_cases(impl, sizes),
         wy_warps_cases(impl, sizes),
         wy_cases(impl, sizes), fused_cases(impl, sizes),

@@ -48,6 +48,11 @@ _NT = (((1,), (1,)), ((), ()))  # x @ y^T
 # None: `_plan` decides whether the output is fused into the state sweep; True/False force it
 # (for benchmarks and tests).
 FUSE_OUTPUT: bool | None = None
+# The output's incl(Q B^T) V2 with both operands in the inputs' dtype when that is 16-bit (fla's
+# choice), and then v_new stored in it too when no backward reads it. H100, bf16, the output
+# kernel alone at S2: 0.294 -> 0.219 ms; the output moves by 2.2e-3 relative (the products
+# with bf16 inputs are rounded the same way). Float32 inputs are unaffected.
+LOW_PRECISION_V2 = True
 
 
 def _dot(x, y, dims=None):
@@ -56,26 +61,29 @@ def _dot(x, y, dims=None):
     return jax.lax.dot_general(x, y, dims, preferred_element_type=_F32)
 
 
-def _chunk_output(q, k, b, v, v2, s0, dt, scale):
-    """scale (Q S0 + incl(Q K^T) V + incl(Q B^T) V2) for one chunk, float32 [C, BV]."""
+def _chunk_output(q, k, b, v, v2, s0, dt, scale, low_v2=False):
+    """scale (Q S0 + incl(Q K^T) V + incl(Q B^T) V2) for one chunk, float32 [C, BV].
+    `low_v2`: incl(Q B^T) V2 with both operands rounded to the inputs' dtype."""
     C = q.shape[0]
     incl = jax.lax.broadcasted_iota(jnp.int32, (C, C), 0) >= jax.lax.broadcasted_iota(
         jnp.int32, (C, C), 1
     )
     qk = _mask(incl, _dot(q, k, _NT))
     qb = _mask(incl, _dot(q, b, _NT))
-    o = _dot(q, s0.astype(dt)) + _dot(qk.astype(dt), v) + _dot(qb, v2)
+    qb_v2 = _dot(qb.astype(dt), v2.astype(dt)) if low_v2 else _dot(qb, v2.astype(_F32))
+    o = _dot(q, s0.astype(dt)) + _dot(qk.astype(dt), v) + qb_v2
     return scale * o
 
 
 def _state_kernel(
     cu_ref, w_ref, u_ref, k_ref, b_ref, v_ref, h0_ref, *refs, chunk_size, num_chunks, residuals,
-    fuse, scale,
+    fuse, scale, low_v2,
 ):
     """One (sequence n, head, V-block): S [Kp, BV] float32 carried over the sequence's chunks.
 
     Bytes per chunk: reads W, K, B [C, Kp] and U, V [C, BV] (input dtype); writes h [Kp, BV]
-    (input dtype) and v_new [C, BV] (float32) when residuals are wanted; fused, it also reads
+    (input dtype) and v_new [C, BV] (float32; 16-bit when only the output reads it, see
+    `LOW_PRECISION_V2`) when residuals are wanted; fused, it also reads
     Q [C, Kp] and writes O [C, BV]. The state never leaves registers between chunks. BV is
     small (16-64, `_plan`) so that S and the [C, Kp] operand tiles fit for Kp up to 256, and
     so that N * H * (Vp / BV) programs fill the GPU: this sweep is latency-bound.
@@ -95,10 +103,10 @@ def _state_kernel(
             h_ref[c] = s.astype(h_ref.dtype)
         v2 = u_ref[r, :].astype(_F32) + _dot(w_ref[r, :].astype(_F32), s)  # V2 = U + W S0
         if residuals:
-            vn_ref[r, :] = v2
+            vn_ref[r, :] = v2.astype(vn_ref.dtype)
         k, b, v = k_ref[r, :], b_ref[r, :], v_ref[r, :]
         if fuse:
-            o = _chunk_output(q_ref[r, :], k, b, v, v2, s, dt, scale)
+            o = _chunk_output(q_ref[r, :], k, b, v, v2, s, dt, scale, low_v2)
             o_ref[r, :] = o.astype(o_ref.dtype)
         return s + _dot(k, v, _TN) + _dot(b.astype(_F32), v2, _TN)  # S0 + K^T V + B^T V2
 
@@ -125,17 +133,42 @@ def _state_kernel(
         jax.lax.fori_loop(end, stop, zero, jnp.int32(0))
 
 
-def _output_kernel(q_ref, k_ref, b_ref, v_ref, vn_ref, h_ref, o_ref, *, scale):
+def _output_kernel(q_ref, k_ref, b_ref, v_ref, vn_ref, h_ref, o_ref, *, scale, low_v2=False):
     """One (chunk, head, V-block): O = scale (Q S0 + incl(Q K^T) V + incl(Q B^T) V2).
 
-    Bytes: reads Q, K, B [C, Kp], V [C, BV], v_new [C, BV] f32 and h [Kp, BV]; writes O. BV
-    is as wide as registers allow (up to 128) so Q K^T and Q B^T are recomputed for few
-    V-blocks; chunks are independent, so the grid is large whatever the batch.
+    Bytes: reads Q, K, B [C, Kp], V [C, BV], v_new [C, BV] and h [Kp, BV]; writes O. BV is
+    as wide as registers allow (`_plan`), so Q K^T and Q B^T are recomputed for few V-blocks;
+    chunks are independent, so the grid is large whatever the batch.
     """
     o = _chunk_output(
-        q_ref[...], k_ref[...], b_ref[...], v_ref[...], vn_ref[...], h_ref[...], k_ref.dtype, scale
+        q_ref[...], k_ref[...], b_ref[...], v_ref[...], vn_ref[...], h_ref[...], k_ref.dtype, scale,
+        low_v2,
     )
     o_ref[...] = o.astype(o_ref.dtype)
+
+
+def output_fwd(
+    q, k, b, v, v_new, h, *, scale, chunk_size, block_v, interpret, warps=None, low_v2=False
+):
+    """The output pass (`_output_kernel`) over every (chunk, head, V-block): o [1, L, H, Vp]."""
+    _, L, H, Kp = q.shape
+    Vp = v.shape[-1]
+    C, BVo = chunk_size, block_v
+    kc = pl.BlockSpec((None, C, None, Kp), lambda c, h, j: (0, c, h, 0))
+    vc = pl.BlockSpec((None, C, None, BVo), lambda c, h, j: (0, c, h, j))
+    hc = pl.BlockSpec((None, None, Kp, BVo), lambda c, h, j: (c, h, 0, j))
+    return pl.pallas_call(
+        functools.partial(_output_kernel, scale=scale, low_v2=low_v2),
+        grid=(L // C, H, Vp // BVo),
+        in_specs=[kc, kc, kc, vc, vc, hc],
+        out_specs=vc,
+        out_shape=jax.ShapeDtypeStruct((1, L, H, Vp), v.dtype),
+        compiler_params=pltr.CompilerParams(
+            num_warps=warps or (4 if Kp <= 128 else 8), num_stages=2
+        ),
+        interpret=interpret,
+        name="iplr_chunk_output_fwd",
+    )(q, k, b, v, v_new, h)
 
 
 class Residuals(NamedTuple):
@@ -177,8 +210,11 @@ def _plan(N: int, H: int, Kp: int, Vp: int, num_chunks: int) -> _Plan:
     fuse = fuse if FUSE_OUTPUT is None else FUSE_OUTPUT
     # the fused step holds Q, K, B tiles and two [C, C] products besides S: more warps
     warps = 8 if Kp * bv >= 8192 or (fuse and Kp >= 128) else 4
-    # output kernel: [C, Kp] tiles of Q, K, B plus h [Kp, BVo]; BVo = 64 keeps it in registers
-    return _Plan(bv, min(Vp, 64), fuse, warps)
+    # Output kernel: [C, Kp] tiles of Q, K, B, h [Kp, BVo] and O [C, BVo]. H100, bf16, the
+    # kernel alone (benchmarks/results/2026-11-26-H100-session5.md): at Kp = 128 one V-block of
+    # 128 on 4 warps 0.294 ms at S2, against 0.338 for two of 64 and 0.366 for 128 on 8 warps.
+    # Kp = 256 keeps the [Kp, 64] tiles it was tested with.
+    return _Plan(bv, min(Vp, 128, 16384 // Kp), fuse, warps)
 
 
 def chunk_fwd(q, k, v, a, b, h0, cu_chunks, *, scale, chunk_size, interpret, residuals=True):
@@ -204,6 +240,7 @@ def chunk_fwd(q, k, v, a, b, h0, cu_chunks, *, scale, chunk_size, interpret, res
     dt = k.dtype
     plan = _plan(N, H, Kp, Vp, NC)
     fuse = plan.fuse
+    low_v2 = LOW_PRECISION_V2 and jnp.dtype(dt).itemsize == 2
     w, u, *rest = wy_fwd(a, b, k, v, chunk_size=C, out_dtype=dt, with_x=residuals, interpret=interpret)
     x = rest[0] if residuals else None
     keep = residuals or not fuse
@@ -223,14 +260,16 @@ def chunk_fwd(q, k, v, a, b, h0, cu_chunks, *, scale, chunk_size, interpret, res
         out_specs += [pl.BlockSpec((NC, None, Kp, BV), lambda n, h, j: (0, h, 0, j)), vfull]
         out_shape += [
             jax.ShapeDtypeStruct((NC, H, Kp, Vp), dt),
-            jax.ShapeDtypeStruct((1, L, H, Vp), _F32),
+            # the backward reads v_new at float32; the output alone rounds it (`low_v2`)
+            jax.ShapeDtypeStruct((1, L, H, Vp), dt if low_v2 and not residuals else _F32),
         ]
     if fuse:
         out_specs.append(vfull)
         out_shape.append(jax.ShapeDtypeStruct((1, L, H, Vp), v.dtype))
     outs = pl.pallas_call(
         functools.partial(
-            _state_kernel, chunk_size=C, num_chunks=NC, residuals=keep, fuse=fuse, scale=scale
+            _state_kernel, chunk_size=C, num_chunks=NC, residuals=keep, fuse=fuse, scale=scale,
+            low_v2=low_v2,
         ),
         grid=(N, H, nv),
         in_specs=in_specs,
@@ -243,22 +282,10 @@ def chunk_fwd(q, k, v, a, b, h0, cu_chunks, *, scale, chunk_size, interpret, res
     )(*args)
     ht = outs[0]
     h, v_new = (outs[1], outs[2]) if keep else (None, None)
-    if fuse:
-        o = outs[-1]
-    else:
-        BVo = plan.block_v_out
-        kc = pl.BlockSpec((None, C, None, Kp), lambda c, h, j: (0, c, h, 0))
-        vc = pl.BlockSpec((None, C, None, BVo), lambda c, h, j: (0, c, h, j))
-        o = pl.pallas_call(
-            functools.partial(_output_kernel, scale=scale),
-            grid=(NC, H, Vp // BVo),
-            in_specs=[kc, kc, kc, vc, vc, pl.BlockSpec((None, None, Kp, BVo), lambda c, h, j: (c, h, 0, j))],
-            out_specs=vc,
-            out_shape=jax.ShapeDtypeStruct((1, L, H, Vp), v.dtype),
-            compiler_params=pltr.CompilerParams(num_warps=4 if Kp * BVo <= 8192 else 8, num_stages=2),
-            interpret=interpret,
-            name="iplr_chunk_output_fwd",
-        )(q, k, b, v, v_new, h)
+    o = outs[-1] if fuse else output_fwd(
+        q, k, b, v, v_new, h, scale=scale, chunk_size=C, block_v=plan.block_v_out,
+        interpret=interpret, low_v2=low_v2,
+    )
     return o, ht, (Residuals(h, v_new, x, w) if residuals else None)
 
 

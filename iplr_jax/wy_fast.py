@@ -23,12 +23,12 @@ from jax.experimental.pallas import triton as pltr
 _HI = jax.lax.Precision.HIGHEST
 _F32 = jnp.float32
 SUB = 16  # the diagonal-block size of the triangular inverse (the smallest Triton dot)
-# Precision of the 16 x 16 block products that build X off the diagonal and P = X L below.
-# Their float32 operands are results, not inputs: tf32 would round them to 11 bits. HIGHEST
-# runs them on the FMA units. As three bf16 products on the matrix units (BF16_BF16_F32_X3)
-# with a doubling inverse the kernel took 0.35 instead of 0.44 ms at S2, but a GPU test of that
-# variant did not finish (benchmarks/results/2026-11-26-H100-session4.md): not adopted.
-X_PRECISION = _HI
+# Precision of the float32 16 x 16 block products that build X off the diagonal and P = X L.
+# Their operands are results, not inputs: tf32 would round them to 11 bits. Three tf32 products
+# (about float32 accuracy, on the matrix units) against HIGHEST (FMA units), H100, bf16, WY alone:
+# S1 0.273 / 0.318 ms, S2 0.373 / 0.420 ms, the same W and U error against float64
+# (benchmarks/results/2026-11-26-H100-session5.md). The interpreter (CPU) has no tf32: HIGHEST.
+X_PRECISION = jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3
 
 
 def _mask(cond, x):
@@ -69,7 +69,7 @@ def _inv_diag_blocks(lows):
     return jax.lax.fori_loop(jnp.int32(1), jnp.int32(SUB), body, tuple(eye for _ in lows))
 
 
-def _inverse_blocks(m, nb: int) -> dict:
+def _inverse_blocks(m, nb: int, precision) -> dict:
     """X = (I - M)^{-1} as 16 x 16 blocks x[i, j] (j <= i), from the blocks m[i, j] (j <= i) of
     the strictly lower M: the diagonal blocks by `_inv_diag_blocks`, the others by block rows of
     X = I + M X (see `_wy_kernel`)."""
@@ -77,8 +77,8 @@ def _inverse_blocks(m, nb: int) -> dict:
     x = {(i, i): diag[i] for i in range(nb)}
     for i in range(1, nb):
         for j in range(i - 1, -1, -1):
-            acc = sum(_dot(m[i, s], x[s, j], X_PRECISION) for s in range(j, i))
-            x[i, j] = _dot(x[i, i], acc, X_PRECISION)
+            acc = sum(_dot(m[i, s], x[s, j], precision) for s in range(j, i))
+            x[i, j] = _dot(x[i, i], acc, precision)
     return x
 
 
@@ -90,7 +90,7 @@ def _store_lower(ref, x, nb: int):
             ref[pl.ds(i * SUB, SUB), pl.ds(j * SUB, SUB)] = x[i, j] if j <= i else zero
 
 
-def _wy_kernel(a_ref, b_ref, k_ref, v_ref, w_ref, u_ref, x_ref=None, *, block_v: int):
+def _wy_kernel(a_ref, b_ref, k_ref, v_ref, w_ref, u_ref, x_ref=None, *, block_v: int, precision):
     """One (chunk, head): X blockwise, then W, U (and X, when `x_ref` is given).
 
     Bytes: reads A, B, K ([C, Kp]) and V ([C, Vp]) once, writes W [C, Kp] and U [C, Vp] (input
@@ -104,7 +104,7 @@ def _wy_kernel(a_ref, b_ref, k_ref, v_ref, w_ref, u_ref, x_ref=None, *, block_v:
 
         X_ij = X_ii sum_{m=j}^{i-1} M_im X_mj,     M = strict(A B^T), i > j,
 
-    as 16 x 16 x 16 dots in float32 (`X_PRECISION`): X feeds every later product and its
+    as 16 x 16 x 16 dots at float32 accuracy (`precision`): X feeds every later product and its
     entries can be large when consecutive transitions nearly cancel. W = X A and U = P V with
     P = X strict(A K^T) take float32 X and P at the default precision (tf32 on the GPU, about
     the rounding of W and U to 16 bits).
@@ -129,7 +129,7 @@ def _wy_kernel(a_ref, b_ref, k_ref, v_ref, w_ref, u_ref, x_ref=None, *, block_v:
             if j == i:
                 m[i, j], lak[i, j] = _mask(strict, m[i, j]), _mask(strict, lak[i, j])
 
-    x = _inverse_blocks(m, nb)
+    x = _inverse_blocks(m, nb, precision)
     if x_ref is not None:
         _store_lower(x_ref, x, nb)
 
@@ -141,7 +141,7 @@ def _wy_kernel(a_ref, b_ref, k_ref, v_ref, w_ref, u_ref, x_ref=None, *, block_v:
         w = sum(_dot(x[i, j], f32(rows(a_ref, j))) for j in range(i + 1))
         w_ref[pl.ds(i * SUB, SUB), :] = w.astype(w_ref.dtype)
     p = {
-        (i, s): sum(_dot(x[i, j], lak[j, s], X_PRECISION) for j in range(s, i + 1))
+        (i, s): sum(_dot(x[i, j], lak[j, s], precision) for j in range(s, i + 1))
         for i in range(nb)
         for s in range(i + 1)
     }
@@ -193,7 +193,7 @@ def wy_fwd(
         out_specs.append(pl.BlockSpec((None, None, C, C), lambda c, h: (c, h, 0, 0)))
         out_shape.append(jax.ShapeDtypeStruct((L // C, H, C, C), _F32))
     return tuple(pl.pallas_call(
-        functools.partial(_wy_kernel, block_v=min(Vp, 64)),
+        functools.partial(_wy_kernel, block_v=min(Vp, 64), precision=_HI if interpret else X_PRECISION),
         grid=(L // C, H),
         in_specs=[kspec, kspec, kspec, vspec],
         out_specs=out_specs,
