@@ -83,9 +83,13 @@ def profile_chunk(label, B, T, H, K, V, dtype, interpret, C=64):
             cb._intra, chunk_size=C, dt=dt, **{k_: v_ for k_, v_ in kw.items() if k_ != "chunk_size"}
         )
     )
-    out = jax.jit(functools.partial(ck.output_fwd, block_v=min(V, 64), **kw))
+    # the output kernel as the forward without residuals runs it (`chunk._plan`, `LOW_PRECISION_V2`)
+    low = ck.LOW_PRECISION_V2 and jnp.dtype(dtype).itemsize == 2
+    bvo = ck._plan(B, H, q.shape[-1], v.shape[-1], q.shape[1] // C).block_v_out
+    out = jax.jit(functools.partial(ck.output_fwd, block_v=bvo, low_v2=low, **kw))
+    v_new = res.v_new.astype(dtype if low else jnp.float32)
     rows += [
-        (label, "output kernel alone", median_ms(out, q, k, b, v, res.v_new, res.h)),
+        (label, "output kernel alone", median_ms(out, q, k, b, v, v_new, res.h)),
         (label, "wy_fwd with X (fwd with residuals)", median_ms(wy_x, a, b, k, v)),
         (label, "bwd: dS sweep", median_ms(sweep, q, b, res.w, do, dht, cu)),
         (
