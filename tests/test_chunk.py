@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +22,7 @@ from iplr_jax.wy_fast import wy_fwd
 
 # the module (the package attribute `iplr_jax.chunk` is the function)
 chunk_mod = importlib.import_module("iplr_jax.chunk")
+wy_mod = importlib.import_module("iplr_jax.wy_fast")
 
 CASES = {
     # name: (B, T, H, K, V, chunk_size, initial state, delta rule)
@@ -221,17 +223,41 @@ def test_pallas_medium(rng, monkeypatch, K, dtype, fuse):
 
 
 @pytest.mark.parametrize("fuse", [False, True])
-def test_output_variants_public_path(rng, monkeypatch, fuse):
-    """`chunk` with the output fused into the sweep or not: packed, an empty sequence, K != V."""
+@pytest.mark.parametrize("dtype, K, V", [(jnp.float32, 20, 16), (jnp.bfloat16, 20, 100)])
+def test_output_variants_public_path(rng, monkeypatch, fuse, dtype, K, V):
+    """`chunk` with the output fused into the sweep or not: packed, an empty sequence, K != V.
+    bf16 with V = 100 takes the output kernel's 128-wide V-block and the 16-bit V2 product."""
     monkeypatch.setattr(chunk_mod, "FUSE_OUTPUT", fuse)
     cu = np.array([0, 19, 19, 50], np.int32)
-    (q, k, v, a, b), h0 = make_inputs(rng, 1, 50, 2, 20, 16, N=3)
+    (q, k, v, a, b), h0 = make_inputs(rng, 1, 50, 2, K, V, N=3, dtype=dtype)
     o, ht = jax.jit(
         functools.partial(iplr_jax.chunk, output_final_state=True, chunk_size=16, implementation="interpret")
     )(q, k, v, a, b, initial_state=h0, cu_seqlens=jnp.asarray(cu))
     ro, rht = reference(q, k, v, a, b, initial_state=h0, output_final_state=True, cu_seqlens=cu)
-    assert rel_err(o, ro) < tol(jnp.float32)
-    assert rel_err(ht, rht) < tol(jnp.float32)
+    assert rel_err(o, ro) < tol(dtype)
+    assert rel_err(ht, rht) < tol(dtype)
+
+
+def test_block_plan_bounded():
+    """The forward's blocks divide V and keep the output kernel's [Kp, BV] tile within what was
+    measured (at most 128 wide, Kp * BV <= 16384), for every padded size the kernels take."""
+    for Kp, Vp, N, NC in itertools.product((16, 32, 64, 128, 256), (16, 32, 64, 128, 256), (1, 8), (4, 512)):
+        plan = chunk_mod._plan(N, 4, Kp, Vp, NC)
+        for bv in (plan.block_v, plan.block_v_out):
+            assert Vp % bv == 0 and 16 <= bv <= 128, (Kp, Vp, plan)
+        assert Kp * plan.block_v_out <= 16384, (Kp, Vp, plan)
+
+
+def test_wy_precision_rule():
+    """The WY kernel's 3 x tf32 block products only where they were measured correct on the
+    H100 (16-bit inputs, Kp <= 128); float32 inputs at Kp = 128 gave a 15% output error there."""
+    fast = wy_mod.X_PRECISION
+    assert fast != jax.lax.Precision.HIGHEST
+    assert wy_mod._x_precision(jnp.bfloat16, 128, False) == fast
+    assert wy_mod._x_precision(jnp.float16, 64, False) == fast
+    for dtype, Kp, interpret in ((jnp.float32, 64, False), (jnp.float32, 128, False),
+                                 (jnp.bfloat16, 256, False), (jnp.bfloat16, 128, True)):
+        assert wy_mod._x_precision(dtype, Kp, interpret) == jax.lax.Precision.HIGHEST
 
 
 @pytest.mark.parametrize("impl", CHUNK_IMPLS)
