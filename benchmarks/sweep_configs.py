@@ -236,15 +236,20 @@ def kp256_bwd_cases(impl, sizes):
         yield f"kp256 bwd B{size['B']} T{size['T']} H{size['H']} K200 {jnp.dtype(dt).name}", run
 
 
+def wy_args(size):
+    """a, b, k, v of a bench size on the flat [1, B * T, H, D] layout `wy_fast.wy_fwd` takes."""
+    (q, k, v, a, b), _, _ = args_for(size, jnp.bfloat16)
+    B, T, H, _ = q.shape
+    return [x.reshape(1, B * T, H, -1) for x in (a, b, k, v)]
+
+
 def wy_warps_cases(impl, sizes):
     """The WY kernel alone, by warps: its substitution reduces over 16 x 16 tiles, which stay
     inside one warp only with few warps; its [16, Kp] products want more."""
     wy = importlib.import_module("iplr_jax.wy_fast")
     default = wy._warps
     for label in ("S1", "S2"):
-        (q, k, v, a, b), _, _ = args_for(sizes[label], jnp.bfloat16)
-        B, T, H, K = q.shape
-        flat = [x.reshape(1, B * T, H, -1) for x in (a, b, k, v)]
+        flat = wy_args(sizes[label])
         for warps, with_x in itertools.product((1, 2, 4, 8), (False, True)):
             wy._warps = lambda Kp, w=warps: w
             f = jax.jit(
@@ -278,10 +283,9 @@ def wy_u_cases(impl, sizes):
     wy = importlib.import_module("iplr_jax.wy_fast")
     default_prec = wy.X_PRECISION
     for label in ("S1", "S2"):
-        (q, k, v, a, b), _, _ = args_for(sizes[label], jnp.bfloat16)
-        B, T, H, K = q.shape
-        flat = [x.reshape(1, B * T, H, -1) for x in (a, b, k, v)]
-        rows = min(64 * 64, B * T)
+        flat = wy_args(sizes[label])
+        _, L, H, _ = flat[0].shape
+        rows = min(64 * 64, L)
         ref = _wy_reference(flat, rows)
         for prec in (jax.lax.Precision.HIGHEST, jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3):
             wy.X_PRECISION = prec
