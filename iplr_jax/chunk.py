@@ -39,8 +39,10 @@ from iplr_jax.wy_fast import _mask, wy_fwd
 #
 # Dot operands: products of two inputs (Q K^T, Q B^T, K^T V, incl(Q K^T) V) take the inputs'
 # dtype (bf16 matrix units, exact products, f32 accumulation); products with the float32 state
-# or V2 (W S0, B^T V2, incl(Q B^T) V2) take float32 operands (tf32 on the GPU) so the carried
-# state is never rounded to 16 bits. W and U are stored in the inputs' dtype (like fla), h too.
+# or V2 in the sweep (W S0, B^T V2) take float32 operands (tf32 on the GPU) so the carried state
+# is never rounded to 16 bits. The output's incl(Q B^T) V2 feeds no later step: for 16-bit inputs
+# it runs in 16 bits (`LOW_PRECISION_V2`). W and U are stored in the inputs' dtype (like fla), h
+# too.
 
 _F32 = jnp.float32
 _TN = (((0,), (0,)), ((), ()))  # x^T @ y
