@@ -84,7 +84,7 @@ def profile_chunk(label, B, T, H, K, V, dtype, interpret, C=64):
         )
     )
     # the output kernel as the forward without residuals runs it (`chunk._plan`, `LOW_PRECISION_V2`)
-    low = ck.LOW_PRECISION_V2 and jnp.dtype(dtype).itemsize == 2
+    low = ck._low_v2(dtype)
     bvo = ck._plan(B, H, q.shape[-1], v.shape[-1], q.shape[1] // C).block_v_out
     out = jax.jit(functools.partial(ck.output_fwd, block_v=bvo, low_v2=low, **kw))
     v_new = res.v_new.astype(dtype if low else jnp.float32)

@@ -110,23 +110,6 @@ def fused_cases(impl, sizes):
     with_config(None)
 
 
-def wy_cases(impl, sizes):
-    """The WY kernel's block products in float32 (HIGHEST) or tf32 (DEFAULT): time and the
-    chunk output's error."""
-    wy = importlib.import_module("iplr_jax.wy_fast")
-    default_prec = wy.X_PRECISION
-    for label in ("S1", "S2"):
-        dev, do, h0 = args_for(sizes[label], jnp.bfloat16)
-        for prec in (jax.lax.Precision.HIGHEST, jax.lax.Precision.DEFAULT):
-            wy.X_PRECISION = prec
-            for mode in ("fwd", "fwd_bwd"):
-                yield (
-                    f"{label} chunk {mode} wy precision={prec.name}",
-                    partial(timed, iplr_jax.chunk, impl, dev, do, h0, mode),
-                )
-    wy.X_PRECISION = default_prec
-
-
 def _inv_diag_blocks_doubling(lows):
     """A candidate for `wy_fast._inv_diag_blocks`: (I - L)^{-1} of each strictly lower L
     [16, 16] by recursive doubling instead of 15 substitution steps.
@@ -275,7 +258,7 @@ def _wy_reference(flat, rows):
     return X @ a, X @ np.tril(a @ k.swapaxes(-1, -2), -1) @ v
 
 
-def wy_u_cases(impl, sizes):
+def wy_error_cases(impl, sizes):
     """The WY kernel alone with its float32 block products at HIGHEST or as 3 tf32 products:
     time, and W and U (float32 out) against float64 on the first 64 chunks. (The fifth session
     also tried U = X (L V) instead of (X L) V: no faster with 3 tf32 products, S2 0.372 against
@@ -378,10 +361,10 @@ def main():
         for line in low_precision_error(impl, sizes):
             print(line, flush=True)
     for name, run in itertools.chain(
-        wy_u_cases(impl, sizes), output_kernel_cases(impl, sizes),
+        wy_error_cases(impl, sizes), output_kernel_cases(impl, sizes),
         wy_precision_cases(impl, sizes), output_mode_cases(impl, sizes), kp256_bwd_cases(impl, sizes),
         wy_warps_cases(impl, sizes),
-        wy_cases(impl, sizes), fused_cases(impl, sizes),
+        fused_cases(impl, sizes),
     ):
         if re.search(args.only, name):
             try:

@@ -24,7 +24,7 @@ from iplr_jax._common import (
     to_chunks,
 )
 from iplr_jax.chunk_xla import chunk_xla
-from iplr_jax.wy_fast import _mask, wy_fwd
+from iplr_jax.wy_fast import _low, _mask, wy_fwd
 
 # -- forward kernels ---------------------------------------------------------------------------
 #
@@ -57,13 +57,18 @@ FUSE_OUTPUT: bool | None = None
 LOW_PRECISION_V2 = True
 
 
+def _low_v2(dt) -> bool:
+    """Whether the output's incl(Q B^T) V2 runs in the inputs' dtype `dt` (`LOW_PRECISION_V2`)."""
+    return LOW_PRECISION_V2 and _low(dt)
+
+
 def _dot(x, y, dims=None):
     if dims is None:
         return jnp.dot(x, y, preferred_element_type=_F32)
     return jax.lax.dot_general(x, y, dims, preferred_element_type=_F32)
 
 
-def _chunk_output(q, k, b, v, v2, s0, dt, scale, low_v2=False):
+def _chunk_output(q, k, b, v, v2, s0, dt, scale, low_v2):
     """scale (Q S0 + incl(Q K^T) V + incl(Q B^T) V2) for one chunk, float32 [C, BV].
     `low_v2`: incl(Q B^T) V2 with both operands rounded to the inputs' dtype."""
     C = q.shape[0]
@@ -135,7 +140,7 @@ def _state_kernel(
         jax.lax.fori_loop(end, stop, zero, jnp.int32(0))
 
 
-def _output_kernel(q_ref, k_ref, b_ref, v_ref, vn_ref, h_ref, o_ref, *, scale, low_v2=False):
+def _output_kernel(q_ref, k_ref, b_ref, v_ref, vn_ref, h_ref, o_ref, *, scale, low_v2):
     """One (chunk, head, V-block): O = scale (Q S0 + incl(Q K^T) V + incl(Q B^T) V2).
 
     Bytes: reads Q, K, B [C, Kp], V [C, BV], v_new [C, BV] and h [Kp, BV]; writes O. BV is
@@ -150,7 +155,7 @@ def _output_kernel(q_ref, k_ref, b_ref, v_ref, vn_ref, h_ref, o_ref, *, scale, l
 
 
 def output_fwd(
-    q, k, b, v, v_new, h, *, scale, chunk_size, block_v, interpret, warps=None, low_v2=False
+    q, k, b, v, v_new, h, *, scale, chunk_size, block_v, interpret, low_v2, warps=None
 ):
     """The output pass (`_output_kernel`) over every (chunk, head, V-block): o [1, L, H, Vp]."""
     _, L, H, Kp = q.shape
@@ -242,7 +247,7 @@ def chunk_fwd(q, k, v, a, b, h0, cu_chunks, *, scale, chunk_size, interpret, res
     dt = k.dtype
     plan = _plan(N, H, Kp, Vp, NC)
     fuse = plan.fuse
-    low_v2 = LOW_PRECISION_V2 and jnp.dtype(dt).itemsize == 2
+    low_v2 = _low_v2(dt)
     w, u, *rest = wy_fwd(a, b, k, v, chunk_size=C, out_dtype=dt, with_x=residuals, interpret=interpret)
     x = rest[0] if residuals else None
     keep = residuals or not fuse
