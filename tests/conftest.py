@@ -1,16 +1,27 @@
 """Shared fixtures: which implementations run here, float64 oracle, random IPLR inputs.
 
-Every property test is one body parametrised over `chunk_impls` / `recurrent_impls`: the xla
+Every property test is one body parametrised over `CHUNK_IMPLS` / `RECURRENT_IMPLS`: the xla
 path and the Pallas kernels through the interpreter everywhere, the compiled kernels where a
 GPU is present. GPU-only cases carry the `gpu` marker and show up as skipped (with the
 reason) on CPU; heavy cases carry `slow` and run with `--runslow`.
+
+The CPU backend is split into 8 simulated devices before jax is imported, so the multi-device
+tests run on any machine; single-device tests use the first device and are unaffected.
 """
 
 from __future__ import annotations
 
-import jax
-import numpy as np
-import pytest
+import os
+import zlib
+
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    ).strip()
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
 
@@ -23,6 +34,10 @@ RECURRENT_IMPLS = ["xla", "interpret"] + (["pallas"] if GPU else [])
 
 def pytest_addoption(parser):
     parser.addoption("--runslow", action="store_true", help="run tests marked slow")
+    parser.addoption(
+        "--seed", type=int, default=0,
+        help="base of the per-test seeds (each test draws from a seed derived from its id and this)",
+    )
 
 
 def pytest_collection_modifyitems(config, items):
@@ -35,8 +50,9 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture
 def rng(request):
-    # fresh inputs every run, but reproducible from the printed seed when a test fails
-    seed = np.random.SeedSequence().entropy % (2**32)
+    """A generator seeded from the test id: every parametrisation draws its own inputs, and a
+    failure reproduces from its id alone (`--seed N` draws a fresh set for the whole run)."""
+    base = request.config.getoption("--seed")
+    seed = zlib.crc32(f"{base}:{request.node.nodeid}".encode())
     request.node.user_properties.append(("seed", seed))
-    print(f"seed={seed}")
     return np.random.default_rng(seed)
