@@ -9,7 +9,6 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log
 python3 -m pip install -q --no-deps --target /tmp/fla .fla/*.whl >>"$OUT/install.log" 2>&1 && export PYTHONPATH=/tmp/fla
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import jax, torch, triton; print('jax', jax.__version__, jax.devices(), 'torch', torch.__version__, 'triton', triton.__version__)"
-python3 benchmarks/probe_triton.py 2>&1 | tail -3
 if [ -z "${SKIP_TESTS:-}" ]; then
   timeout ${TEST_TIMEOUT:-300} python3 -m pytest -v --runslow --durations=15 -p no:cacheprovider "$@" 2>&1 | tee "$OUT/pytest.log" | grep -v PASSED | tail -40
 fi

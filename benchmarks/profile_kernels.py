@@ -4,7 +4,7 @@
     python benchmarks/profile_kernels.py --interpret     # a CPU smoke run at a tiny size
 
 Chunked forward: WY alone, the whole forward with the output kernel separate
-and fused into the sweep (`chunk.FUSE_OUTPUT`; state sweep + output = total - WY);
+and fused into the sweep (`ChunkConfig.fuse_output`; state sweep + output = total - WY);
 chunked backward: reverse dS sweep, intra-chunk gradients (X and W come from the forward); fused recurrence:
 the bare forward kernel against the public jitted call (wrapper cost), at the decode size too.
 Inputs are drawn as a layer draws them, on the aligned layout the kernels take.
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import importlib
 import time
 
 import jax
@@ -22,13 +21,13 @@ import jax.numpy as jnp
 import numpy as np
 
 import iplr_jax
-from iplr_jax import chunk_bwd as cb
 from iplr_jax.bench import SIZES
-from iplr_jax.wy_fast import wy_fwd
-
-# the modules: `iplr_jax.chunk` and `iplr_jax.fused_recurrent` are the functions
-ck = importlib.import_module("iplr_jax.chunk")
-fr = importlib.import_module("iplr_jax.fused_recurrent")
+from iplr_jax.inputs import Inputs
+from iplr_jax.triton import chunk as ck
+from iplr_jax.triton import chunk_bwd as cb
+from iplr_jax.triton import fused_recurrent as fr
+from iplr_jax.triton.config import ChunkConfig, chunk_config, fused_recurrent_config
+from iplr_jax.triton.wy_fast import wy_fwd
 
 
 def median_ms(f, *args, reps=20):
@@ -57,51 +56,39 @@ def inputs(B, T, H, K, V, dtype, seed=0):
 
 def profile_chunk(label, B, T, H, K, V, dtype, interpret, C=64):
     q, k, v, a, b, do, h0 = inputs(B, T, H, K, V, dtype)
+    x = Inputs(q, k, v, a, b)
     cu = jnp.arange(B + 1, dtype=jnp.int32) * (T // C)
     scale = K**-0.5
+    rule = functools.partial(
+        chunk_config, N=B, H=H, Kp=q.shape[-1], Vp=v.shape[-1], num_chunks=q.shape[1] // C,
+        dtype=dtype, interpret=interpret,
+    )
+    cfg = rule(None)
     kw = dict(scale=scale, chunk_size=C, interpret=interpret)
-    wy = jax.jit(functools.partial(wy_fwd, chunk_size=C, out_dtype=dtype, interpret=interpret))
+    wy = jax.jit(functools.partial(wy_fwd, chunk_size=C, config=cfg, out_dtype=dtype, interpret=interpret))
     rows = [(label, "wy_fwd", median_ms(wy, a, b, k, v))]
     for fuse in (False, True):
-        ck.FUSE_OUTPUT = fuse
-        f = jax.jit(functools.partial(ck.chunk_fwd, residuals=False, **kw))
+        f = jax.jit(functools.partial(ck.chunk_fwd, residuals=False, config=rule(ChunkConfig(fuse_output=fuse)), **kw))
         name = f"chunk_fwd total, {'fused' if fuse else 'separate'}"
-        rows.append((label, name, median_ms(f, q, k, v, a, b, h0, cu)))
-    ck.FUSE_OUTPUT = None
-    _, _, res = jax.jit(functools.partial(ck.chunk_fwd, **kw))(q, k, v, a, b, h0, cu)
+        rows.append((label, name, median_ms(f, x, h0, cu)))
+    _, _, res = jax.jit(functools.partial(ck.chunk_fwd, config=cfg, **kw))(x, h0, cu)
     dt = jnp.dtype(dtype)
     dht = jnp.zeros_like(h0)
-    wy_x = jax.jit(functools.partial(wy_fwd, chunk_size=C, out_dtype=dtype, with_x=True, interpret=interpret))
-    sweep = jax.jit(
-        functools.partial(
-            cb._sweep, chunk_size=C, dt=dt, **{k_: v_ for k_, v_ in kw.items() if k_ != "chunk_size"}
-        )
-    )
+    wy_x = jax.jit(functools.partial(wy_fwd, chunk_size=C, config=cfg, out_dtype=dtype, with_x=True,
+                                     interpret=interpret))
+    sweep = jax.jit(functools.partial(cb._sweep, dt=dt, config=cfg, **kw))
     dsc, _ = sweep(q, b, res.w, do, dht, cu)
-    intra = jax.jit(
-        functools.partial(
-            cb._intra, chunk_size=C, dt=dt, **{k_: v_ for k_, v_ in kw.items() if k_ != "chunk_size"}
-        )
-    )
-    # the output kernel as the forward without residuals runs it (`chunk._plan`, `LOW_PRECISION_V2`)
-    low = ck._low_v2(dtype)
-    bvo = ck._plan(B, H, q.shape[-1], v.shape[-1], q.shape[1] // C).block_v_out
-    out = jax.jit(functools.partial(ck.output_fwd, block_v=bvo, low_v2=low, **kw))
-    v_new = res.v_new.astype(dtype if low else jnp.float32)
+    intra = jax.jit(functools.partial(cb._intra, dt=dt, config=cfg, **kw))
+    # the output kernel as the forward without residuals runs it (16-bit v_new for 16-bit inputs)
+    out = jax.jit(functools.partial(ck.output_fwd, config=cfg, **kw))
+    v_new = res.v_new.astype(dtype if cfg.low_precision_v2 else jnp.float32)
+    bwd = jax.jit(functools.partial(cb.chunk_bwd, config=cfg, **kw))
     rows += [
         (label, "output kernel alone", median_ms(out, q, k, b, v, v_new, res.h)),
         (label, "wy_fwd with X (fwd with residuals)", median_ms(wy_x, a, b, k, v)),
         (label, "bwd: dS sweep", median_ms(sweep, q, b, res.w, do, dht, cu)),
-        (
-            label,
-            "bwd: intra-chunk grads",
-            median_ms(intra, q, k, v, a, b, res.h, res.v_new, do, dsc, res.x, cu),
-        ),
-        (
-            label,
-            "bwd total",
-            median_ms(jax.jit(functools.partial(cb.chunk_bwd, **kw)), q, k, v, a, b, res, cu, do, dht),
-        ),
+        (label, "bwd: intra-chunk grads", median_ms(intra, q, k, v, a, b, res.h, res.v_new, do, dsc, res.x, cu)),
+        (label, "bwd total", median_ms(bwd, x, res, cu, do, dht)),
     ]
     return rows
 
@@ -109,7 +96,10 @@ def profile_chunk(label, B, T, H, K, V, dtype, interpret, C=64):
 def profile_recurrent(label, B, T, H, K, V, dtype, interpret):
     q, k, v, a, b, _, h0 = inputs(B, T, H, K, V, dtype)
     cu = jnp.arange(B + 1, dtype=jnp.int32) * T
-    bare = jax.jit(lambda *x: fr._fwd(*x, cu, K**-0.5, interpret, False))
+    cfg = fused_recurrent_config(None, pairs=B * H, Kp=q.shape[-1], Vp=v.shape[-1])
+    bare = jax.jit(lambda *x: fr.fused_fwd(
+        Inputs(*x[:5]), x[5], cu, scale=K**-0.5, config=cfg, interpret=interpret, residuals=False
+    ))
     sq = lambda x: x[0]  # the kernels take [L, H, D]
     public = jax.jit(
         functools.partial(

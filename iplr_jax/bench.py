@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import iplr_jax
-from iplr_jax._common import has_gpu
+from iplr_jax.inputs import has_gpu
 
 # DESIGN.md section 8
 SIZES = {

@@ -306,10 +306,8 @@ def main(argv: list[str] | None = None) -> int:
     if steps < 1:
         parser.error("--steps must be positive")
 
-    import iplr_jax._common as common
-
     backend = jax.default_backend()
-    impl = common.resolve_implementation(None)
+    impl = "pallas" if backend == "gpu" else "xla"
     print(
         f"iplr-jax demo: jax {jax.__version__}, backend {backend} ({jax.devices()[0].device_kind}), "
         f"default implementation {impl!r}"

@@ -6,7 +6,7 @@ Per head, the layer projects the input to q, k, v and to the low-rank pair (a, b
 `iplr_jax.chunk` over the sequence (or `iplr_jax.fused_recurrent` for one-token decode steps),
 RMS-normalises each head's output, optionally gates it with SiLU, and projects back.
 
-Stability by construction (DESIGN.md section 1). The transition `I + b a^T` has one non-unit
+Stability by construction (docs/operator.md). The transition `I + b a^T` has one non-unit
 eigenvalue, `1 + a . b`; every other direction is left untouched. The layer draws
 
     mode="iplr":   a = normalize(W_a x)  (|a| = 1),   b = lambda a,   lambda = -m sigmoid(w_l . x)
@@ -31,8 +31,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from iplr_jax.chunk import chunk
-from iplr_jax.fused_recurrent import fused_recurrent
+from iplr_jax.ops.chunk import chunk
+from iplr_jax.ops.fused_recurrent import fused_recurrent
 
 Mode = Literal["iplr", "delta", "linear"]
 MODES = ("iplr", "delta", "linear")

@@ -25,7 +25,7 @@ import pytest  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
 
-from iplr_jax._common import has_gpu  # noqa: E402
+from iplr_jax.inputs import has_gpu  # noqa: E402
 
 GPU = has_gpu()
 CHUNK_IMPLS = ["xla", "interpret"] + (["pallas"] if GPU else [])

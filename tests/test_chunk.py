@@ -6,8 +6,8 @@ interpreter, and the compiled kernels on a GPU). Gradients are tested in test_ch
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-import importlib
 import itertools
 
 import jax
@@ -15,14 +15,20 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import CHUNK_IMPLS
-from helpers import make_inputs, reference, rel_err, tol
+from helpers import aligned_reference, make_inputs, reference, rel_err, tol
 
 import iplr_jax
-from iplr_jax.wy_fast import wy_fwd
+from iplr_jax.inputs import Inputs
+from iplr_jax.triton.chunk import chunk_fwd
+from iplr_jax.triton.config import ChunkConfig, chunk_config
+from iplr_jax.triton.wy_fast import wy_fwd
 
-# the module (the package attribute `iplr_jax.chunk` is the function)
-chunk_mod = importlib.import_module("iplr_jax.chunk")
-wy_mod = importlib.import_module("iplr_jax.wy_fast")
+
+def _config(N=1, H=2, Kp=32, Vp=32, num_chunks=8, dtype=jnp.float32, interpret=True, **fields):
+    return chunk_config(
+        ChunkConfig(**fields), N=N, H=H, Kp=Kp, Vp=Vp, num_chunks=num_chunks, dtype=dtype,
+        interpret=interpret,
+    )
 
 CASES = {
     # name: (B, T, H, K, V, chunk_size, initial state, delta rule)
@@ -118,7 +124,8 @@ def test_wy_kernel(rng, C, delta):
     b = k.copy() if delta else -beta * a
     v = rng.standard_normal((1, L, H, Vp))
     f32 = lambda x: jnp.asarray(x, jnp.float32)
-    w, u, x = wy_fwd(*map(f32, (a, b, k, v)), chunk_size=C, with_x=True, interpret=True)
+    cfg = _config(Kp=Kp, Vp=Vp)
+    w, u, x = wy_fwd(*map(f32, (a, b, k, v)), chunk_size=C, config=cfg, with_x=True, interpret=True)
     assert w.dtype == u.dtype == x.dtype == jnp.float32
 
     def split(x):  # [1, L, H, D] -> [NC, H, C, D]
@@ -133,39 +140,16 @@ def test_wy_kernel(rng, C, delta):
     assert rel_err(split(w), W) < 1e-5
     assert rel_err(split(u), U) < 1e-5
     # without X the kernel writes W and U alike
-    w2, u2 = wy_fwd(*map(f32, (a, b, k, v)), chunk_size=C, interpret=True)
+    w2, u2 = wy_fwd(*map(f32, (a, b, k, v)), chunk_size=C, config=cfg, interpret=True)
     np.testing.assert_array_equal(np.asarray(w2), np.asarray(w))
     np.testing.assert_array_equal(np.asarray(u2), np.asarray(u))
 
 
-def _aligned_reference(q, k, v, a, b, h0, cu_chunks, C, scale):
-    """Token-by-token float64 recurrence on the aligned layout: o, ht, h, v_new."""
-    q, k, v, a, b, h0 = (np.asarray(x, np.float64) for x in (q, k, v, a, b, h0))
-    _, L, H, _ = q.shape
-    NC = L // C
-    o = np.zeros(v.shape)
-    v_new = np.zeros(v.shape)
-    h = np.zeros((NC, H) + h0.shape[2:])
-    ht = h0.copy()
-    for n in range(len(cu_chunks) - 1):
-        S = h0[n].copy()  # [H, K, V]
-        for c in range(cu_chunks[n], cu_chunks[n + 1]):
-            h[c] = S
-            for t in range(c * C, (c + 1) * C):
-                v2 = np.einsum("hk,hkv->hv", a[0, t], S)
-                v_new[0, t] = v2
-                S = S + k[0, t][:, :, None] * v[0, t][:, None, :] + b[0, t][:, :, None] * v2[:, None, :]
-                o[0, t] = scale * np.einsum("hk,hkv->hv", q[0, t], S)
-        ht[n] = S
-    return o, ht, h, v_new
-
-
 @pytest.mark.parametrize("fuse", [False, True])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_chunk_fwd_residuals(rng, monkeypatch, fuse, dtype):
+def test_chunk_fwd_residuals(rng, fuse, dtype):
     """chunk_fwd's o, ht, h and v_new on an aligned layout with an empty sequence and padding
     chunks past cu_chunks[-1], for the separate and the fused output kernel."""
-    monkeypatch.setattr(chunk_mod, "FUSE_OUTPUT", fuse)
     C, H, Kp, Vp = 16, 2, 32, 32
     cu_chunks = np.array([0, 2, 2, 5], np.int32)
     NC, L = 6, 6 * C  # chunk 5 is padding
@@ -179,12 +163,15 @@ def test_chunk_fwd_residuals(rng, monkeypatch, fuse, dtype):
     b = -beta * a
     h0 = rng.standard_normal((3, H, Kp, Vp))
     cast = lambda x: jnp.asarray(x, dtype)
-    q, k, v, a, b = map(cast, (q, k, v, a, b))
+    xs = Inputs(*map(cast, (q, k, v, a, b)))
     scale = 0.3
-    o, ht, (h, v_new, x, w) = jax.jit(
-        functools.partial(chunk_mod.chunk_fwd, scale=scale, chunk_size=C, interpret=True)
-    )(q, k, v, a, b, jnp.asarray(h0, jnp.float32), jnp.asarray(cu_chunks))
-    ro, rht, rh, rv = _aligned_reference(q, k, v, a, b, h0, cu_chunks, C, scale)
+    cfg = _config(N=3, H=H, Kp=Kp, Vp=Vp, num_chunks=NC, dtype=dtype, fuse_output=fuse)
+    fwd = functools.partial(chunk_fwd, scale=scale, chunk_size=C, config=cfg, interpret=True)
+    o, ht, (h, v_new, x, w) = jax.jit(fwd)(xs, jnp.asarray(h0, jnp.float32), jnp.asarray(cu_chunks))
+    ro, rht, rh, rv = aligned_reference(
+        xs.map(lambda _, y: y.astype(jnp.float64)), jnp.asarray(h0), jnp.asarray(cu_chunks),
+        scale=scale, chunk_size=C,
+    )
     t = tol(dtype)
     assert o.dtype == dtype and h.dtype == dtype and v_new.dtype == jnp.float32
     assert h.shape == (NC, H, Kp, Vp) and v_new.shape == (1, L, H, Vp)
@@ -195,10 +182,7 @@ def test_chunk_fwd_residuals(rng, monkeypatch, fuse, dtype):
     assert rel_err(v_new, rv) < t
     np.testing.assert_array_equal(np.asarray(ht[1]), np.asarray(h0[1], np.float32))
     assert not np.any(np.asarray(h[5], np.float32)) and not np.any(np.asarray(v_new[:, ~valid]))
-    o2, ht2, res2 = chunk_mod.chunk_fwd(
-        q, k, v, a, b, jnp.asarray(h0, jnp.float32), jnp.asarray(cu_chunks), scale=scale,
-        chunk_size=C, interpret=True, residuals=False,
-    )
+    o2, ht2, res2 = fwd(xs, jnp.asarray(h0, jnp.float32), jnp.asarray(cu_chunks), residuals=False)
     assert res2 is None
     np.testing.assert_array_equal(np.asarray(o2[:, valid]), np.asarray(o[:, valid]))
     for out in (o, o2):  # fused, the sweep zero-fills the padding chunk's output
@@ -210,13 +194,13 @@ def test_chunk_fwd_residuals(rng, monkeypatch, fuse, dtype):
 @pytest.mark.parametrize("K", [64, 128])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
 @pytest.mark.parametrize("fuse", [None, False, True])
-def test_pallas_medium(rng, monkeypatch, K, dtype, fuse):
+def test_pallas_medium(rng, K, dtype, fuse):
     """The compiled kernels at a medium size (B2 T1024 H4 V=128), both output variants."""
-    monkeypatch.setattr(chunk_mod, "FUSE_OUTPUT", fuse)
     (q, k, v, a, b), h0 = make_inputs(rng, 2, 1024, 4, K, 128, dtype=dtype)
-    o, ht = jax.jit(
-        functools.partial(iplr_jax.chunk, output_final_state=True, implementation="pallas")
-    )(q, k, v, a, b, initial_state=h0)
+    o, ht = jax.jit(functools.partial(
+        iplr_jax.chunk, output_final_state=True, implementation="pallas",
+        config=ChunkConfig(fuse_output=fuse),
+    ))(q, k, v, a, b, initial_state=h0)
     ro, rht = reference(q, k, v, a, b, initial_state=h0, output_final_state=True)
     assert rel_err(o, ro) < tol(dtype)
     assert rel_err(ht, rht) < tol(dtype)
@@ -224,15 +208,15 @@ def test_pallas_medium(rng, monkeypatch, K, dtype, fuse):
 
 @pytest.mark.parametrize("fuse", [False, True])
 @pytest.mark.parametrize("dtype, K, V", [(jnp.float32, 20, 16), (jnp.bfloat16, 20, 100)])
-def test_output_variants_public_path(rng, monkeypatch, fuse, dtype, K, V):
+def test_output_variants_public_path(rng, fuse, dtype, K, V):
     """`chunk` with the output fused into the sweep or not: packed, an empty sequence, K != V.
     bf16 with V = 100 takes the output kernel's 128-wide V-block and the 16-bit V2 product."""
-    monkeypatch.setattr(chunk_mod, "FUSE_OUTPUT", fuse)
     cu = np.array([0, 19, 19, 50], np.int32)
     (q, k, v, a, b), h0 = make_inputs(rng, 1, 50, 2, K, V, N=3, dtype=dtype)
-    o, ht = jax.jit(
-        functools.partial(iplr_jax.chunk, output_final_state=True, chunk_size=16, implementation="interpret")
-    )(q, k, v, a, b, initial_state=h0, cu_seqlens=jnp.asarray(cu))
+    o, ht = jax.jit(functools.partial(
+        iplr_jax.chunk, output_final_state=True, chunk_size=16, implementation="interpret",
+        config=ChunkConfig(fuse_output=fuse),
+    ))(q, k, v, a, b, initial_state=h0, cu_seqlens=jnp.asarray(cu))
     ro, rht = reference(q, k, v, a, b, initial_state=h0, output_final_state=True, cu_seqlens=cu)
     assert rel_err(o, ro) < tol(dtype)
     assert rel_err(ht, rht) < tol(dtype)
@@ -242,22 +226,29 @@ def test_block_plan_bounded():
     """The forward's blocks divide V and keep the output kernel's [Kp, BV] tile within what was
     measured (at most 128 wide, Kp * BV <= 16384), for every padded size the kernels take."""
     for Kp, Vp, N, NC in itertools.product((16, 32, 64, 128, 256), (16, 32, 64, 128, 256), (1, 8), (4, 512)):
-        plan = chunk_mod._plan(N, 4, Kp, Vp, NC)
-        for bv in (plan.block_v, plan.block_v_out):
-            assert Vp % bv == 0 and 16 <= bv <= 128, (Kp, Vp, plan)
-        assert Kp * plan.block_v_out <= 16384, (Kp, Vp, plan)
+        cfg = _config(N=N, H=4, Kp=Kp, Vp=Vp, num_chunks=NC, interpret=False)
+        for bv in (cfg.state_block_v, cfg.output_block_v, cfg.bwd_sweep_block_v, cfg.bwd_intra_block_v):
+            assert Vp % bv == 0 and 16 <= bv <= 128, (Kp, Vp, cfg)
+        assert Kp * cfg.output_block_v <= 16384, (Kp, Vp, cfg)
+        assert cfg.bwd_kernels == (Kp <= 128)
 
 
-def test_wy_precision_rule():
+def test_config_rule_and_override():
     """The WY kernel's 3 x tf32 block products only where they were measured correct on the
-    H100 (16-bit inputs, Kp <= 128); float32 inputs at Kp = 128 gave a 15% output error there."""
-    fast = wy_mod.X_PRECISION
-    assert fast != jax.lax.Precision.HIGHEST
-    assert wy_mod._x_precision(jnp.bfloat16, 128, False) == fast
-    assert wy_mod._x_precision(jnp.float16, 64, False) == fast
+    H100 (16-bit inputs, Kp <= 128, compiled); float32 inputs at Kp = 128 gave a 15% output
+    error there. A field given in the config overrides its rule and nothing else."""
+    for dtype, Kp in ((jnp.bfloat16, 128), (jnp.float16, 64)):
+        assert _config(Kp=Kp, dtype=dtype, interpret=False).wy_precision == "tf32x3"
     for dtype, Kp, interpret in ((jnp.float32, 64, False), (jnp.float32, 128, False),
                                  (jnp.bfloat16, 256, False), (jnp.bfloat16, 128, True)):
-        assert wy_mod._x_precision(dtype, Kp, interpret) == jax.lax.Precision.HIGHEST
+        assert _config(Kp=Kp, dtype=dtype, interpret=interpret).wy_precision == "highest"
+    base = _config(N=8, H=16, Kp=64, Vp=64, num_chunks=256, dtype=jnp.bfloat16, interpret=False)
+    assert base.fuse_output  # S1: the sweep fills the SMs, short sequences, Kp = 64
+    over = _config(N=8, H=16, Kp=64, Vp=64, num_chunks=256, dtype=jnp.bfloat16, interpret=False,
+                   fuse_output=False, wy_warps=4)
+    assert not over.fuse_output and over.wy_warps == 4
+    assert dataclasses.replace(over, fuse_output=True, wy_warps=base.wy_warps) == base
+    hash(base)  # a static argument
 
 
 @pytest.mark.parametrize("impl", CHUNK_IMPLS)

@@ -6,47 +6,25 @@ through the interpreter, and the compiled kernels where a GPU is present).
 
 from __future__ import annotations
 
-import importlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import RECURRENT_IMPLS
-from helpers import make_inputs, reference, rel_err, tol
+from helpers import GRAD_NAMES, grads, make_inputs, reference, rel_err, tol
 
 import iplr_jax
-
-GRAD_NAMES = ("dq", "dk", "dv", "da", "db", "dh0")
-
-
-def _grads(fn, inputs, h0, *, with_final, seed=0):
-    """Gradients of a random linear functional of (o, final_state) w.r.t. q, k, v, a, b, h0.
-
-    The functional's weights are drawn in float32 and cast up, so the float64 reference and a
-    float32/bf16 implementation differentiate the same functional.
-    """
-
-    def loss(q, k, v, a, b, h0):
-        o, ht = fn(q, k, v, a, b, initial_state=h0, output_final_state=with_final)
-        acc = jnp.promote_types(o.dtype, jnp.float32)
-        draw = lambda s, shape: jax.random.normal(jax.random.PRNGKey(s), shape, jnp.float32).astype(acc)
-        out = jnp.sum(o.astype(acc) * draw(seed, o.shape))
-        if with_final:
-            out = out + jnp.sum(ht.astype(acc) * draw(seed + 1, ht.shape))
-        return out
-
-    return jax.grad(loss, argnums=(0, 1, 2, 3, 4, 5))(*inputs, h0)
+from iplr_jax.triton.config import FusedRecurrentConfig, fused_recurrent_config
 
 
-def _op(impl, *, cu=None, scale=None, jit=False, remat=False):
+def _op(impl, *, cu=None, scale=None, jit=False, remat=False, config=None):
     """fused_recurrent with the call signature of `helpers.reference`; cu_seqlens traced under jit."""
 
     def fn(q, k, v, a, b, initial_state=None, output_final_state=False):
         def inner(q, k, v, a, b, h0, cu):
             return iplr_jax.fused_recurrent(
                 q, k, v, a, b, scale=scale, initial_state=h0, output_final_state=output_final_state,
-                cu_seqlens=cu, implementation=impl,
+                cu_seqlens=cu, implementation=impl, config=config,
             )
 
         if remat:
@@ -70,8 +48,8 @@ def _check(fn, inputs, h0, dtype, *, cu=None, scale=None):
     o2, none = fn(*inputs, initial_state=h0, output_final_state=False)
     assert none is None and rel_err(o2, ro) < eps
     for with_final in (True, False):
-        got = _grads(fn, inputs, h0, with_final=with_final)
-        want = _grads(ref, inputs, h0, with_final=with_final)
+        got = grads(fn, inputs, h0, with_final=with_final)
+        want = grads(ref, inputs, h0, with_final=with_final)
         for name, g, w, x in zip(GRAD_NAMES, got, want, (*inputs, h0), strict=True):
             if x is None:
                 assert g is None
@@ -152,13 +130,11 @@ def test_pallas_compiled_medium(shape, rng):
 
 
 @pytest.mark.parametrize("impl", [i for i in RECURRENT_IMPLS if i != "xla"])
-def test_v_blocks(impl, rng, monkeypatch):
+def test_v_blocks(impl, rng):
     """Several V-blocks per head (forward slabs, backward partials summed over blocks)."""
-    # the module, not the function of the same name that iplr_jax exports
-    fr = importlib.import_module("iplr_jax.fused_recurrent")
-    monkeypatch.setattr(fr, "_config", lambda Kp, Vp, backward, pairs=1: (16, 1))
+    config = FusedRecurrentConfig(fwd_block_v=16, fwd_warps=1, bwd_block_v=16, bwd_warps=1)
     inputs, h0 = make_inputs(rng, 2, 10, 1, 20, 40)  # Vp = 64: four V-blocks
-    _check(_op(impl), inputs, h0, jnp.float32)
+    _check(_op(impl, config=config), inputs, h0, jnp.float32)
 
 
 @pytest.mark.parametrize("Kp", [16, 64, 128, 256])
@@ -168,8 +144,8 @@ def test_backward_blocks_bounded(Kp, Vp, pairs):
     """The backward's V-blocks: a power of two dividing Vp that fits the registers, split below
     the widest only while programs are few, since each block adds float32 partials of size
     [L, H, Kp] for four gradients."""
-    fr = importlib.import_module("iplr_jax.fused_recurrent")
-    bv, warps = fr._config(Kp, Vp, backward=True, pairs=pairs)
+    cfg = fused_recurrent_config(None, pairs=pairs, Kp=Kp, Vp=Vp)
+    bv, warps = cfg.bwd_block_v, cfg.bwd_warps
     widest = min(Vp, 8192 // Kp)
     assert Vp % bv == 0 and bv & (bv - 1) == 0 and Kp * bv <= 8192 and 1 <= warps <= 8
     if bv < widest:  # halved: the programs at twice the block were fewer than 512

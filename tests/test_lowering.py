@@ -10,7 +10,6 @@ only on the GPU (`-k "pallas or gpu"` there).
 
 from __future__ import annotations
 
-import importlib
 import re
 
 import jax
@@ -19,9 +18,7 @@ import pytest
 from jax import export
 
 import iplr_jax
-import iplr_jax._common as common
-
-chunk_module = importlib.import_module("iplr_jax.chunk")  # `iplr_jax.chunk` is the function
+import iplr_jax.inputs as inputs_module
 
 TRITON_CALL = "__gpu$xla.gpu.triton"
 WY, STATE, OUT = "iplr_wy_fwd", "iplr_chunk_state_fwd", "iplr_chunk_output_fwd"
@@ -33,7 +30,7 @@ FUSED_BWD = ["iplr_fused_fwd", "iplr_fused_bwd_dS", "iplr_fused_bwd_dq"]
 @pytest.fixture(autouse=True)
 def pretend_gpu(monkeypatch):
     # implementation="pallas" refuses to run without a GPU; lowering for CUDA needs none
-    monkeypatch.setattr(common, "has_gpu", lambda: True)
+    monkeypatch.setattr(inputs_module, "has_gpu", lambda: True)
 
 
 def triton_kernels(fn, *args) -> list[str]:
@@ -88,10 +85,10 @@ def test_chunk_lowers(K, V, dtype, bwd):
 
 @pytest.mark.parametrize("fuse", [False, True])
 @pytest.mark.parametrize("K, V", [(64, 64), (200, 130)])
-def test_chunk_output_variants_lower(monkeypatch, fuse, K, V):
-    monkeypatch.setattr(chunk_module, "FUSE_OUTPUT", fuse)
+def test_chunk_output_variants_lower(fuse, K, V):
     x, _ = specs(2, 100, 2, K, V, jnp.bfloat16)
-    names = triton_kernels(lambda *a: iplr_jax.chunk(*a, implementation="pallas")[0], *x)
+    config = iplr_jax.ChunkConfig(fuse_output=fuse)
+    names = triton_kernels(lambda *a: iplr_jax.chunk(*a, implementation="pallas", config=config)[0], *x)
     assert names == [WY, STATE] + ([] if fuse else [OUT])
 
 

@@ -84,9 +84,23 @@ def test_cu_seqlens_as_list(op):
 
 def test_bad_chunk_size():
     for c in (8, 48, 128):
-        msg = rf"chunk_size must be a power of two in \(16, 32, 64\), got {c}"
+        msg = rf"chunk_size must be one of \(16, 32, 64\), got {c}"
         with pytest.raises(ValueError, match=msg):
             iplr_jax.chunk(*_inputs(), chunk_size=c, implementation="xla")
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("scale", ["auto", True, jnp.ones(2), jnp.int32(2)])
+def test_bad_scale(op, scale):
+    with pytest.raises(ValueError, match=r"scale must be"):
+        OPS[op](*_inputs(), scale=scale)
+
+
+@pytest.mark.parametrize("op", ["chunk", "fused_recurrent"])
+def test_bad_config(op):
+    other = iplr_jax.FusedRecurrentConfig() if op == "chunk" else iplr_jax.ChunkConfig()
+    with pytest.raises(ValueError, match=r"config must be an iplr_jax\."):
+        getattr(iplr_jax, op)(*_inputs(), config=other)
 
 
 @pytest.mark.parametrize("op", ["chunk", "fused_recurrent"])
@@ -120,10 +134,11 @@ def test_default_implementation_keeps_float64(monkeypatch, op):
     """On a GPU `implementation=None` picks the kernels, which compute in float32; float64
     inputs go to the xla path, which stays in float64 (checked here with a pretended GPU: the
     kernels cannot run on a CPU, so picking them would fail)."""
-    import iplr_jax._common as common
+    import iplr_jax.inputs as inputs_module
 
-    monkeypatch.setattr(common, "has_gpu", lambda: True)
-    assert common.resolve_implementation(None, jnp.ones(2, jnp.float32)) == "pallas"
+    monkeypatch.setattr(inputs_module, "has_gpu", lambda: True)
+    ones = inputs_module.Inputs(*(jnp.ones(2, jnp.float32),) * 5)
+    assert inputs_module.resolve_implementation(None, ones) == "pallas"
     rng = np.random.default_rng()
     q, k, v, a, b = (jnp.asarray(rng.standard_normal(x.shape) / 4, jnp.float64) for x in _inputs())
     o, ht = getattr(iplr_jax, op)(q, k, v, a, b, output_final_state=True)

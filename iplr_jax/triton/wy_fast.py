@@ -1,4 +1,4 @@
-"""WY preprocessing of the chunked form (DESIGN.md section 2), as one Pallas (Triton) kernel.
+"""WY preprocessing of the chunked form (docs/chunked.md), as one Pallas (Triton) kernel.
 
 Per chunk of C rows with `A, B, K` ([C, Kp]) and `V` ([C, Vp]):
 
@@ -20,42 +20,24 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
 
-_HI = jax.lax.Precision.HIGHEST
-_F32 = jnp.float32
+from iplr_jax.triton.config import ChunkConfig
+from iplr_jax.triton.helpers import F32, HIGHEST, NN, NT, dot, is_low, mask, tri
+
 SUB = 16  # the diagonal-block size of the triangular inverse (the smallest Triton dot)
-# Precision of the float32 16 x 16 block products that build X off the diagonal and P = X L.
-# Their operands are results, not inputs: tf32 would round them to 11 bits. Three tf32 products
-# (about float32 accuracy, on the matrix units) against HIGHEST (FMA units), H100, bf16, WY alone:
-# S1 0.273 / 0.318 ms, S2 0.373 / 0.420 ms, the same W and U error against float64
-# (benchmarks/results/2026-11-26-H100-session5.md). Only where that was measured and tested:
-# 16-bit inputs at Kp <= 128. With float32 inputs at Kp = 128 the three-tf32 kernel gave a 15%
-# output error on the H100 (test_pallas_medium[*-float32-128]); not understood, so float32
-# inputs, Kp = 256 and the interpreter (the CPU has no tf32) keep HIGHEST.
-X_PRECISION = jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3
+# The float32 16 x 16 block products that build X off the diagonal and P = X L: their operands
+# are results, not inputs, so they run at float32 accuracy, either on the FMA units (HIGHEST) or
+# as three tf32 products on the matrix units; `config.chunk_config` picks (docs/numerics.md).
+PRECISIONS = {"highest": HIGHEST, "tf32x3": jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3}
 
 
-def _x_precision(dtype, Kp: int, interpret: bool):
-    return X_PRECISION if _low(dtype) and Kp <= 128 and not interpret else _HI
-
-
-def _mask(cond, x):
-    # explicit zero of x's dtype: under jax_enable_x64 a bare 0.0 is a float64 literal
-    return jnp.where(cond, x, jnp.zeros((), x.dtype))
-
-
-def _low(dt) -> bool:
-    return jnp.dtype(dt) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-
-
-def _dot(x, y, precision=None, trans_b=False):
-    dims = (((1,), (1 if trans_b else 0,)), ((), ()))
-    return jax.lax.dot_general(x, y, dims, precision=precision, preferred_element_type=_F32)
+def _dot(x, y, precision=None):
+    return dot(x, y, NN, precision)
 
 
 def _input_dot_nt(x, y):
     """x @ y^T of two input tiles: 16-bit inputs on the matrix units as they are (exact
     products, float32 sums); float32 inputs at full precision (these feed the inverse)."""
-    return _dot(x, y, None if _low(x.dtype) else _HI, trans_b=True)
+    return dot(x, y, NT, None if is_low(x.dtype) else HIGHEST)
 
 
 def _inv_diag_blocks(lows):
@@ -63,12 +45,12 @@ def _inv_diag_blocks(lows):
     row r of X is e_r + L[r] X, and the rows above r are final when row r is formed. All
     blocks advance in the same loop, so the dependent chain is 15 steps whatever C is."""
     rows = jax.lax.broadcasted_iota(jnp.int32, (SUB, SUB), 0)
-    eye = (rows == jax.lax.broadcasted_iota(jnp.int32, (SUB, SUB), 1)).astype(_F32)
+    eye = (rows == jax.lax.broadcasted_iota(jnp.int32, (SUB, SUB), 1)).astype(F32)
 
     def body(r, xs):
         out = []
         for low, x in zip(lows, xs, strict=True):
-            lr = jnp.sum(_mask(rows == r, low), axis=0)  # L[r, :]
+            lr = jnp.sum(mask(rows == r, low), axis=0)  # L[r, :]
             new = jnp.sum(lr[:, None] * x, axis=0)  # L[r, :] @ X
             out.append(jnp.where(rows == r, x + new[None, :], x))
         return tuple(out)
@@ -91,7 +73,7 @@ def _inverse_blocks(m, nb: int, precision) -> dict:
 
 def _store_lower(ref, x, nb: int):
     """Write the blocks x[i, j] (j <= i) to the [16 nb, 16 nb] `ref`, zeros above."""
-    zero = jnp.zeros((SUB, SUB), _F32)
+    zero = jnp.zeros((SUB, SUB), F32)
     for i in range(nb):
         for j in range(nb):
             ref[pl.ds(i * SUB, SUB), pl.ds(j * SUB, SUB)] = x[i, j] if j <= i else zero
@@ -119,9 +101,7 @@ def _wy_kernel(a_ref, b_ref, k_ref, v_ref, w_ref, u_ref, x_ref=None, *, block_v:
     C = a_ref.shape[0]
     nb = C // SUB
     Vp = v_ref.shape[-1]
-    strict = jax.lax.broadcasted_iota(jnp.int32, (SUB, SUB), 0) > jax.lax.broadcasted_iota(
-        jnp.int32, (SUB, SUB), 1
-    )
+    strict = tri(SUB, strict=True)
 
     def rows(ref, i, cols=slice(None)):
         return ref[pl.ds(i * SUB, SUB), cols]
@@ -134,7 +114,7 @@ def _wy_kernel(a_ref, b_ref, k_ref, v_ref, w_ref, u_ref, x_ref=None, *, block_v:
             m[i, j] = _input_dot_nt(a_i, rows(b_ref, j))
             lak[i, j] = _input_dot_nt(a_i, rows(k_ref, j))
             if j == i:
-                m[i, j], lak[i, j] = _mask(strict, m[i, j]), _mask(strict, lak[i, j])
+                m[i, j], lak[i, j] = mask(strict, m[i, j]), mask(strict, lak[i, j])
 
     x = _inverse_blocks(m, nb, precision)
     if x_ref is not None:
@@ -143,7 +123,7 @@ def _wy_kernel(a_ref, b_ref, k_ref, v_ref, w_ref, u_ref, x_ref=None, *, block_v:
     # W_i = sum_j X_ij A_j (A re-read rather than kept live through the inverse: for Kp = 256
     # the [C, Kp] float32 tile alone would fill the registers);  P = X L, so that
     # U_i = sum_k P_ik V_k needs no [C, V] temporary.
-    f32 = lambda t: t.astype(_F32)
+    f32 = lambda t: t.astype(F32)
     for i in range(nb):
         w = sum(_dot(x[i, j], f32(rows(a_ref, j))) for j in range(i + 1))
         w_ref[pl.ds(i * SUB, SUB), :] = w.astype(w_ref.dtype)
@@ -160,15 +140,8 @@ def _wy_kernel(a_ref, b_ref, k_ref, v_ref, w_ref, u_ref, x_ref=None, *, block_v:
             u_ref[pl.ds(i * SUB, SUB), cols] = u.astype(u_ref.dtype)
 
 
-def _warps(Kp: int) -> int:
-    """H100, bf16, the kernel alone at S1 (Kp 64) / S2 (Kp 128), ms: 1 warp 0.57 / 0.75,
-    2 warps 0.32 / 0.45, 4 warps 0.51 / 0.61, 8 warps 0.97 / 1.10. The substitution's
-    reductions over 16 x 16 tiles want few warps; Kp = 256 tiles want more registers."""
-    return 2 if Kp <= 128 else 4
-
-
 def wy_fwd(
-    a: jax.Array, b: jax.Array, k: jax.Array, v: jax.Array, *, chunk_size: int,
+    a: jax.Array, b: jax.Array, k: jax.Array, v: jax.Array, *, chunk_size: int, config: ChunkConfig,
     out_dtype=None, with_x: bool = False, interpret: bool = False,
 ) -> tuple[jax.Array, ...]:
     """W = X A and U = X strict(A K^T) V for every chunk, X = (I - strict(A B^T))^{-1}.
@@ -176,6 +149,7 @@ def wy_fwd(
     Args:
       a, b, k: [1, L, H, Kp]; v: [1, L, H, Vp]; L a multiple of `chunk_size` (16, 32 or 64),
         Kp and Vp powers of two >= 16.
+      config: a filled `ChunkConfig` (its `wy_*` fields).
       out_dtype: dtype of W and U (default float32).
       with_x: also return X (for the backward).
 
@@ -188,7 +162,7 @@ def wy_fwd(
     C = chunk_size
     if C % SUB or L % C:
         raise ValueError(f"chunk_size must be a multiple of {SUB} dividing L={L}, got {C}")
-    out_dtype = _F32 if out_dtype is None else out_dtype
+    out_dtype = F32 if out_dtype is None else out_dtype
     kspec = pl.BlockSpec((None, C, None, Kp), lambda c, h: (0, c, h, 0))
     vspec = pl.BlockSpec((None, C, None, Vp), lambda c, h: (0, c, h, 0))
     out_specs = [kspec, vspec]
@@ -198,14 +172,17 @@ def wy_fwd(
     ]
     if with_x:
         out_specs.append(pl.BlockSpec((None, None, C, C), lambda c, h: (c, h, 0, 0)))
-        out_shape.append(jax.ShapeDtypeStruct((L // C, H, C, C), _F32))
+        out_shape.append(jax.ShapeDtypeStruct((L // C, H, C, C), F32))
+    kernel = functools.partial(
+        _wy_kernel, block_v=config.wy_block_v, precision=PRECISIONS[config.wy_precision]
+    )
     return tuple(pl.pallas_call(
-        functools.partial(_wy_kernel, block_v=min(Vp, 64), precision=_x_precision(a.dtype, Kp, interpret)),
+        kernel,
         grid=(L // C, H),
         in_specs=[kspec, kspec, kspec, vspec],
         out_specs=out_specs,
         out_shape=out_shape,
-        compiler_params=pltr.CompilerParams(num_warps=_warps(Kp), num_stages=1),
+        compiler_params=pltr.CompilerParams(num_warps=config.wy_warps, num_stages=1),
         interpret=interpret,
         name="iplr_wy_fwd",
     )(a, b, k, v))

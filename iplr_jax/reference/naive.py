@@ -5,7 +5,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from iplr_jax._common import accum_dtype, check_inputs, default_scale
+from iplr_jax.inputs import Inputs, accum_dtype, check_inputs, default_scale, initial_state_or_zeros
+from iplr_jax.layout import sequence_ids
 
 _HI = jax.lax.Precision.HIGHEST
 
@@ -44,26 +45,25 @@ def naive(
       `o` [B, T, H, V] in v's dtype, and the final state [N, H, K, V] (float32, float64 for
       float64 inputs) or None.
     """
-    dims = check_inputs(q, k, v, a, b, scale=scale, initial_state=initial_state, cu_seqlens=cu_seqlens)
+    x = Inputs(q, k, v, a, b)
+    dims = check_inputs(x, scale=scale, initial_state=initial_state, cu_seqlens=cu_seqlens)
     B, T, H, K, V, N = dims
-    acc = accum_dtype(q, k, v, a, b)
+    acc = accum_dtype(x)
     scale = default_scale(scale, K)
-    h0 = (
-        jnp.zeros((N, H, K, V), acc) if initial_state is None else jnp.asarray(initial_state, acc)
-    )
+    h0 = initial_state_or_zeros(initial_state, dims, acc)
     # time-major [T, B, H, D]
-    xs = tuple(jnp.moveaxis(jnp.asarray(x, acc), 1, 0) for x in (q, k, v, a, b))
+    xs = tuple(jnp.moveaxis(jnp.asarray(y, acc), 1, 0) for y in x)
 
     if cu_seqlens is None:
-        def body(S, x):
-            return _step(S, *x, scale)
+        def body(S, xt):
+            return _step(S, *xt, scale)
 
         S, o = jax.lax.scan(body, h0, xs)
         final = S
     else:
         cu = jnp.asarray(cu_seqlens, jnp.int32)
         t = jnp.arange(T)
-        seq = jnp.clip(jnp.searchsorted(cu[1:], t, side="right"), 0, N - 1)
+        seq = sequence_ids(cu, t, N)
         start = t == cu[seq]
 
         def body(carry, x):

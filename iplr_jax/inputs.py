@@ -1,0 +1,178 @@
+"""The contract every op shares: the input bundle, validation and the choice of implementation.
+
+Every public op validates here, before any tracing, so a bad call fails with a `ValueError`
+that names the argument, what it got and what it needs (docs/operator.md).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# "pallas": the Pallas kernels compiled for the GPU (today the Triton backend, iplr_jax/triton);
+# "interpret": the same kernels through the Pallas interpreter (CPU testing); "xla": plain jnp.
+IMPLEMENTATIONS = ("pallas", "xla", "interpret")
+CHUNK_SIZES = (16, 32, 64)
+# Largest key head size the Pallas kernels hold in one block (the state slab is [K, BV]).
+MAX_KERNEL_HEAD_DIM = 256
+
+
+class Inputs(NamedTuple):
+    """The per-token inputs, bundled so that they travel together through every layer (a new
+    input, such as a gate, is one field here rather than a change to every signature).
+
+    q, k, a, b: [B, T, H, K]; v: [B, T, H, V] (or the chunk-aligned [1, L, H, Kp/Vp] inside the
+    kernels' wrappers).
+    """
+
+    q: jax.Array
+    k: jax.Array
+    v: jax.Array
+    a: jax.Array
+    b: jax.Array
+
+    def map(self, fn) -> Inputs:
+        """`fn` applied to every input (each field, by name: `fn(name, x)`)."""
+        return Inputs(*(fn(name, x) for name, x in zip(self._fields, self, strict=True)))
+
+
+class Dims(NamedTuple):
+    B: int  # batch (1 when packed)
+    T: int  # tokens per batch row
+    H: int  # heads
+    K: int  # key / low-rank head size
+    V: int  # value head size
+    N: int  # number of sequences (B, or len(cu_seqlens) - 1 when packed)
+
+
+def has_gpu() -> bool:
+    try:
+        return any(d.platform == "gpu" for d in jax.devices())
+    except RuntimeError:
+        return False
+
+
+def resolve_implementation(implementation: str | None, x: Inputs) -> str:
+    """`None` -> the fastest available: "pallas" on a GPU, "xla" elsewhere, and "xla" for
+    float64 inputs everywhere (the kernels compute in float32, the xla path in float64)."""
+    if implementation is None:
+        if any(jnp.result_type(y) == jnp.float64 for y in x):
+            return "xla"
+        return "pallas" if has_gpu() else "xla"
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(
+            f"implementation must be one of {IMPLEMENTATIONS} or None, got {implementation!r}"
+        )
+    if implementation == "pallas" and not has_gpu():
+        raise ValueError(
+            'implementation="pallas" needs a GPU (the kernels use the Triton backend); '
+            'use "xla" on CPU/TPU, or "interpret" to run the kernels through the Pallas interpreter'
+        )
+    return implementation
+
+
+def shape_of(x) -> tuple[int, ...]:
+    return tuple(getattr(x, "shape", np.shape(x)))
+
+
+def check_inputs(
+    x: Inputs, *, scale=None, initial_state=None, cu_seqlens=None, chunk_size=None,
+    implementation: str = "xla",
+) -> Dims:
+    """Validates the arguments shared by `naive`, `chunk` and `fused_recurrent`."""
+    for name, y in zip(x._fields, x, strict=True):
+        if len(shape_of(y)) != 4:
+            want = "[B, T, H, V]" if name == "v" else "[B, T, H, K]"
+            raise ValueError(f"{name} must have shape {want}, got shape {shape_of(y)}")
+        if not jnp.issubdtype(jnp.result_type(y), jnp.floating):
+            raise ValueError(f"{name} must be a floating-point array, got dtype {jnp.result_type(y)}")
+    B, T, H, K = shape_of(x.q)
+    for name in ("k", "a", "b"):
+        if shape_of(getattr(x, name)) != (B, T, H, K):
+            raise ValueError(
+                f"{name} must have the shape of q, [B, T, H, K] = {(B, T, H, K)}, "
+                f"got {shape_of(getattr(x, name))}"
+            )
+    if shape_of(x.v)[:3] != (B, T, H):
+        raise ValueError(
+            f"v must have shape [B, T, H, V] = ({B}, {T}, {H}, V) to match q, got {shape_of(x.v)}"
+        )
+    V = shape_of(x.v)[3]
+    if min(K, V) < 1:
+        raise ValueError(f"head sizes must be positive, got K={K} (q.shape[-1]) and V={V} (v.shape[-1])")
+    if T < 1:
+        raise ValueError(f"q must hold at least one token, got T={T} in q.shape={shape_of(x.q)}")
+    if implementation in ("pallas", "interpret") and K > MAX_KERNEL_HEAD_DIM:
+        raise ValueError(
+            f"the Pallas kernels support K <= {MAX_KERNEL_HEAD_DIM}, got K={K} "
+            f"(q.shape={shape_of(x.q)}); use implementation='xla' for larger heads"
+        )
+    if scale is not None:
+        is_number = isinstance(scale, (int, float)) and not isinstance(scale, bool)
+        if not is_number:
+            if not hasattr(scale, "dtype") or not jnp.issubdtype(jnp.result_type(scale), jnp.floating):
+                raise ValueError(
+                    f"scale must be a number or a floating-point scalar array (or None for "
+                    f"K ** -0.5), got {scale!r}"
+                )
+            if shape_of(scale) != ():
+                raise ValueError(f"scale must be a scalar, got shape {shape_of(scale)}")
+    if chunk_size is not None and chunk_size not in CHUNK_SIZES:
+        raise ValueError(f"chunk_size must be one of {CHUNK_SIZES}, got {chunk_size!r}")
+
+    N = B
+    if cu_seqlens is not None:
+        if isinstance(cu_seqlens, (list, tuple)):  # offsets typed in by hand
+            cu_seqlens = np.asarray(cu_seqlens)
+        if len(shape_of(cu_seqlens)) != 1 or shape_of(cu_seqlens)[0] < 2:
+            raise ValueError(
+                f"cu_seqlens must have shape [N + 1] with N >= 1, got shape {shape_of(cu_seqlens)}"
+            )
+        if not jnp.issubdtype(jnp.result_type(cu_seqlens), jnp.integer):
+            raise ValueError(f"cu_seqlens must be integer offsets, got dtype {jnp.result_type(cu_seqlens)}")
+        if B != 1:
+            raise ValueError(
+                f"with cu_seqlens the sequences are packed into a batch of 1: q must have shape "
+                f"[1, T, H, K], got {shape_of(x.q)}"
+            )
+        N = shape_of(cu_seqlens)[0] - 1
+        if not isinstance(cu_seqlens, jax.core.Tracer):
+            cu = np.asarray(cu_seqlens)
+            if cu[0] != 0 or cu[-1] != T or np.any(np.diff(cu) < 0):
+                raise ValueError(
+                    f"cu_seqlens must be non-decreasing offsets from 0 to T={T}, got {cu.tolist()}"
+                )
+    if initial_state is not None and shape_of(initial_state) != (N, H, K, V):
+        what = "N = len(cu_seqlens) - 1" if cu_seqlens is not None else "N = B"
+        raise ValueError(
+            f"initial_state must have shape [N, H, K, V] = {(N, H, K, V)} ({what}), "
+            f"got {shape_of(initial_state)}"
+        )
+    return Dims(B, T, H, K, V, N)
+
+
+def default_scale(scale, K: int):
+    return K**-0.5 if scale is None else scale
+
+
+def static_scale(q: jax.Array, scale) -> tuple[jax.Array, float]:
+    """The kernels take `scale` as a Python float; a traced one (under jit) is folded into q."""
+    try:
+        return q, float(scale)
+    except jax.errors.ConcretizationTypeError:
+        return (q * scale).astype(q.dtype), 1.0
+
+
+def accum_dtype(x: Inputs) -> jnp.dtype:
+    """float32 accumulation, float64 when any input is float64 (the oracle)."""
+    return jnp.float64 if any(jnp.result_type(y) == jnp.float64 for y in x) else jnp.float32
+
+
+def initial_state_or_zeros(initial_state, dims: Dims, dtype) -> jax.Array:
+    """h0 [N, H, K, V] in `dtype`: the given state, or zeros."""
+    if initial_state is None:
+        return jnp.zeros((dims.N, dims.H, dims.K, dims.V), dtype)
+    return jnp.asarray(initial_state, dtype)

@@ -1,0 +1,1 @@
+"""The oracles, in plain jnp: the step-by-step recurrence (`naive`) and the chunked form."""

@@ -1,0 +1,194 @@
+"""The chunked form in plain jnp: the "xla" implementation of `chunk` (runs anywhere, a second
+oracle) and the backward equations on the kernels' aligned layout (the backward kernels' oracle,
+and their fallback where Kp is too large for them).
+
+Per chunk of C steps (docs/chunked.md), with S0 the state before the chunk:
+
+    X  = (I - strict(A B^T))^{-1}                  # block forward substitution
+    W  = X A,  U = X strict(A K^T) V
+    V2 = U + W S0                                  # the pseudo-values a_t^T S_{t-1}
+    O  = scale (Q S0 + incl(Q K^T) V + incl(Q B^T) V2)
+    S_C = S0 + K^T V + B^T V2
+
+Everything is batched over chunks except the S0 -> S_C scan. `chunk_xla`'s gradients come from
+autodiff.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from iplr_jax.inputs import Dims, Inputs
+from iplr_jax.layout import make_layout, sequence_ids, to_chunks
+
+_HI = jax.lax.Precision.HIGHEST
+
+
+def _tril(x, k):
+    C = x.shape[-1]
+    return jnp.where(jnp.tri(C, k=k, dtype=bool), x, 0)
+
+
+def unit_lower_inverse(L: jax.Array) -> jax.Array:
+    """(I - L)^{-1} for strictly lower-triangular L [..., C, C], C a power of two.
+
+    Block forward substitution from the bottom up: with the s x s diagonal blocks of the
+    inverse known, each pair merges as [[Xa, 0], [Xd L21 Xa, Xd]]. Matrix products only, as
+    stable as substitution (unlike the Neumann product (I + L)(I + L^2)..., whose powers of L
+    grow combinatorially when consecutive a, b align), and cheap to differentiate. Used
+    instead of `solve_triangular`, whose gradient deadlocks at random on jax 0.10.2's CPU
+    runtime (a batched LAPACK trsm custom call).
+    """
+    C = L.shape[-1]
+    batch = L.shape[:-2]
+    X = jnp.ones(batch + (C, 1, 1), L.dtype)  # the 1 x 1 diagonal blocks of a unit triangle
+    s = 1
+    while s < C:
+        n = C // (2 * s)
+        # L21 of each 2s x 2s diagonal block: rows of its second half, columns of its first
+        Lb = L.reshape(batch + (n, 2, s, n, 2, s))
+        L21 = jnp.diagonal(Lb[..., :, 1, :, :, 0, :], axis1=-4, axis2=-2)  # [..., s, s, n]
+        L21 = jnp.moveaxis(L21, -1, -3)  # [..., n, s, s]
+        Xa, Xd = X[..., 0::2, :, :], X[..., 1::2, :, :]
+        Xc = jnp.einsum("...ij,...jk,...kl->...il", Xd, L21, Xa)
+        top = jnp.concatenate([Xa, jnp.zeros_like(Xa)], axis=-1)
+        X = jnp.concatenate([top, jnp.concatenate([Xc, Xd], axis=-1)], axis=-2)
+        s *= 2
+    return X[..., 0, :, :]
+
+
+def chunk_xla(x: Inputs, *, scale, h0, cu_seqlens, chunk_size: int, dims: Dims):
+    """The chunked form of x (q, k, a, b [B, T, H, K], v [B, T, H, V]) from h0 [N, H, K, V].
+
+    Returns (o [B, T, H, V] in h0's dtype, the accumulation dtype; final state [N, H, K, V]).
+    """
+    B, T, H, K, V, N = dims
+    C = chunk_size
+    acc = h0.dtype
+    if cu_seqlens is None:
+        nt = -(-T // C)
+
+        def split(x):  # [B, T, H, D] -> [B, NT, H, C, D]
+            x = jnp.pad(x, ((0, 0), (0, nt * C - T), (0, 0), (0, 0)))
+            return x.reshape(B, nt, C, H, -1).swapaxes(2, 3).astype(acc)
+
+        seq = start = None
+    else:
+        layout = make_layout(dims, cu_seqlens, C)
+        nt = layout.num_chunks
+
+        def split(x):
+            return to_chunks(x, layout).reshape(1, nt, C, H, -1).swapaxes(2, 3).astype(acc)
+
+        c = jnp.arange(nt)
+        seq = sequence_ids(layout.cu_chunks, c, N)
+        start = c == layout.cu_chunks[seq]
+        valid = c < layout.cu_chunks[-1]
+
+    q, k, v, a, b = (split(y) for y in x)
+    mm = lambda x, y: jnp.einsum("...ij,...jk->...ik", x, y)  # noqa: E731
+    mmT = lambda x, y: jnp.einsum("...ij,...kj->...ik", x, y)  # noqa: E731  x @ y^T
+
+    X = unit_lower_inverse(_tril(mmT(a, b), -1))
+    w, u = mm(X, a), mm(mm(X, _tril(mmT(a, k), -1)), v)
+
+    # scan over chunks: inputs [NT, R, H, C, D]
+    xs = tuple(jnp.moveaxis(y, 1, 0) for y in (w, u, k, v, b))
+
+    def advance(S, w_c, u_c, k_c, v_c, b_c):
+        v2 = u_c + mm(w_c, S)
+        S_next = S + mm(k_c.swapaxes(-1, -2), v_c) + mm(b_c.swapaxes(-1, -2), v2)
+        return S_next, v2
+
+    if seq is None:
+        def body(S, x):
+            S_next, v2 = advance(S, *x)
+            return S_next, (S, v2)
+
+        final, (s0, v2) = jax.lax.scan(body, h0, xs)
+    else:
+        def body(carry, x):
+            S, final = carry
+            seq_c, start_c, valid_c, xc = x
+            S = jnp.where(start_c, h0[seq_c][None], S)
+            S_next, v2 = advance(S, *xc)
+            final = jnp.where(valid_c, final.at[seq_c].set(S_next[0]), final)
+            return (S_next, final), (S, v2)
+
+        (_, final), (s0, v2) = jax.lax.scan(body, (h0[:1], h0), (seq, start, valid, xs))
+    s0, v2 = jnp.moveaxis(s0, 0, 1), jnp.moveaxis(v2, 0, 1)  # [R, NT, H, K, V], [R, NT, H, C, V]
+
+    o = mm(q, s0) + mm(_tril(mmT(q, k), 0), v) + mm(_tril(mmT(q, b), 0), v2)
+    o = (scale * o).swapaxes(2, 3).reshape(o.shape[0], nt * C, H, V)
+    if cu_seqlens is None:
+        o = o[:, :T]
+    else:
+        o = jnp.take(o[0], layout.dst, axis=0)[None]
+    return o, final
+
+
+def chunk_bwd_aligned(x: Inputs, h, v_new, cu_chunks, do, dht, *, scale, chunk_size):
+    """The backward of the chunked form on the kernels' aligned layout, in jnp (float64 when any
+    input is float64): the equations of docs/chunked.md, batched over chunks but for the dS scan.
+
+    Args:
+      x: q, k, a, b [1, L, H, Kp] and v [1, L, H, Vp], L = NC * chunk_size.
+      h: [NC, H, Kp, Vp] state before each chunk; v_new: [1, L, H, Vp] V2.
+      cu_chunks: int32 [N + 1] chunk offsets of the sequences (may be traced).
+      do: [1, L, H, Vp]; dht: [N, H, Kp, Vp].
+
+    Returns:
+      dq, dk, dv, da, db in the inputs' dtypes and dh0 [N, H, Kp, Vp] (at least float32).
+    """
+    q, k, v, a, b = x
+    C = chunk_size
+    _, L, H, _ = q.shape
+    NC, N = L // C, dht.shape[0]
+    acc = jnp.float64 if any(x.dtype == jnp.float64 for x in (q, k, v, a, b, h, v_new, do)) else jnp.float32
+    split = lambda x: x[0].reshape(NC, C, H, -1).transpose(0, 2, 1, 3).astype(acc)  # [NC, H, C, D]
+    Q, Kc, Vc, A, B, V2, dO = (split(x) for x in (q, k, v, a, b, v_new, do))
+    S0 = h.astype(acc)
+    mm = lambda x, y: jnp.einsum("...ij,...jk->...ik", x, y, precision=_HI)
+    mmT = lambda x, y: jnp.einsum("...ij,...kj->...ik", x, y, precision=_HI)  # x y^T
+    Tm = lambda x, y: jnp.einsum("...ji,...jk->...ik", x, y, precision=_HI)  # x^T y
+    incl = lambda x: jnp.where(jnp.tri(C, k=0, dtype=bool), x, 0)
+    strict = lambda x: jnp.where(jnp.tri(C, k=-1, dtype=bool), x, 0)
+    X = unit_lower_inverse(strict(mmT(A, B)))
+    W = mm(X, A)
+    Mqk, Mqb, Lak = incl(scale * mmT(Q, Kc)), incl(scale * mmT(Q, B)), strict(mmT(A, Kc))
+
+    cu = jnp.asarray(cu_chunks, jnp.int32)
+    c = jnp.arange(NC)
+    seq = sequence_ids(cu, c, N)
+    last = c == cu[seq + 1] - 1
+    valid = c < cu[-1]
+    dht = dht.astype(acc)
+
+    def body(ds, xs):
+        dO_c, Q_c, B_c, W_c, Mqb_c, seq_c, last_c, valid_c = xs
+        ds = jnp.where(valid_c, jnp.where(last_c, dht[seq_c], ds), 0)
+        dv2 = Tm(Mqb_c, dO_c) + mm(B_c, ds)
+        ds0 = ds + scale * Tm(Q_c, dO_c) + Tm(W_c, dv2)
+        return ds0, (ds, ds0)
+
+    _, (dSC, dS0) = jax.lax.scan(
+        body, jnp.zeros_like(dht[0]), (dO, Q, B, W, Mqb, seq, last, valid), reverse=True
+    )
+    nonempty = (cu[1:] > cu[:-1])[:, None, None, None]
+    dh0 = jnp.where(nonempty, dS0[jnp.clip(cu[:-1], 0, NC - 1)], dht)
+
+    dV2 = Tm(Mqb, dO) + mm(B, dSC)
+    dZ = Tm(X, dV2)
+    dV = Tm(Mqk, dO) + mm(Kc, dSC) + Tm(Lak, dZ)
+    dOV, dOV2 = incl(mmT(dO, Vc)), incl(mmT(dO, V2))
+    dZV, dZV2 = strict(mmT(dZ, Vc)), strict(mmT(dZ, V2))
+    dQ = scale * (mmT(dO, S0) + mm(dOV, Kc) + mm(dOV2, B))
+    dK = scale * Tm(dOV, Q) + mmT(Vc, dSC) + Tm(dZV, A)
+    dA = mmT(dZ, S0) + mm(dZV, Kc) + mm(dZV2, B)
+    dB = scale * Tm(dOV2, Q) + mmT(V2, dSC) + Tm(dZV2, A)
+    merge = lambda g, like: g.transpose(0, 2, 1, 3).reshape(1, L, H, -1).astype(like.dtype)
+    return (
+        merge(dQ, q), merge(dK, k), merge(dV, v), merge(dA, a), merge(dB, b),
+        dh0.astype(jnp.promote_types(acc, jnp.float32)),
+    )

@@ -1,0 +1,215 @@
+"""Forward kernels of the chunked form (docs/chunked.md), Pallas on the Triton backend.
+
+Up to three passes:
+  1. `wy_fast.wy_fwd`: W, U (and X for the backward) per (chunk, head), parallel over chunks.
+  2. `_state_kernel`: per (sequence, head, V-block) the sequential S0 -> S_C sweep; writes the
+     residuals h (state before each chunk) and v_new (V2), and optionally the output too.
+  3. `_output_kernel`: O per (chunk, head, V-block) from h and v_new, parallel over chunks.
+Fusing 3 into 2 saves re-reading h and v_new (and, when no gradient is taken, writing them) at
+the price of recomputing Q K^T and Q B^T per V-block on the sequential path; `config.fuse_output`
+says when (`config.chunk_config`).
+
+Dot operands (docs/numerics.md): products of two inputs (Q K^T, Q B^T, K^T V, incl(Q K^T) V)
+take the inputs' dtype (bf16 matrix units, exact products, float32 accumulation); products with
+the float32 state or V2 in the sweep (W S0, B^T V2) take float32 operands (tf32 on the GPU) so
+the carried state is never rounded to 16 bits. The output's incl(Q B^T) V2 feeds no later
+step: for 16-bit inputs it runs in 16 bits (`config.low_precision_v2`). W and U are stored in
+the inputs' dtype, h too.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltr
+
+from iplr_jax.inputs import Inputs
+from iplr_jax.triton.config import ChunkConfig
+from iplr_jax.triton.helpers import F32, NT, TN, dot, mask, tri
+from iplr_jax.triton.wy_fast import wy_fwd
+
+
+class Residuals(NamedTuple):
+    """What the forward keeps for `chunk_bwd.chunk_bwd` (aligned layout, see `chunk_fwd`)."""
+
+    h: jax.Array  # [NC, H, Kp, Vp] state before each chunk, inputs' dtype; zero past the end
+    v_new: jax.Array  # [1, L, H, Vp] float32, V2[t] = a_t^T S_{t-1}; zero in padding rows
+    x: jax.Array  # [NC, H, C, C] float32, X = (I - strict(A B^T))^{-1} per chunk
+    w: jax.Array  # [1, L, H, Kp] inputs' dtype, W = X A
+
+
+def _chunk_output(q, k, b, v, v2, s0, dt, scale, low_v2):
+    """scale (Q S0 + incl(Q K^T) V + incl(Q B^T) V2) for one chunk, float32 [C, BV].
+    `low_v2`: incl(Q B^T) V2 with both operands rounded to the inputs' dtype."""
+    incl = tri(q.shape[0], strict=False)
+    qk = mask(incl, dot(q, k, NT))
+    qb = mask(incl, dot(q, b, NT))
+    qb_v2 = dot(qb.astype(dt), v2.astype(dt)) if low_v2 else dot(qb, v2.astype(F32))
+    o = dot(q, s0.astype(dt)) + dot(qk.astype(dt), v) + qb_v2
+    return scale * o
+
+
+def _state_kernel(
+    cu_ref, w_ref, u_ref, k_ref, b_ref, v_ref, h0_ref, *refs, chunk_size, num_chunks, residuals,
+    fuse, scale, low_v2,
+):
+    """One (sequence n, head, V-block): S [Kp, BV] float32 carried over the sequence's chunks.
+
+    Bytes per chunk: reads W, K, B [C, Kp] and U, V [C, BV] (input dtype); writes h [Kp, BV]
+    (input dtype) and v_new [C, BV] (float32; 16-bit when only the output reads it) when
+    residuals are wanted; fused, it also reads Q [C, Kp] and writes O [C, BV]. The state never
+    leaves registers between chunks. BV is small (16-64) so that S and the [C, Kp] operand tiles
+    fit for Kp up to 256, and so that N * H * (Vp / BV) programs fill the GPU: this sweep is
+    latency-bound.
+    """
+    refs = list(refs)
+    q_ref = refs.pop(0) if fuse else None
+    ht_ref = refs.pop(0)
+    h_ref, vn_ref = (refs.pop(0), refs.pop(0)) if residuals else (None, None)
+    o_ref = refs.pop(0) if fuse else None
+    C, dt = chunk_size, k_ref.dtype
+    n = pl.program_id(0)
+    start, end = cu_ref[n], cu_ref[n + 1]
+
+    def body(c, s):
+        r = pl.ds(c * C, C)
+        if residuals:
+            h_ref[c] = s.astype(h_ref.dtype)
+        v2 = u_ref[r, :].astype(F32) + dot(w_ref[r, :].astype(F32), s)  # V2 = U + W S0
+        if residuals:
+            vn_ref[r, :] = v2.astype(vn_ref.dtype)
+        k, b, v = k_ref[r, :], b_ref[r, :], v_ref[r, :]
+        if fuse:
+            o = _chunk_output(q_ref[r, :], k, b, v, v2, s, dt, scale, low_v2)
+            o_ref[r, :] = o.astype(o_ref.dtype)
+        return s + dot(k, v, TN) + dot(b.astype(F32), v2, TN)  # S0 + K^T V + B^T V2
+
+    # A plain loop: Triton pipelines these tile loads itself, since they feed dots (loading the
+    # next chunk by hand measured slower, benchmarks/NOTES.md).
+    s = jax.lax.fori_loop(start, end, body, h0_ref[...].astype(F32))
+    ht_ref[...] = s  # an empty sequence keeps h0
+
+    if residuals or fuse:
+        # The last program of each (head, V-block) zero-fills the padding chunks past
+        # cu_chunks[-1], so no residual the backward reads is ever uninitialised memory.
+        def zero(c, carry):
+            r = pl.ds(c * C, C)
+            if residuals:
+                h_ref[c] = jnp.zeros(h_ref.shape[1:], h_ref.dtype)
+                vn_ref[r, :] = jnp.zeros((C, vn_ref.shape[-1]), vn_ref.dtype)
+            if fuse:
+                o_ref[r, :] = jnp.zeros((C, o_ref.shape[-1]), o_ref.dtype)
+            return carry
+
+        stop = jnp.where(n == pl.num_programs(0) - 1, jnp.int32(num_chunks), end)
+        jax.lax.fori_loop(end, stop, zero, jnp.int32(0))
+
+
+def _output_kernel(q_ref, k_ref, b_ref, v_ref, vn_ref, h_ref, o_ref, *, scale, low_v2):
+    """One (chunk, head, V-block): O = scale (Q S0 + incl(Q K^T) V + incl(Q B^T) V2).
+
+    Bytes: reads Q, K, B [C, Kp], V [C, BV], v_new [C, BV] and h [Kp, BV]; writes O. BV is as
+    wide as registers allow, so Q K^T and Q B^T are recomputed for few V-blocks; chunks are
+    independent, so the grid is large whatever the batch.
+    """
+    o = _chunk_output(
+        q_ref[...], k_ref[...], b_ref[...], v_ref[...], vn_ref[...], h_ref[...], k_ref.dtype, scale,
+        low_v2,
+    )
+    o_ref[...] = o.astype(o_ref.dtype)
+
+
+def output_fwd(q, k, b, v, v_new, h, *, scale, chunk_size, config: ChunkConfig, interpret):
+    """The output pass (`_output_kernel`) over every (chunk, head, V-block): o [1, L, H, Vp]."""
+    _, L, H, Kp = q.shape
+    Vp = v.shape[-1]
+    C, BVo = chunk_size, config.output_block_v
+    kc = pl.BlockSpec((None, C, None, Kp), lambda c, h, j: (0, c, h, 0))
+    vc = pl.BlockSpec((None, C, None, BVo), lambda c, h, j: (0, c, h, j))
+    hc = pl.BlockSpec((None, None, Kp, BVo), lambda c, h, j: (c, h, 0, j))
+    return pl.pallas_call(
+        functools.partial(_output_kernel, scale=scale, low_v2=config.low_precision_v2),
+        grid=(L // C, H, Vp // BVo),
+        in_specs=[kc, kc, kc, vc, vc, hc],
+        out_specs=vc,
+        out_shape=jax.ShapeDtypeStruct((1, L, H, Vp), v.dtype),
+        compiler_params=pltr.CompilerParams(num_warps=config.output_warps, num_stages=2),
+        interpret=interpret,
+        name="iplr_chunk_output_fwd",
+    )(q, k, b, v, v_new, h)
+
+
+def chunk_fwd(
+    x: Inputs, h0, cu_chunks, *, scale, chunk_size, config: ChunkConfig, interpret, residuals=True
+):
+    """Forward of the chunked form on the aligned layout.
+
+    Args:
+      x: q, k, a, b [1, L, H, Kp] and v [1, L, H, Vp] (input dtype), L = NC * chunk_size, Kp and
+        Vp powers of two >= 16.
+      h0: [N, H, Kp, Vp] float32.
+      cu_chunks: int32 [N + 1]; sequence n owns chunks cu_chunks[n] .. cu_chunks[n+1]-1 (may be
+        traced). Chunks at or past cu_chunks[-1] are zero padding.
+      config: a filled `ChunkConfig` (`config.chunk_config`).
+      residuals: also return what the backward needs (False: None, and the kernels may skip
+        writing it; for the primal without a gradient).
+
+    Returns:
+      o [1, L, H, Vp] (v's dtype), ht [N, H, Kp, Vp] float32, and `Residuals` (or None).
+    """
+    q, k, v, a, b = x
+    _, L, H, Kp = q.shape
+    Vp = v.shape[-1]
+    N = h0.shape[0]
+    C = chunk_size
+    NC = L // C
+    dt = k.dtype
+    fuse, low_v2 = config.fuse_output, config.low_precision_v2
+    w, u, *rest = wy_fwd(
+        a, b, k, v, chunk_size=C, config=config, out_dtype=dt, with_x=residuals, interpret=interpret
+    )
+    keep = residuals or not fuse
+    BV = config.state_block_v
+    kfull = pl.BlockSpec((None, L, None, Kp), lambda n, h, j: (0, 0, h, 0))
+    vfull = pl.BlockSpec((None, L, None, BV), lambda n, h, j: (0, 0, h, j))
+    state = pl.BlockSpec((None, None, Kp, BV), lambda n, h, j: (n, h, 0, j))
+    in_specs = [pl.BlockSpec((N + 1,), lambda n, h, j: (0,)), kfull, vfull, kfull, kfull, vfull, state]
+    args = [cu_chunks.astype(jnp.int32), w, u, k, b, v, h0.astype(F32)]
+    out_specs = [state]
+    out_shape = [jax.ShapeDtypeStruct((N, H, Kp, Vp), F32)]
+    if fuse:
+        in_specs.append(kfull)
+        args.append(q)
+    if keep:
+        out_specs += [pl.BlockSpec((NC, None, Kp, BV), lambda n, h, j: (0, h, 0, j)), vfull]
+        out_shape += [
+            jax.ShapeDtypeStruct((NC, H, Kp, Vp), dt),
+            # the backward reads v_new at float32; the output alone rounds it (`low_v2`)
+            jax.ShapeDtypeStruct((1, L, H, Vp), dt if low_v2 and not residuals else F32),
+        ]
+    if fuse:
+        out_specs.append(vfull)
+        out_shape.append(jax.ShapeDtypeStruct((1, L, H, Vp), v.dtype))
+    outs = pl.pallas_call(
+        functools.partial(
+            _state_kernel, chunk_size=C, num_chunks=NC, residuals=keep, fuse=fuse, scale=scale,
+            low_v2=low_v2,
+        ),
+        grid=(N, H, Vp // BV),
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        compiler_params=pltr.CompilerParams(num_warps=config.state_warps, num_stages=config.state_stages),
+        interpret=interpret,
+        name="iplr_chunk_state_fwd",
+    )(*args)
+    ht = outs[0]
+    h, v_new = (outs[1], outs[2]) if keep else (None, None)
+    o = outs[-1] if fuse else output_fwd(
+        q, k, b, v, v_new, h, scale=scale, chunk_size=C, config=config, interpret=interpret
+    )
+    return o, ht, (Residuals(h, v_new, rest[0], w) if residuals else None)

@@ -1,0 +1,163 @@
+"""Kernel configurations of the Triton backend: frozen, hashable values, one rule per kernel.
+
+A config travels as a static argument, so each value compiles its own kernels and a jit cache
+never serves one config's kernels to another. Every field left `None` is filled by the rule
+from the shapes and dtypes (`chunk_config`, `fused_recurrent_config`); set a field to override
+that rule for one call, e.g. `iplr_jax.chunk(..., config=ChunkConfig(fuse_output=False))`.
+The measurements behind each rule are in benchmarks/NOTES.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+from iplr_jax.triton.helpers import is_low
+
+# Streaming multiprocessors of the H100 the rules were tuned on; only steers block sizes.
+NUM_SMS = 132
+# Registers hold about this many float32 state elements per program (the [Kp, BV] slab).
+STATE_ELEMENTS = 8192
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkConfig:
+    """Blocks and choices of the chunked path's kernels (`None`: the rule decides).
+
+    WY kernel (`wy_fast`): `wy_warps`, `wy_block_v` (V-block of U = P V inside the kernel),
+    `wy_precision` of its float32 16 x 16 block products ("highest" or "tf32x3").
+    State sweep (`chunk._state_kernel`): `state_block_v`, `state_warps`, `state_stages`.
+    Output: `fuse_output` (computed in the sweep rather than by `_output_kernel`),
+    `output_block_v`, `output_warps`; `low_precision_v2`: the output's incl(Q B^T) V2 in the
+    inputs' 16-bit dtype.
+    Backward (`chunk_bwd`): `bwd_kernels` (False: the same equations in jnp), the reverse sweep's
+    `bwd_sweep_block_v`, `bwd_sweep_warps`, `bwd_sweep_stages`, the intra-chunk kernel's
+    `bwd_intra_block_v`, `bwd_intra_warps`.
+    """
+
+    wy_warps: int | None = None
+    wy_block_v: int | None = None
+    wy_precision: Literal["highest", "tf32x3"] | None = None
+    state_block_v: int | None = None
+    state_warps: int | None = None
+    state_stages: int | None = None
+    fuse_output: bool | None = None
+    output_block_v: int | None = None
+    output_warps: int | None = None
+    low_precision_v2: bool | None = None
+    bwd_kernels: bool | None = None
+    bwd_sweep_block_v: int | None = None
+    bwd_sweep_warps: int | None = None
+    bwd_sweep_stages: int | None = None
+    bwd_intra_block_v: int | None = None
+    bwd_intra_warps: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class FusedRecurrentConfig:
+    """Blocks of the fused recurrence's kernels (`None`: the rule decides): the forward's and
+    the backward's V-block and warps, and how many tokens ahead rows are loaded (`prefetch`)."""
+
+    fwd_block_v: int | None = None
+    fwd_warps: int | None = None
+    bwd_block_v: int | None = None
+    bwd_warps: int | None = None
+    prefetch: int | None = None
+
+
+def _fill(config, **rules):
+    """`config` with each None field replaced by its rule (a zero-argument callable)."""
+    values = {}
+    for name, rule in rules.items():
+        given = getattr(config, name)
+        values[name] = rule() if given is None else given
+    return dataclasses.replace(config, **values)
+
+
+def _sweep_block_v(N: int, H: int, Kp: int, Vp: int) -> int:
+    """V-block of a sequential sweep over chunks: its [Kp, BV] float32 carry plus the [C, Kp]
+    tiles must fit in registers (BV <= 8192 / Kp); below that, smaller BV until the
+    N * H * Vp / BV programs fill the SMs, since each program is one dependent chain."""
+    bv = min(Vp, max(16, STATE_ELEMENTS // Kp))
+    while bv > 16 and N * H * (Vp // bv) < NUM_SMS:
+        bv //= 2
+    return bv
+
+
+def chunk_config(
+    config: ChunkConfig | None, *, N: int, H: int, Kp: int, Vp: int, num_chunks: int, dtype,
+    interpret: bool,
+) -> ChunkConfig:
+    """The chunked path's config for N sequences of `num_chunks` chunks in all, H heads, padded
+    head sizes Kp, Vp and input dtype `dtype`, with the fields of `config` kept."""
+    c = config or ChunkConfig()
+    low = is_low(dtype)
+    # The substitution's reductions over 16 x 16 tiles want few warps; Kp = 256 tiles more.
+    # tf32x3 only where it was measured correct (16-bit inputs, Kp <= 128, compiled): float32
+    # inputs at Kp = 128 gave a 15% output error on the H100 (benchmarks/NOTES.md), and the
+    # interpreter has no tf32.
+    c = _fill(
+        c,
+        wy_warps=lambda: 2 if Kp <= 128 else 4,
+        wy_block_v=lambda: min(Vp, 64),
+        wy_precision=lambda: "tf32x3" if low and Kp <= 128 and not interpret else "highest",
+        state_block_v=lambda: _sweep_block_v(N, H, Kp, Vp),
+        low_precision_v2=lambda: low,
+    )
+    programs = N * H * (Vp // c.state_block_v)
+    # Fusing the output adds Q K^T, Q B^T and three more dots to every step of the sequential
+    # chain; it pays only when the sweep already fills the SMs, each program walks few chunks
+    # and the [C, Kp] products are small: Kp <= 64 (measured at S1-S3).
+    fuse = programs >= NUM_SMS and num_chunks / max(N, 1) <= 64 and Kp <= 64
+    c = _fill(c, fuse_output=lambda: fuse)
+    c = _fill(
+        c,
+        # the fused step holds Q, K, B tiles and two [C, C] products besides S: more warps
+        state_warps=lambda: (
+            8 if Kp * c.state_block_v >= STATE_ELEMENTS or (c.fuse_output and Kp >= 128) else 4
+        ),
+        # two stages double-buffer the [C, Kp] tiles: ~200 KB of shared memory at Kp = 256
+        state_stages=lambda: 2 if Kp <= 128 else 1,
+        # [C, Kp] tiles of Q, K, B, h [Kp, BV] and O [C, BV]: one V-block of 128 at Kp <= 128
+        output_block_v=lambda: min(Vp, 128, 16384 // Kp),
+        output_warps=lambda: 4 if Kp <= 128 else 8,
+        # Kp = 256: the kernels' [C, Kp] dot operands exceed shared memory (K = 200, float32:
+        # 384 KB requested, 227 KB available), so the backward runs in jnp there.
+        bwd_kernels=lambda: Kp <= 128,
+        bwd_sweep_block_v=lambda: _sweep_block_v(N, H, Kp, Vp),
+    )
+    return _fill(
+        c,
+        bwd_sweep_warps=lambda: 8 if Kp * c.bwd_sweep_block_v >= STATE_ELEMENTS else 4,
+        bwd_sweep_stages=lambda: 2 if Kp <= 128 else 1,
+        # all of V up to 128 (one block, no partial sums) unless [C, Kp] tiles fill registers
+        bwd_intra_block_v=lambda: min(Vp, 128 if Kp <= 128 else 64),
+        bwd_intra_warps=lambda: 8,
+    )
+
+
+def fused_recurrent_config(
+    config: FusedRecurrentConfig | None, *, pairs: int, Kp: int, Vp: int
+) -> FusedRecurrentConfig:
+    """The fused recurrence's config for `pairs` = sequences x heads programs per V-block.
+
+    Forward: V-blocks of 32 columns (splitting further to occupy more SMs measured slower).
+    Backward: the widest block that fits (8192 state elements), halved while there are fewer
+    than 512 programs, down to 16 at Kp <= 64 and 32 above. Each V-block adds a float32
+    [L, H, Kp] partial of dk, db, dq and da, so the halving stops once programs are many.
+    Rows are loaded two tokens ahead (`helpers.prefetched_loop`).
+    """
+    c = config or FusedRecurrentConfig()
+
+    def bwd_block_v():
+        bv, smallest = min(Vp, STATE_ELEMENTS // Kp), (16 if Kp <= 64 else 32)
+        while bv > smallest and pairs * (Vp // bv) < 512:
+            bv //= 2
+        return bv
+
+    c = _fill(c, fwd_block_v=lambda: min(Vp, 32), bwd_block_v=bwd_block_v, prefetch=lambda: 2)
+    return _fill(
+        c,
+        fwd_warps=lambda: max(2, min(8, Kp * c.fwd_block_v // 1024)),
+        bwd_warps=lambda: max(1, min(8, Kp * c.bwd_block_v // 2048)),
+    )
