@@ -68,7 +68,8 @@ def profile_chunk(label, B, T, H, K, V, dtype, interpret, C=64):
     wy = jax.jit(functools.partial(wy_fwd, chunk_size=C, config=cfg, out_dtype=dtype, interpret=interpret))
     rows = [(label, "wy_fwd", median_ms(wy, a, b, k, v))]
     for fuse in (False, True):
-        f = jax.jit(functools.partial(ck.chunk_fwd, residuals=False, config=rule(ChunkConfig(fuse_output=fuse)), **kw))
+        cfg_f = rule(ChunkConfig(fuse_output=fuse))
+        f = jax.jit(functools.partial(ck.chunk_fwd, residuals=False, config=cfg_f, **kw))
         name = f"chunk_fwd total, {'fused' if fuse else 'separate'}"
         rows.append((label, name, median_ms(f, x, h0, cu)))
     _, _, res = jax.jit(functools.partial(ck.chunk_fwd, config=cfg, **kw))(x, h0, cu)
@@ -87,7 +88,8 @@ def profile_chunk(label, B, T, H, K, V, dtype, interpret, C=64):
         (label, "output kernel alone", median_ms(out, q, k, b, v, v_new, res.h)),
         (label, "wy_fwd with X (fwd with residuals)", median_ms(wy_x, a, b, k, v)),
         (label, "bwd: dS sweep", median_ms(sweep, q, b, res.w, do, dht, cu)),
-        (label, "bwd: intra-chunk grads", median_ms(intra, q, k, v, a, b, res.h, res.v_new, do, dsc, res.x, cu)),
+        (label, "bwd: intra-chunk grads",
+         median_ms(intra, q, k, v, a, b, res.h, res.v_new, do, dsc, res.x, cu)),
         (label, "bwd total", median_ms(bwd, x, res, cu, do, dht)),
     ]
     return rows

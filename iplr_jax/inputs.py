@@ -11,6 +11,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import checkify
 
 # "pallas": the Pallas kernels compiled for the GPU (today the Triton backend, iplr_jax/triton);
 # "interpret": the same kernels through the Pallas interpreter (CPU testing); "xla": plain jnp.
@@ -176,3 +177,30 @@ def initial_state_or_zeros(initial_state, dims: Dims, dtype) -> jax.Array:
     if initial_state is None:
         return jnp.zeros((dims.N, dims.H, dims.K, dims.V), dtype)
     return jnp.asarray(initial_state, dtype)
+
+
+def malformed_offsets(cu_seqlens, T: int):
+    """For offsets traced under jit (which `check_inputs` cannot see): (bad, offsets) with `bad`
+    a traced bool, True when they are not non-decreasing offsets from 0 to T, and offsets made
+    safe to index with (non-decreasing, within [0, T]) so no kernel reads out of bounds.
+    (None, cu_seqlens) when there is nothing to check.
+
+    Every op then returns NaN for all outputs and final states (`poison`), never plausible
+    numbers. Under `jax.experimental.checkify.checkify` the same condition is an error.
+    """
+    if cu_seqlens is None or not isinstance(cu_seqlens, jax.core.Tracer):
+        return None, cu_seqlens
+    cu = jnp.asarray(cu_seqlens, jnp.int32)
+    bad = (cu[0] != 0) | (cu[-1] != T) | jnp.any(cu[1:] < cu[:-1])
+    checkify.debug_check(
+        ~bad, f"cu_seqlens must be non-decreasing offsets from 0 to T={T}, got {{cu}}", cu=cu
+    )
+    safe = jnp.clip(jax.lax.cummax(cu), 0, T).at[0].set(0).at[-1].set(T)
+    return bad, safe
+
+
+def poison(bad, *arrays):
+    """The arrays, or all-NaN arrays when the traced `bad` is True (None passes through)."""
+    if bad is None:
+        return arrays
+    return tuple(None if y is None else jnp.where(bad, jnp.asarray(jnp.nan, y.dtype), y) for y in arrays)

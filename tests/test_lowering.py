@@ -101,7 +101,10 @@ def test_chunk_packed_traced_lowers(C):
         kw = dict(cu_seqlens=cu, chunk_size=C, implementation="pallas")
         return loss_grads(iplr_jax.chunk, **kw)(q, k, v, a, b, h0)
 
-    assert triton_kernels(step, *x, h0, cu) == [WY, STATE, SWEEP, INTRA]
+    # the forward with residuals is one partitioned op (iplr_jax/sharding.py), so an output
+    # kernel that no gradient reads may stay in the lowered module (a loss reading o needs it)
+    names = triton_kernels(step, *x, h0, cu)
+    assert [n for n in names if n != OUT] == [WY, STATE, SWEEP, INTRA], names
 
 
 @pytest.mark.parametrize("K, V, dtype", [(k, v, d) for k, v, d, _ in HEADS])

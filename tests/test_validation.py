@@ -146,3 +146,36 @@ def test_default_implementation_keeps_float64(monkeypatch, op):
     assert o.dtype == jnp.float64
     assert float(jnp.max(jnp.abs(o - ro))) < 1e-12 * float(jnp.max(jnp.abs(ro)))
     assert float(jnp.max(jnp.abs(ht - rht))) < 1e-12 * float(jnp.max(jnp.abs(rht)))
+
+
+IMPLS = {"chunk": ["xla", "interpret"], "fused_recurrent": ["xla", "interpret"], "naive": [None]}
+
+
+@pytest.mark.parametrize("op, impl", [(op, i) for op, impls in IMPLS.items() for i in impls])
+@pytest.mark.parametrize("cu", [[0, 10, 30], [0, 30, 10, 40], [3, 20, 40], [0, 20, 45]])
+def test_malformed_traced_cu_seqlens_poison(rng, op, impl, cu):
+    """Offsets traced under jit cannot be checked before tracing: every op and implementation
+    then returns NaN for every output and final state (never plausible numbers), and under
+    checkify the same condition is an error naming the argument."""
+    from jax.experimental import checkify
+
+    fn = getattr(iplr_jax, op)
+    kw = {} if impl is None else dict(implementation=impl)
+    q, k, v, a, b = (jnp.asarray(rng.standard_normal((1, 40, 2, 16)) / 4, jnp.float32) for _ in range(5))
+    N = len(cu) - 1
+    h0 = jnp.asarray(rng.standard_normal((N, 2, 16, 16)), jnp.float32)
+
+    def run(cu):
+        return fn(q, k, v, a, b, initial_state=h0, output_final_state=True, cu_seqlens=cu, **kw)
+
+    o, ht = jax.jit(run)(jnp.asarray(cu, jnp.int32))
+    assert np.all(np.isnan(np.asarray(o))) and np.all(np.isnan(np.asarray(ht)))
+    err, _ = checkify.checkify(jax.jit(run))(jnp.asarray(cu, jnp.int32))
+    msg = r"cu_seqlens must be non-decreasing offsets from 0 to T=40"
+    with pytest.raises(checkify.JaxRuntimeError, match=msg):
+        err.throw()
+    good = jnp.asarray([0, 10, 40] + [40] * (N - 2), jnp.int32)
+    o, ht = jax.jit(run)(good)
+    assert np.all(np.isfinite(np.asarray(o))) and np.all(np.isfinite(np.asarray(ht)))
+    err, _ = checkify.checkify(jax.jit(run))(good)
+    err.throw()  # no error for well-formed offsets

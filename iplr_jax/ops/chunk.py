@@ -2,8 +2,9 @@
 
 Validation and the choice of implementation, then either the jnp chunked form
 (`reference.chunk.chunk_xla`, differentiated by autodiff) or a Pallas backend's kernels on the
-chunk-aligned layout, tied by the `custom_vjp` below (forward `triton.chunk.chunk_fwd`, backward
-`triton.chunk_bwd.chunk_bwd`; docs/architecture.md says where a second backend plugs in).
+chunk-aligned layout: forward `triton.chunk.chunk_fwd`, backward `triton.chunk_bwd.chunk_bwd`,
+tied by a custom_vjp and partitioned over batch and heads (`_chunk_pallas`;
+docs/architecture.md says where a second backend plugs in).
 """
 
 from __future__ import annotations
@@ -21,60 +22,93 @@ from iplr_jax.inputs import (
     check_inputs,
     default_scale,
     initial_state_or_zeros,
+    malformed_offsets,
+    poison,
     resolve_implementation,
     static_scale,
 )
 from iplr_jax.reference.chunk import chunk_xla
+from iplr_jax.sharding import like_inputs, match_vma, partitioned_vjp
 from iplr_jax.triton import chunk as triton_fwd
 from iplr_jax.triton import chunk_bwd as triton_bwd
 from iplr_jax.triton.config import ChunkConfig, chunk_config
 
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
-def _chunk_aligned(x: Inputs, h0, cu_chunks, scale, chunk_size, config, interpret):
-    # no gradient taken: the residuals need not be written
-    o, ht, _ = triton_fwd.chunk_fwd(
-        x, h0, cu_chunks, scale=scale, chunk_size=chunk_size, config=config, interpret=interpret,
-        residuals=False,
-    )
-    return o, ht
-
-
-def _chunk_aligned_fwd(x, h0, cu_chunks, scale, chunk_size, config, interpret):
-    o, ht, res = triton_fwd.chunk_fwd(
-        x, h0, cu_chunks, scale=scale, chunk_size=chunk_size, config=config, interpret=interpret
-    )
-    return (o, ht), (x, res, cu_chunks)
+# The Pallas path as functions of one shard's public-shaped arrays ([B, T, H, D] tokens, [N, H, K,
+# V] states): `sharding.partitioned_vjp` runs them as the op's forward and backward, on every
+# device's own batch / head shard under jit with sharded inputs, as they are inside shard_map
+# or on one device (docs/architecture.md). So the layout, the padding and the kernel config
+# follow the local shapes, and the residuals keep the batch as their leading dimension (free
+# reshapes) so that they shard with it.
+TOKENS, VALUES = "b t h k", "b t h v"
+RESIDUALS = ("b c h kp vp", "b l h vp", "b c h i j", "b l h kp")  # h, v_new, X, W
 
 
-def _chunk_aligned_bwd(scale, chunk_size, config, interpret, saved, cts):
-    x, res, cu_chunks = saved
-    do, dht = cts
-    dx, dh0 = triton_bwd.chunk_bwd(
-        x, res, cu_chunks, do, dht, scale=scale, chunk_size=chunk_size, config=config,
+def _local(q, v, cu, chunk_size, config, interpret, dtype):
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    dims = Dims(B, T, H, K, V, B if cu is None else cu.shape[0] - 1)
+    layout = lay.make_layout(dims, cu, chunk_size)
+    Kp, Vp = lay.next_pow2(K), lay.next_pow2(V)
+    config = chunk_config(
+        config, N=dims.N, H=H, Kp=Kp, Vp=Vp, num_chunks=layout.num_chunks, dtype=dtype,
         interpret=interpret,
     )
-    return dx, dh0, None
+    return dims, layout, Kp, Vp, config
 
 
-_chunk_aligned.defvjp(_chunk_aligned_fwd, _chunk_aligned_bwd)
-
-
-def _chunk_pallas(x: Inputs, *, scale, h0, cu_seqlens, chunk_size, dims: Dims, config, interpret):
-    """Lays the inputs out for the kernels (chunk-aligned sequences, power-of-two heads)."""
-    q, scale = static_scale(x.q, scale)
-    x = x._replace(q=q)
-    layout = lay.make_layout(dims, cu_seqlens, chunk_size)
-    Kp, Vp = lay.next_pow2(dims.K), lay.next_pow2(dims.V)
-    config = chunk_config(
-        config, N=dims.N, H=dims.H, Kp=Kp, Vp=Vp, num_chunks=layout.num_chunks,
-        dtype=jnp.result_type(*x), interpret=interpret,
-    )
-    o, ht = _chunk_aligned(
+def _fwd_shard(q, k, v, a, b, h0, *cu, scale, chunk_size, config, interpret, residuals):
+    """(o, ht) of one shard and, with `residuals`, (h, v_new, X, W) with the batch leading."""
+    x = Inputs(q, k, v, a, b)
+    cu = cu[0] if cu else None
+    dims, layout, Kp, Vp, config = _local(q, v, cu, chunk_size, config, interpret, jnp.result_type(*x))
+    o, ht, res = triton_fwd.chunk_fwd(
         lay.align(x, layout, Kp, Vp), lay.pad_state(h0.astype(jnp.float32), Kp, Vp),
-        layout.cu_chunks, scale, chunk_size, config, interpret,
+        layout.cu_chunks, scale=scale, chunk_size=chunk_size, config=config, interpret=interpret,
+        residuals=residuals,
     )
-    return lay.from_chunks(o, layout)[..., : dims.V], ht[:, :, : dims.K, : dims.V]
+    o, ht = lay.from_chunks(o, layout)[..., : dims.V], ht[:, :, : dims.K, : dims.V]
+    if not residuals:
+        return o, ht
+    per_chunk = lambda y: y.reshape(dims.B, -1, *y.shape[1:])  # [NC, ...] -> [B, NC / B, ...]
+    per_row = lambda y: y.reshape(dims.B, -1, *y.shape[2:])  # [1, L, ...] -> [B, L / B, ...]
+    return o, ht, per_chunk(res.h), per_row(res.v_new), per_chunk(res.x), per_row(res.w)
+
+
+def _bwd_shard(q, k, v, a, b, h0, *rest, scale, chunk_size, config, interpret):
+    """Gradients of q, k, v, a, b, h0 from one shard's inputs, residuals and (do, dht)."""
+    del h0  # the residuals hold the states
+    cu, (h, v_new, xinv, w, do, dht) = (rest[0], rest[1:]) if len(rest) == 7 else (None, rest)
+    x = Inputs(q, k, v, a, b)
+    dims, layout, Kp, Vp, config = _local(q, v, cu, chunk_size, config, interpret, jnp.result_type(*x))
+    flat = lambda y: y.reshape(-1, *y.shape[2:])  # [B, NC / B, ...] -> [NC, ...]
+    row = lambda y: y.reshape(1, -1, *y.shape[2:])  # [B, L / B, ...] -> [1, L, ...]
+    res = triton_fwd.Residuals(flat(h), row(v_new), flat(xinv), row(w))
+    dx, dh0 = triton_bwd.chunk_bwd(
+        lay.align(x, layout, Kp, Vp), res, layout.cu_chunks,
+        lay.pad_last(lay.to_chunks(do, layout), Vp), lay.pad_state(dht.astype(jnp.float32), Kp, Vp),
+        scale=scale, chunk_size=chunk_size, config=config, interpret=interpret,
+    )
+    back = dx.map(lambda name, g: lay.from_chunks(g, layout)[..., : dims.V if name == "v" else dims.K])
+    return (*back, dh0[:, :, : dims.K, : dims.V])
+
+
+def _chunk_pallas(x: Inputs, *, scale, h0, cu_seqlens, chunk_size, config, interpret):
+    """The kernels on every batch / head shard, tied by a custom_vjp (`sharding.partitioned_vjp`)."""
+    q, scale = static_scale(x.q, scale)
+    kw = dict(scale=scale, chunk_size=chunk_size, config=config, interpret=interpret)
+    packed = cu_seqlens is not None
+    state = ("n" if packed else "b") + " h k v"  # packed: one row, heads shard, offsets replicated
+    op = partitioned_vjp(
+        functools.partial(_fwd_shard, residuals=False, **kw),
+        functools.partial(_fwd_shard, residuals=True, **kw),
+        functools.partial(_bwd_shard, **kw),
+        in_specs=[TOKENS, TOKENS, VALUES, TOKENS, TOKENS, state] + (["m"] if packed else []),
+        out_specs=[VALUES, state],
+        res_specs=RESIDUALS,
+        num_diff=6,
+    )
+    cu = (jnp.asarray(cu_seqlens, jnp.int32),) if packed else ()
+    return op(*match_vma(*x._replace(q=q), h0, *cu))
 
 
 def chunk(
@@ -121,13 +155,16 @@ def chunk(
     )
     if config is not None and not isinstance(config, ChunkConfig):
         raise ValueError(f"config must be an iplr_jax.ChunkConfig or None, got {config!r}")
+    bad, cu_seqlens = malformed_offsets(cu_seqlens, dims.T)
     scale = default_scale(scale, dims.K)
-    h0 = initial_state_or_zeros(initial_state, dims, accum_dtype(x))
+    # inside shard_map a zero state must vary over the mesh axes like the inputs it meets
+    h0 = like_inputs(initial_state_or_zeros(initial_state, dims, accum_dtype(x)), *x, scale)
     if impl == "xla":
         o, final = chunk_xla(x, scale=scale, h0=h0, cu_seqlens=cu_seqlens, chunk_size=chunk_size, dims=dims)
     else:
         o, final = _chunk_pallas(
-            x, scale=scale, h0=h0, cu_seqlens=cu_seqlens, chunk_size=chunk_size, dims=dims,
-            config=config, interpret=impl == "interpret",
+            x, scale=scale, h0=h0, cu_seqlens=cu_seqlens, chunk_size=chunk_size, config=config,
+            interpret=impl == "interpret",
         )
-    return o.astype(v.dtype), (final if output_final_state else None)
+    o, final = poison(bad, o.astype(v.dtype), final)
+    return o, (final if output_final_state else None)

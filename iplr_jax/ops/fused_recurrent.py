@@ -1,8 +1,9 @@
 """`fused_recurrent`: IPLR step by step (decoding, small memory).
 
 Validation and the choice of implementation, then either the `lax.scan` recurrence
-(`reference.naive`, differentiated by autodiff) or a Pallas backend's kernels, tied by the
-`custom_vjp` below (`triton.fused_recurrent.fused_fwd` / `fused_bwd`).
+(`reference.naive`, differentiated by autodiff) or a Pallas backend's kernels
+(`triton.fused_recurrent.fused_fwd` / `fused_bwd`), tied by a custom_vjp and partitioned over
+batch and heads (`_fused_recurrent_pallas`).
 """
 
 from __future__ import annotations
@@ -13,61 +14,86 @@ import jax
 import jax.numpy as jnp
 
 from iplr_jax import layout as lay
-from iplr_jax.inputs import Dims, Inputs, check_inputs, default_scale, resolve_implementation, static_scale
+from iplr_jax.inputs import (
+    Inputs,
+    check_inputs,
+    default_scale,
+    initial_state_or_zeros,
+    malformed_offsets,
+    poison,
+    resolve_implementation,
+    static_scale,
+)
 from iplr_jax.reference.naive import naive
+from iplr_jax.sharding import like_inputs, match_vma, partitioned_vjp
 from iplr_jax.triton import fused_recurrent as triton_fused
 from iplr_jax.triton.config import FusedRecurrentConfig, fused_recurrent_config
 
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _fused(x: Inputs, h0, cu, scale, config, interpret):
-    return tuple(triton_fused.fused_fwd(
-        x, h0, cu, scale=scale, config=config, interpret=interpret, residuals=False
-    ))
-
-
-def _fused_fwd(x, h0, cu, scale, config, interpret):
-    o, ht, v2 = triton_fused.fused_fwd(
-        x, h0, cu, scale=scale, config=config, interpret=interpret, residuals=True
-    )
-    return (o, ht), (x, h0, cu, v2)
+# The Pallas path as functions of one shard's public-shaped arrays, run by
+# `sharding.partitioned_vjp` on every batch / head shard (see ops/chunk.py): the kernels' packed
+# [B * T] rows, the padding and the config follow the local shapes; the one residual, V2, keeps
+# the [B, T, H, Vp] shape.
+TOKENS, VALUES = "b t h k", "b t h v"
 
 
-def _fused_bwd(scale, config, interpret, saved, cts):
-    x, h0, cu, v2 = saved
-    do, dht = cts
-    dx, dh0 = triton_fused.fused_bwd(
-        x, h0, cu, v2, do, dht, scale=scale, config=config, interpret=interpret
-    )
-    return dx, dh0, None
-
-
-_fused.defvjp(_fused_fwd, _fused_bwd)
-
-
-def _fused_recurrent_pallas(x: Inputs, *, scale, initial_state, cu_seqlens, dims: Dims, config, interpret):
+def _prep(x: Inputs, h0, cu, config):
     """Packs [B, T] into one row of sequences (a free reshape) and pads heads to powers of two;
     with K, V already powers of two >= 16 and a float32 state nothing is copied."""
-    B, T, H, K, V, N = dims
+    B, T, H, K = x.q.shape
+    V = x.v.shape[-1]
+    N = h0.shape[0]
     Kp, Vp = lay.next_pow2(K), lay.next_pow2(V)
-    q, scale = static_scale(x.q, scale)
-    x = x._replace(q=q)
-    if cu_seqlens is None:
-        cu = jnp.arange(B + 1, dtype=jnp.int32) * T
-    else:
-        cu = jnp.asarray(cu_seqlens, jnp.int32)
+    cu = jnp.arange(B + 1, dtype=jnp.int32) * T if cu is None else cu.astype(jnp.int32)
     xp = x.map(lambda name, y: lay.pad_last(y.reshape(B * T, H, -1), Vp if name == "v" else Kp))
-    if initial_state is None:
-        h0 = jnp.zeros((N, H, Kp, Vp), jnp.float32)
-    else:
-        h0 = lay.pad_state(jnp.asarray(initial_state, jnp.float32), Kp, Vp)
     config = fused_recurrent_config(config, pairs=N * H, Kp=Kp, Vp=Vp)
-    o, ht = _fused(xp, h0, cu, scale, config, interpret)
-    if Vp != V:
-        o = o[..., :V]
-    if (Kp, Vp) != (K, V):
-        ht = ht[:, :, :K, :V]
-    return o.reshape(B, T, H, V), ht
+    return xp, lay.pad_state(h0.astype(jnp.float32), Kp, Vp), cu, config
+
+
+def _fwd_shard(q, k, v, a, b, h0, *cu, scale, config, interpret, residuals):
+    x = Inputs(q, k, v, a, b)
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    xp, h0p, cu, config = _prep(x, h0, cu[0] if cu else None, config)
+    outs = triton_fused.fused_fwd(
+        xp, h0p, cu, scale=scale, config=config, interpret=interpret, residuals=residuals
+    )
+    o, ht = outs[0][..., :V].reshape(B, T, H, V), outs[1][:, :, :K, :V]
+    return (o, ht, outs[2].reshape(B, T, H, -1)) if residuals else (o, ht)
+
+
+def _bwd_shard(q, k, v, a, b, h0, *rest, scale, config, interpret):
+    cu, (v2, do, dht) = (rest[0], rest[1:]) if len(rest) == 4 else (None, rest)
+    x = Inputs(q, k, v, a, b)
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    xp, h0p, cu, config = _prep(x, h0, cu, config)
+    Kp, Vp = xp.q.shape[-1], xp.v.shape[-1]
+    dx, dh0 = triton_fused.fused_bwd(
+        xp, h0p, cu, v2.reshape(B * T, H, Vp), lay.pad_last(do.reshape(B * T, H, V), Vp),
+        lay.pad_state(dht.astype(jnp.float32), Kp, Vp), scale=scale, config=config,
+        interpret=interpret,
+    )
+    back = dx.map(lambda name, g: g[..., : V if name == "v" else K].reshape(B, T, H, -1))
+    return (*back, dh0[:, :, :K, :V])
+
+
+def _fused_recurrent_pallas(x: Inputs, *, scale, h0, cu_seqlens, config, interpret):
+    """The kernels on every batch / head shard, tied by a custom_vjp (`sharding.partitioned_vjp`)."""
+    q, scale = static_scale(x.q, scale)
+    kw = dict(scale=scale, config=config, interpret=interpret)
+    packed = cu_seqlens is not None
+    state = ("n" if packed else "b") + " h k v"
+    op = partitioned_vjp(
+        functools.partial(_fwd_shard, residuals=False, **kw),
+        functools.partial(_fwd_shard, residuals=True, **kw),
+        functools.partial(_bwd_shard, **kw),
+        in_specs=[TOKENS, TOKENS, VALUES, TOKENS, TOKENS, state] + (["m"] if packed else []),
+        out_specs=[VALUES, state],
+        res_specs=["b t h vp"],
+        num_diff=6,
+    )
+    cu = (jnp.asarray(cu_seqlens, jnp.int32),) if packed else ()
+    return op(*match_vma(*x._replace(q=q), h0, *cu))
 
 
 def fused_recurrent(
@@ -111,13 +137,17 @@ def fused_recurrent(
     )
     if config is not None and not isinstance(config, FusedRecurrentConfig):
         raise ValueError(f"config must be an iplr_jax.FusedRecurrentConfig or None, got {config!r}")
+    bad, cu_seqlens = malformed_offsets(cu_seqlens, dims.T)
     if impl == "xla":
-        return naive(
+        o, ht = naive(
             q, k, v, a, b, scale=scale, initial_state=initial_state,
-            output_final_state=output_final_state, cu_seqlens=cu_seqlens,
+            output_final_state=True, cu_seqlens=cu_seqlens,
         )
-    o, ht = _fused_recurrent_pallas(
-        x, scale=default_scale(scale, dims.K), initial_state=initial_state, cu_seqlens=cu_seqlens,
-        dims=dims, config=config, interpret=impl == "interpret",
-    )
+    else:
+        h0 = like_inputs(initial_state_or_zeros(initial_state, dims, jnp.float32), *x, scale)
+        o, ht = _fused_recurrent_pallas(
+            x, scale=default_scale(scale, dims.K), h0=h0, cu_seqlens=cu_seqlens, config=config,
+            interpret=impl == "interpret",
+        )
+    o, ht = poison(bad, o, ht)
     return o, (ht if output_final_state else None)

@@ -5,8 +5,17 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from iplr_jax.inputs import Inputs, accum_dtype, check_inputs, default_scale, initial_state_or_zeros
+from iplr_jax.inputs import (
+    Inputs,
+    accum_dtype,
+    check_inputs,
+    default_scale,
+    initial_state_or_zeros,
+    malformed_offsets,
+    poison,
+)
 from iplr_jax.layout import sequence_ids
+from iplr_jax.sharding import like_inputs
 
 _HI = jax.lax.Precision.HIGHEST
 
@@ -50,10 +59,12 @@ def naive(
     B, T, H, K, V, N = dims
     acc = accum_dtype(x)
     scale = default_scale(scale, K)
-    h0 = initial_state_or_zeros(initial_state, dims, acc)
+    # inside shard_map the scan carry must vary over the mesh axes like the inputs it meets
+    h0 = like_inputs(initial_state_or_zeros(initial_state, dims, acc), *x, scale)
     # time-major [T, B, H, D]
     xs = tuple(jnp.moveaxis(jnp.asarray(y, acc), 1, 0) for y in x)
 
+    bad = None
     if cu_seqlens is None:
         def body(S, xt):
             return _step(S, *xt, scale)
@@ -61,6 +72,7 @@ def naive(
         S, o = jax.lax.scan(body, h0, xs)
         final = S
     else:
+        bad, cu_seqlens = malformed_offsets(cu_seqlens, T)
         cu = jnp.asarray(cu_seqlens, jnp.int32)
         t = jnp.arange(T)
         seq = sequence_ids(cu, t, N)
@@ -76,4 +88,5 @@ def naive(
 
         (_, final), o = jax.lax.scan(body, (h0[0], h0), (seq, start, xs))
     o = jnp.moveaxis(o, 0, 1).astype(v.dtype)
+    o, final = poison(bad, o, final)
     return o, (final if output_final_state else None)

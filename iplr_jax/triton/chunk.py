@@ -28,6 +28,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
 
 from iplr_jax.inputs import Inputs
+from iplr_jax.sharding import shape_dtype, vma_of
 from iplr_jax.triton.config import ChunkConfig
 from iplr_jax.triton.helpers import F32, NT, TN, dot, mask, tri
 from iplr_jax.triton.wy_fast import wy_fwd
@@ -136,7 +137,7 @@ def output_fwd(q, k, b, v, v_new, h, *, scale, chunk_size, config: ChunkConfig, 
         grid=(L // C, H, Vp // BVo),
         in_specs=[kc, kc, kc, vc, vc, hc],
         out_specs=vc,
-        out_shape=jax.ShapeDtypeStruct((1, L, H, Vp), v.dtype),
+        out_shape=shape_dtype((1, L, H, Vp), v.dtype, vma_of(q, k, b, v, v_new, h)),
         compiler_params=pltr.CompilerParams(num_warps=config.output_warps, num_stages=2),
         interpret=interpret,
         name="iplr_chunk_output_fwd",
@@ -180,20 +181,21 @@ def chunk_fwd(
     in_specs = [pl.BlockSpec((N + 1,), lambda n, h, j: (0,)), kfull, vfull, kfull, kfull, vfull, state]
     args = [cu_chunks.astype(jnp.int32), w, u, k, b, v, h0.astype(F32)]
     out_specs = [state]
-    out_shape = [jax.ShapeDtypeStruct((N, H, Kp, Vp), F32)]
+    vma = vma_of(*args, q)  # inside shard_map the outputs vary like the inputs
+    out_shape = [shape_dtype((N, H, Kp, Vp), F32, vma)]
     if fuse:
         in_specs.append(kfull)
         args.append(q)
     if keep:
         out_specs += [pl.BlockSpec((NC, None, Kp, BV), lambda n, h, j: (0, h, 0, j)), vfull]
         out_shape += [
-            jax.ShapeDtypeStruct((NC, H, Kp, Vp), dt),
+            shape_dtype((NC, H, Kp, Vp), dt, vma),
             # the backward reads v_new at float32; the output alone rounds it (`low_v2`)
-            jax.ShapeDtypeStruct((1, L, H, Vp), dt if low_v2 and not residuals else F32),
+            shape_dtype((1, L, H, Vp), dt if low_v2 and not residuals else F32, vma),
         ]
     if fuse:
         out_specs.append(vfull)
-        out_shape.append(jax.ShapeDtypeStruct((1, L, H, Vp), v.dtype))
+        out_shape.append(shape_dtype((1, L, H, Vp), v.dtype, vma))
     outs = pl.pallas_call(
         functools.partial(
             _state_kernel, chunk_size=C, num_chunks=NC, residuals=keep, fuse=fuse, scale=scale,

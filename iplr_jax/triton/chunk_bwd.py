@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import functools
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
@@ -45,6 +44,7 @@ from jax.experimental.pallas import triton as pltr
 
 from iplr_jax.inputs import Inputs
 from iplr_jax.reference.chunk import chunk_bwd_aligned
+from iplr_jax.sharding import shape_dtype, vma_of
 from iplr_jax.triton.chunk import Residuals
 from iplr_jax.triton.config import ChunkConfig
 from iplr_jax.triton.helpers import dot_as, mask, tri
@@ -91,8 +91,8 @@ def _sweep(q, b, w, do, dht, cu_chunks, *, scale, chunk_size, dt, config, interp
         ],
         out_specs=[pl.BlockSpec((NC, None, Kp, bv), lambda n, h, j: (0, h, 0, j)), sspec],
         out_shape=[
-            jax.ShapeDtypeStruct((NC, H, Kp, Vp), dt),
-            jax.ShapeDtypeStruct((N, H, Kp, Vp), jnp.float32),
+            shape_dtype((NC, H, Kp, Vp), dt, vma_of(q, b, w, do, dht, cu_chunks)),
+            shape_dtype((N, H, Kp, Vp), jnp.float32, vma_of(q, b, w, do, dht, cu_chunks)),
         ],
         compiler_params=pltr.CompilerParams(
             num_warps=config.bwd_sweep_warps, num_stages=config.bwd_sweep_stages
@@ -156,10 +156,11 @@ def _intra(q, k, v, a, b, h, v_new, do, dsc, x, cu_chunks, *, scale, chunk_size,
     kspec = pl.BlockSpec((None, C, None, Kp), lambda c, h, j: (0, c, h, 0))
     vspec = pl.BlockSpec((None, C, None, bv), lambda c, h, j: (0, c, h, j))
     sspec = pl.BlockSpec((None, None, Kp, bv), lambda c, h, j: (c, h, 0, j))
+    vma = vma_of(cu_chunks, q, k, a, b, v, v_new, do, h, dsc, x)
     if nv == 1:
-        kout = [jax.ShapeDtypeStruct((1, L, H, Kp), y.dtype) for y in (q, k, a, b)]
+        kout = [shape_dtype((1, L, H, Kp), y.dtype, vma) for y in (q, k, a, b)]
     else:  # float32 partials over V-blocks, summed below
-        kout = [jax.ShapeDtypeStruct((nv, L, H, Kp), jnp.float32)] * 4
+        kout = [shape_dtype((nv, L, H, Kp), jnp.float32, vma)] * 4
     kout_spec = pl.BlockSpec((None, C, None, Kp), lambda c, h, j: (j, c, h, 0))
     dq, dk, da, db, dv = pl.pallas_call(
         functools.partial(_intra_kernel, scale=scale, dt=dt),
@@ -170,7 +171,7 @@ def _intra(q, k, v, a, b, h, v_new, do, dsc, x, cu_chunks, *, scale, chunk_size,
             pl.BlockSpec((None, None, C, C), lambda c, h, j: (c, h, 0, 0)),
         ],
         out_specs=[kout_spec] * 4 + [vspec],
-        out_shape=kout + [jax.ShapeDtypeStruct((1, L, H, Vp), v.dtype)],
+        out_shape=kout + [shape_dtype((1, L, H, Vp), v.dtype, vma)],
         compiler_params=pltr.CompilerParams(num_warps=config.bwd_intra_warps, num_stages=1),
         interpret=interpret,
         name="iplr_chunk_bwd_intra",

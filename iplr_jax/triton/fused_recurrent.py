@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import functools
 
-import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
 
 from iplr_jax.inputs import Inputs
+from iplr_jax.sharding import shape_dtype, vma_of
 from iplr_jax.triton.config import FusedRecurrentConfig
 from iplr_jax.triton.helpers import F32, prefetched_loop
 
@@ -111,7 +111,8 @@ def _call(kernel, args, outs, *, grid, interpret, num_warps):
         grid=grid,
         in_specs=[s for _, s in args],
         out_specs=[s for _, _, s in outs],
-        out_shape=[jax.ShapeDtypeStruct(shp, dt) for shp, dt, _ in outs],
+        # inside shard_map the outputs vary like the inputs
+        out_shape=[shape_dtype(shp, dt, vma_of(*(x for x, _ in args))) for shp, dt, _ in outs],
         compiler_params=pltr.CompilerParams(num_warps=num_warps, num_stages=2),
         interpret=interpret,
         name="iplr_fused" + kernel.func.__name__.removesuffix("_kernel"),  # iplr_fused_bwd_dS, ...

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
 
+from iplr_jax.sharding import shape_dtype, vma_of
 from iplr_jax.triton.config import ChunkConfig
 from iplr_jax.triton.helpers import F32, HIGHEST, NN, NT, dot, is_low, mask, tri
 
@@ -166,13 +167,11 @@ def wy_fwd(
     kspec = pl.BlockSpec((None, C, None, Kp), lambda c, h: (0, c, h, 0))
     vspec = pl.BlockSpec((None, C, None, Vp), lambda c, h: (0, c, h, 0))
     out_specs = [kspec, vspec]
-    out_shape = [
-        jax.ShapeDtypeStruct((1, L, H, Kp), out_dtype),
-        jax.ShapeDtypeStruct((1, L, H, Vp), out_dtype),
-    ]
+    vma = vma_of(a, b, k, v)  # inside shard_map the outputs vary like the inputs
+    out_shape = [shape_dtype((1, L, H, Kp), out_dtype, vma), shape_dtype((1, L, H, Vp), out_dtype, vma)]
     if with_x:
         out_specs.append(pl.BlockSpec((None, None, C, C), lambda c, h: (c, h, 0, 0)))
-        out_shape.append(jax.ShapeDtypeStruct((L // C, H, C, C), F32))
+        out_shape.append(shape_dtype((L // C, H, C, C), F32, vma))
     kernel = functools.partial(
         _wy_kernel, block_v=config.wy_block_v, precision=PRECISIONS[config.wy_precision]
     )

@@ -1,0 +1,354 @@
+"""The ops on several devices (issue 14, DESIGN.md section 10): generic helpers, no IPLR math.
+
+Two situations:
+
+1. Inside `jax.shard_map` (manual axes, `check_vma=True`): every value carries the set of
+   manual mesh axes it varies over (its "vma"). A `pallas_call` must declare that set for its
+   outputs (`shape_dtype`), and a `lax.scan` carry built from a constant must vary like the
+   inputs it is combined with (`like_inputs`). `match_vma` makes a group of arrays vary alike
+   before they enter a `custom_vjp`, so that its backward's cotangents match the primals (JAX
+   transposes the cast into the `psum` the gradient of a replicated input needs).
+
+2. Under plain `jit` with sharded inputs: a `pallas_call` is opaque to the partitioner, which
+   would all-gather its operands. `partitioned(fn, in_specs, out_specs)` declares that `fn` is
+   the same computation on every shard of its batch ("b") and head ("h") dimensions:
+   - auto-sharded inputs (no sharding in the types): `jax.experimental.custom_partitioning`,
+     with an einsum-like Shardy `sharding_rule` built from the specs (Shardy is the default
+     partitioner on JAX 0.10 / 0.11) and the GSPMD callbacks as well (`jax_use_shardy_partitioner`
+     off). The partition callback runs `fn` on the local shards; every dimension other than the
+     batch and head ones is asked for replicated (a sequence-sharded input is gathered: correct,
+     not fast; context parallelism is the next issue);
+   - explicitly sharded inputs (`AxisType.Explicit`, shardings in the types): `jax.shard_map`
+     over the batch/head mesh axes, with the other dimensions resharded to replicated;
+   - inside `shard_map` already (all axes manual) or without any mesh: `fn` itself.
+   `partitioned_vjp` composes three such ops (primal, forward with residuals, backward) into a
+   `custom_vjp`, since `custom_partitioning` cannot be differentiated.
+
+Specs are strings of per-dimension factor names, one per array, e.g. "b t h k" for q and
+"b h k v" for a state: "b" (batch, or sequences) and "h" (heads) shard, any other name is
+replicated. Equal names must mean equal sizes (they form the Shardy rule).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+SHARDED = ("b", "h")  # the factor names that may be sharded
+
+# -- 1. varying manual axes (shard_map, check_vma=True) ------------------------------------------
+
+
+def _vma(x) -> frozenset:
+    try:
+        aval = jax.typeof(x)
+    except TypeError:
+        return frozenset()
+    mat = getattr(aval, "manual_axis_type", None)  # JAX >= 0.10
+    if mat is not None:
+        return frozenset(mat.varying)
+    return frozenset(getattr(aval, "vma", ()))  # JAX 0.7 - 0.9
+
+
+def vma_of(*xs) -> frozenset:
+    """Union of the manual mesh axes the arrays `xs` vary over (None and Python numbers are
+    skipped); empty outside `shard_map` and on JAX versions without varying-axis types."""
+    out = frozenset()
+    for x in xs:
+        if x is not None and not isinstance(x, (int, float)):
+            out |= _vma(x)
+    return out
+
+
+def _pvary(x, axes: tuple):
+    if hasattr(jax.lax, "pcast"):  # JAX >= 0.8.2
+        return jax.lax.pcast(x, axes, to="varying")
+    return jax.lax.pvary(x, axes)
+
+
+def _to_vma(x, vma: frozenset):
+    missing = tuple(sorted(vma - _vma(x), key=str))
+    return _pvary(x, missing) if missing else x
+
+
+def like_inputs(x, *xs):
+    """`x` made varying over every manual axis that `xs` vary over (a no-op outside shard_map)."""
+    return _to_vma(x, vma_of(*xs))
+
+
+def match_vma(*xs):
+    """All of `xs` made varying over the union of their manual axes (None passes through)."""
+    vma = vma_of(*xs)
+    return tuple(None if x is None else _to_vma(x, vma) for x in xs)
+
+
+def shape_dtype(shape, dtype, vma=frozenset()) -> jax.ShapeDtypeStruct:
+    """`jax.ShapeDtypeStruct` for a `pallas_call` output that varies over the manual axes `vma`
+    (`vma_of` the kernel's inputs). Inside `shard_map` the type must say so, even when empty."""
+    vma = frozenset(vma)
+    mat_type = getattr(jax.sharding, "ManualAxisType", None)
+    if mat_type is not None:  # JAX >= 0.10
+        return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=mat_type(varying=vma))
+    try:  # JAX 0.7 - 0.9
+        return jax.ShapeDtypeStruct(shape, dtype, vma=vma)
+    except TypeError:
+        return jax.ShapeDtypeStruct(shape, dtype)
+
+
+def _interpret_lowering_without_vma_check() -> None:
+    """Work around a JAX limitation (0.10.2, 0.11.x): `pallas_call(interpret=True)` inside
+    `shard_map(check_vma=True)` re-traces the kernel body at lowering time with the varying
+    types of its operands, and a `dot_general` of a kernel constant with a loaded value then
+    fails ("Primitive dot_general requires varying manual axes to match"). The kernel itself is
+    traced with the check off (pallas_call does that); this lowers interpreted calls the same
+    way, from operand types without varying axes (the interpreter's loops then type-check).
+    Only `interpret=True` calls are affected. Skipped if the JAX internals differ."""
+    try:
+        from jax._src import config as jax_config
+        from jax._src import core
+        from jax._src.interpreters import mlir
+        from jax._src.pallas import pallas_call as pc
+
+        entry = mlir._lowerings[pc.pallas_call_p]
+        core.empty_mat  # noqa: B018
+    except (ImportError, AttributeError, KeyError):
+        return
+    rule = entry.rule if hasattr(entry, "rule") else entry
+    if getattr(rule, "_iplr_patched", False):
+        return
+
+    def plain(aval):
+        update = getattr(aval, "update_manual_axis_type", None)
+        return aval if update is None else update(core.empty_mat)
+
+    def lowering(ctx, *args, **params):
+        if params.get("interpret"):
+            # per-device code: interpret it with plain (non-varying) types
+            ctx = ctx.replace(
+                avals_in=[plain(a) for a in ctx.avals_in],
+                avals_out=None if ctx.avals_out is None else [plain(a) for a in ctx.avals_out],
+            )
+            with jax_config._check_vma(False):
+                return rule(ctx, *args, **params)
+        return rule(ctx, *args, **params)
+
+    lowering._iplr_patched = True
+    mlir.register_lowering(pc.pallas_call_p, lowering)
+
+
+_interpret_lowering_without_vma_check()
+
+# -- 2. partitioning over batch and heads (plain jit) ---------------------------------------------
+
+
+def _factors(spec: str) -> list[str]:
+    return spec.split()
+
+
+def _axes_size(mesh, axes) -> int:
+    if axes is None:
+        return 1
+    axes = axes if isinstance(axes, tuple) else (axes,)
+    return int(np.prod([mesh.shape[a] for a in axes]))
+
+
+def _pick_axes(mesh, specs, shapes, pspecs) -> dict:
+    """Mesh axes of the "b" and "h" factors: those of the first operand that shards the factor,
+    kept only where they divide every dimension of that factor and do not collide."""
+    chosen = {}
+    for f in SHARDED:
+        for spec, ps in zip(specs, pspecs, strict=True):
+            if ps is None:
+                continue
+            fs = _factors(spec)
+            if f in fs and fs.index(f) < len(ps) and ps[fs.index(f)] is not None:
+                chosen[f] = ps[fs.index(f)]
+                break
+    used = set()
+    for f in SHARDED:
+        axes = chosen.get(f)
+        if axes is None:
+            continue
+        tup = axes if isinstance(axes, tuple) else (axes,)
+        n = _axes_size(mesh, axes)
+        ok = not (set(tup) & used) and all(
+            shp[i] % n == 0
+            for spec, shp in zip(specs, shapes, strict=True)
+            for i, g in enumerate(_factors(spec))
+            if g == f
+        )
+        if ok:
+            used |= set(tup)
+        else:
+            chosen[f] = None
+    return chosen
+
+
+def _pspec(spec: str, chosen: dict) -> P:
+    return P(*(chosen.get(f) if f in SHARDED else None for f in _factors(spec)))
+
+
+def _spec_of(sharding, ndim):
+    if isinstance(sharding, NamedSharding):
+        spec = tuple(sharding.spec)
+        return spec + (None,) * (ndim - len(spec))
+    return None  # unknown (GSPMD-only) sharding: treat as replicated
+
+
+def _custom_partitioned(fn, in_specs, out_specs):
+    from jax.experimental.custom_partitioning import custom_partitioning
+
+    multiple = not isinstance(out_specs, str)
+    outs = list(out_specs) if multiple else [out_specs]
+
+    def decide(mesh, arg_shapes):
+        pspecs = [_spec_of(s.sharding, len(s.shape)) for s in arg_shapes]
+        return _pick_axes(mesh, in_specs, [s.shape for s in arg_shapes], pspecs)
+
+    def out_shardings(mesh, chosen):
+        sh = [NamedSharding(mesh, _pspec(s, chosen)) for s in outs]
+        return tuple(sh) if multiple else sh[0]
+
+    def infer(mesh, arg_shapes, result_shape):  # GSPMD
+        return out_shardings(mesh, decide(mesh, arg_shapes))
+
+    def partition(mesh, arg_shapes, result_shape):
+        chosen = decide(mesh, arg_shapes)
+        arg_sh = tuple(NamedSharding(mesh, _pspec(s, chosen)) for s in in_specs)
+        return mesh, positional, out_shardings(mesh, chosen), arg_sh
+
+    def positional(*xs):  # custom_partitioning binds arguments by signature: positional only
+        return fn(*xs)
+
+    op = custom_partitioning(positional)
+    replicated = []  # in order of first appearance (Shardy wants the factor indices sorted)
+    for f in (f for s in (*in_specs, *outs) for f in _factors(s)):
+        if f not in SHARDED and f not in replicated:
+            replicated.append(f)
+    op.def_partition(
+        partition=partition,
+        infer_sharding_from_operands=infer,
+        sharding_rule=", ".join(in_specs) + " -> " + ", ".join(outs),
+        need_replication_factors=tuple(replicated),
+    )
+    return op
+
+
+def _explicit_mesh(xs):
+    """The abstract mesh of the first input whose type carries an explicit-axis sharding."""
+    explicit = getattr(jax.sharding.AxisType, "Explicit", None)
+    for x in xs:
+        try:
+            mesh = jax.typeof(x).sharding.mesh
+        except (AttributeError, TypeError):
+            continue
+        if explicit is not None and not mesh.empty and explicit in tuple(mesh.axis_types):
+            return mesh
+    return None
+
+
+def _manual_context() -> bool:
+    try:
+        mesh = jax.sharding.get_abstract_mesh()
+    except AttributeError:
+        return False
+    manual = getattr(jax.sharding.AxisType, "Manual", None)
+    return not mesh.empty and manual is not None and manual in tuple(mesh.axis_types)
+
+
+def _via_shard_map(fn, in_specs, out_specs, mesh, xs):
+    explicit = jax.sharding.AxisType.Explicit
+    pspecs = []
+    for x in xs:
+        s = jax.typeof(x).sharding
+        pspecs.append(_spec_of(s, x.ndim) if s.mesh == mesh else (None,) * x.ndim)
+    chosen = _pick_axes(mesh, in_specs, [x.shape for x in xs], pspecs)
+    # only explicit axes can be named here; an Auto axis stays with the partitioner
+    for f, axes in list(chosen.items()):
+        tup = axes if isinstance(axes, tuple) else (axes,)
+        if axes is not None and any(mesh._name_to_type[a] != explicit for a in tup):
+            chosen[f] = None
+    specs_in = [_pspec(s, chosen) for s in in_specs]
+    xs = [jax.sharding.reshard(x, sp) for x, sp in zip(xs, specs_in, strict=True)]
+    multiple = not isinstance(out_specs, str)
+    specs_out = tuple(_pspec(s, chosen) for s in out_specs) if multiple else _pspec(out_specs, chosen)
+    used = {a for v in chosen.values() if v is not None for a in (v if isinstance(v, tuple) else (v,))}
+    if not used:
+        return fn(*xs)
+    return jax.shard_map(
+        fn, mesh=mesh, in_specs=tuple(specs_in), out_specs=specs_out, axis_names=frozenset(used)
+    )(*xs)
+
+
+def _under_vmap(xs) -> bool:
+    try:
+        from jax._src.interpreters.batching import BatchTracer
+    except ImportError:
+        return False
+    return any(isinstance(x, BatchTracer) for x in xs)
+
+
+def partitioned(fn: Callable, in_specs: Sequence[str], out_specs) -> Callable:
+    """`fn(*arrays)` declared as the same computation on every batch ("b") / head ("h") shard.
+
+    `in_specs`: one spec string per positional array argument; `out_specs`: one string, or a
+    sequence of them for a tuple of outputs. `fn` must hold no traced values in its closure
+    (pass them as arguments) and must compute from its arguments' shapes (it is traced again on
+    the local shards).
+    """
+    in_specs = tuple(in_specs)
+    out_specs = out_specs if isinstance(out_specs, str) else tuple(out_specs)
+
+    def call(*xs):
+        if len(xs) != len(in_specs):
+            raise TypeError(f"expected {len(in_specs)} arrays, got {len(xs)}")
+        if _manual_context() or vma_of(*xs):  # per-device code already (shard_map)
+            return fn(*xs)
+        if _under_vmap(xs):  # custom_partitioning has no batching rule; pallas_call has one
+            return fn(*xs)
+        mesh = _explicit_mesh(xs)
+        if mesh is not None:
+            return _via_shard_map(fn, in_specs, out_specs, mesh, xs)
+        return _custom_partitioned(fn, in_specs, out_specs)(*xs)
+
+    return call
+
+
+def partitioned_vjp(
+    primal: Callable, fwd: Callable, bwd: Callable, *, in_specs: Sequence[str],
+    out_specs: Sequence[str], res_specs: Sequence[str], num_diff: int,
+) -> Callable:
+    """A differentiable `f(*args) -> tuple(outs)` from three per-shard functions:
+
+      primal(*args) -> outs;  fwd(*args) -> (*outs, *res);
+      bwd(*args, *res, *cts) -> gradients of the first `num_diff` args (the rest get none).
+
+    Each runs as its own `partitioned` op, so the forward, the residuals and the backward all
+    stay on their batch / head shards.
+    """
+    in_specs, out_specs, res_specs = tuple(in_specs), tuple(out_specs), tuple(res_specs)
+    n_out = len(out_specs)
+    p_primal = partitioned(primal, in_specs, out_specs)
+    p_fwd = partitioned(fwd, in_specs, out_specs + res_specs)
+    p_bwd = partitioned(bwd, in_specs + res_specs + out_specs, in_specs[:num_diff])
+
+    @jax.custom_vjp
+    def f(*args):
+        return tuple(p_primal(*args))
+
+    def f_fwd(*args):
+        outs = p_fwd(*args)
+        return tuple(outs[:n_out]), (args, tuple(outs[n_out:]))
+
+    def f_bwd(saved, cts):
+        args, res = saved
+        grads = p_bwd(*args, *res, *cts)
+        grads = [g.astype(x.dtype) for g, x in zip(grads, args, strict=False)]
+        return (*grads, *([None] * (len(args) - num_diff)))
+
+    f.defvjp(f_fwd, f_bwd)
+    return f
