@@ -1,4 +1,4 @@
-"""The ops on several devices (issue 14, DESIGN.md section 10): generic helpers, no IPLR math.
+"""The ops on several devices (docs/architecture.md, "Several devices"): generic helpers, no IPLR math.
 
 Two situations:
 
@@ -17,7 +17,7 @@ Two situations:
      partitioner on JAX 0.10 / 0.11) and the GSPMD callbacks as well (`jax_use_shardy_partitioner`
      off). The partition callback runs `fn` on the local shards; every dimension other than the
      batch and head ones is asked for replicated (a sequence-sharded input is gathered: correct,
-     not fast; context parallelism is the next issue);
+     not fast; `context_parallel` splits a sequence over devices);
    - explicitly sharded inputs (`AxisType.Explicit`, shardings in the types): `jax.shard_map`
      over the batch/head mesh axes, with the other dimensions resharded to replicated;
    - inside `shard_map` already (all axes manual) or without any mesh: `fn` itself.
