@@ -18,6 +18,13 @@ GRAD_NAMES = ("dq", "dk", "dv", "da", "db", "dh0")
 _HI = jax.lax.Precision.HIGHEST
 
 
+def cpu_mesh(shape, names, axis_types=None):
+    """A mesh of the simulated CPU devices (conftest.py makes 8), also on a GPU machine, where
+    the default backend has fewer devices: the multi-device tests check partitioning, not speed."""
+    n = int(np.prod(shape))
+    return jax.make_mesh(shape, names, axis_types=axis_types, devices=jax.devices("cpu")[:n])
+
+
 def make_inputs(rng, B, T, H, K, V, *, dtype=jnp.float32, delta=False, N=None, h0=True):
     """q, k, v, a, b (and an initial state) drawn in float64, then cast to `dtype`.
 

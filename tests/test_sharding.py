@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import cpu_mesh
 from jax import export
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -32,7 +33,7 @@ COLLECTIVES = ("all-gather", "all-to-all")
 
 def _mesh(shape, names=("x", "y"), types=AxisType.Auto):
     names = names[: len(shape)]
-    return jax.make_mesh(shape, names, axis_types=(types,) * len(shape))
+    return cpu_mesh(shape, names, axis_types=(types,) * len(shape))
 
 
 def _inputs(seed=0, N=None, T_=T):

@@ -125,6 +125,7 @@ def chunk(
     chunk_size: int = 64,
     implementation: str | None = None,
     config: ChunkConfig | None = None,
+    sequence_axis: str | tuple[str, ...] | None = None,
 ) -> tuple[jax.Array, jax.Array | None]:
     """IPLR attention in the chunked parallel form (training, prefill).
 
@@ -143,10 +144,22 @@ def chunk(
         kernels would round), "pallas", "xla" or "interpret".
       config: block sizes and choices of the Pallas kernels (`iplr_jax.ChunkConfig`; fields
         left None follow the tuned rules); ignored by "xla".
+      sequence_axis: context parallelism: inside `jax.shard_map` with T sharded over this mesh
+        axis, q, k, v, a, b are the local slices of T, `cu_seqlens` the global offsets and
+        `initial_state` / the final state replicated over the axis
+        (`iplr_jax.context_parallel.chunk_cp`, docs/chunked.md "Segments").
 
     Returns:
       `o` [B, T, H, V] in v's dtype and the final state [N, H, K, V] float32 (or None).
     """
+    if sequence_axis is not None:
+        from iplr_jax.context_parallel import chunk_cp
+
+        return chunk_cp(
+            q, k, v, a, b, axis_name=sequence_axis, scale=scale, initial_state=initial_state,
+            output_final_state=output_final_state, cu_seqlens=cu_seqlens, chunk_size=chunk_size,
+            implementation=implementation,
+        )
     x = Inputs(q, k, v, a, b)
     impl = resolve_implementation(implementation, x)
     dims = check_inputs(
