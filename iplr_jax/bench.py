@@ -43,6 +43,10 @@ PEAKS = {
     "H100": (3.0e12, 700e12),
 }
 CHUNK = 64
+# --sweep-t: the same 16384 tokens as ever longer sequences (attention's cost grows with T)
+SWEEP_T = {
+    f"T{T // 1024}K": dict(B=16384 // T, T=T, H=16, K=128, V=128) for T in (1024, 2048, 4096, 8192, 16384)
+}
 IMPLS = ("pallas", "xla", "interpret")
 MODES = ("fwd", "fwd+bwd")
 DEFAULT_OUT_DIR = os.path.join("benchmarks", "results")
@@ -91,8 +95,11 @@ def floor_ms(B, T, H, K, V, mode, decode, itemsize, peak_bytes_per_s, peak_flops
 
 
 def _time_ms(call, sync, reps):
-    """Median per-call time: each sample runs the call n times back to back, then syncs."""
+    """(median per-call ms, seconds of the first call): each sample runs the call n times back to
+    back, then syncs; the first call includes compiling (and autotuning)."""
+    t0 = time.perf_counter()
     sync(call())  # compile / autotune
+    cold = time.perf_counter() - t0
     t0 = time.perf_counter()
     sync(call())
     first = time.perf_counter() - t0
@@ -107,7 +114,7 @@ def _time_ms(call, sync, reps):
             out = call()
         sync(out)
         samples.append((time.perf_counter() - t0) / n * 1e3)
-    return statistics.median(samples)
+    return statistics.median(samples), cold
 
 
 # -- our implementations ------------------------------------------------------------------------
@@ -131,6 +138,21 @@ def _jax_cases(x, dtype, decode, impls):
             return vjp((dev["do"], jnp.zeros_like(ht) if ht is not None else None))
 
         yield op, impl, jax.jit(run), jax.jit(fwd_bwd), args
+    if not decode and has_gpu() and x["q"].shape[-1] == x["v"].shape[-1]:
+        yield from _attention_case(dev)
+
+
+def _attention_case(dev):
+    """What a JAX user would pick instead: causal flash attention through cuDNN on q, k, v."""
+
+    def attn(q, k, v):
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+
+    def fwd_bwd(q, k, v):
+        o, vjp = jax.vjp(attn, q, k, v)
+        return vjp(dev["do"])
+
+    yield "attention", "cudnn", jax.jit(attn), jax.jit(fwd_bwd), (dev["q"], dev["k"], dev["v"])
 
 
 def _jax_peak_bytes(f, args):
@@ -169,6 +191,10 @@ def _fla_cases(x, dtype, decode):
     if not decode:
         ops["fla-chunk"] = lambda q, k, v, a, b: chunk_iplr_delta_rule(q, k, v, a, b)[0]
         ops["fla-dplr"] = lambda q, k, v, a, b: chunk_dplr_delta_rule(q, k, v, a, b, gk)[0]
+        # its best user setting: chunk 64, which fla allows only with the caller's promise of a
+        # safe gate (gk = 0 here)
+        ops["fla-dplr64"] = lambda q, k, v, a, b: chunk_dplr_delta_rule(
+            q, k, v, a, b, gk, chunk_size=64, safe_gate=True)[0]
         # DeltaNet on the same q, k, v: a special case of IPLR, the speed fla reaches with a scalar gate
         ops["fla-deltanet"] = lambda q, k, v, a, b: chunk_delta_rule(q, k, v, t["beta"])[0]
     for name, fn in ops.items():
@@ -233,7 +259,7 @@ def run(sizes, modes, impls, dtype, reps, fla=True, progress=True, log=None, onl
         for op, impl, mode, call, sync, peak in it:
             row = dict(size=label, **dims, dtype=jnp.dtype(dtype).name, op=op, impl=impl, mode=mode)
             try:
-                row["median_ms"] = _time_ms(call, sync, reps)
+                row["median_ms"], row["first_call_s"] = _time_ms(call, sync, reps)
                 row["peak_bytes"] = peak() if (peak and label == "S2") else None
             except Exception as e:  # report, never hide: the table shows the error
                 row["median_ms"] = None
@@ -258,7 +284,7 @@ def run(sizes, modes, impls, dtype, reps, fla=True, progress=True, log=None, onl
 def format_table(rows) -> str:
     """The results as text; the "x floor" column only when the rows carry it (known device peaks)."""
     floor = any("x_floor" in r for r in rows)
-    head = f"{'size':4} {'op':16} {'impl':13} {'mode':8} {'median ms':>10} {'x fastest':>9}"
+    head = f"{'size':4} {'op':16} {'impl':13} {'mode':8} {'median ms':>10} {'x fastest':>9} {'1st s':>6}"
     head += f" {'x floor':>8}" if floor else ""
     lines = [head, "-" * len(head)]
     for r in rows:
@@ -269,7 +295,7 @@ def format_table(rows) -> str:
         x_floor = f" {r['x_floor']:8.1f}" if floor else ""
         lines.append(
             f"{r['size']:4} {r['op']:16} {r['impl']:13} {r['mode']:8} {r['median_ms']:10.3f} "
-            f"{r['x_fastest']:9.2f}{x_floor}{mem}"
+            f"{r['x_fastest']:9.2f} {r.get('first_call_s', float('nan')):6.1f}{x_floor}{mem}"
         )
     return "\n".join(lines)
 
@@ -334,6 +360,9 @@ def main(argv=None) -> int:
     p.add_argument("--impls", type=_choices(IMPLS), default=None, metavar="IMPLS",
                    help=f"comma-separated, among {', '.join(IMPLS)} (default: pallas and xla on a GPU, "
                    "xla elsewhere)")
+    p.add_argument("--sweep-t", action="store_true",
+                   help="the crossover with attention: H16 K=V=128 and B*T = 16384 tokens at T = 1k..16k "
+                   "(T1K..T16K), against cuDNN flash attention on a GPU")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--reps", type=int, default=20, help="timing samples per case (default 20)")
     p.add_argument("--no-fla", action="store_true", help="skip fla-core even when importable")
@@ -351,7 +380,10 @@ def main(argv=None) -> int:
         except re.error as e:
             p.error(f"argument --only: not a regular expression ({e}): {args.only!r}")
 
-    sizes = dict(args.sizes) if args.sizes is not None else ({} if args.size else dict(SIZES))
+    sizes = dict(args.sizes) if args.sizes is not None else (
+        {} if (args.size or args.sweep_t) else dict(SIZES))
+    if args.sweep_t:
+        sizes.update(SWEEP_T)
     for i, dims in enumerate(args.size):
         sizes[f"C{i + 1}"] = dims
     impls = args.impls or (["pallas", "xla"] if has_gpu() else ["xla"])
