@@ -157,7 +157,7 @@ class IPLRLayer(nnx.Module):
           "heads": the heads (H * K, H * V, H) dimension of the projections and of q, k, v, a, b.
         `{"batch": "data"}` is data parallelism (parameters replicated), `{"batch": "data",
         "embed": "data"}` FSDP (each kernel split along d_model over the data axis, gathered
-        one at a time where used), `{"batch": "data", "heads": "model"}` adds a head split.
+        where used), `{"batch": "data", "heads": "model"}` adds a head split.
         Every parameter is initialised through `nnx.with_partitioning` with its mesh axes:
         `nnx.get_partition_spec(nnx.state(layer))` gives the specs, and a layer built under
         `jax.set_mesh(mesh)` is created sharded (Flax's eager sharding). Under a mesh context
