@@ -16,7 +16,7 @@ B1 H16 K=V=128, bf16, forward and forward+backward,
 Data parallel (`--dp`): the layer's training step (d_model 2048, 16 heads, B4 T4096 per
 device) with the batch sharded: tokens/s and efficiency against 1 device.
 
-Medians of >= 20 timed calls after a warm-up, `jax.block_until_ready`, all in one process.
+Medians of 10 timed calls (context parallel; 20 for the layer step) after a warm-up, `jax.block_until_ready`, all in one process.
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ def cp_case(n, T, H, K, V, dtype, exchange, implementation, devices):
 
     step = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))
     hlo = step.lower(*xs).compile().as_text()
-    return median_ms(fwd, *xs), median_ms(step, *xs), collective_bytes(hlo)
+    return median_ms(fwd, *xs, reps=10), median_ms(step, *xs, reps=10), collective_bytes(hlo)
 
 
 def run_cp(args, devices):
@@ -154,9 +154,16 @@ def main(argv=None):
     result = dict(device=devices[0].device_kind, jax=jax.__version__, cp=run_cp(args, devices))
     if args.dp:
         sys.path.insert(0, __file__.rsplit("/", 1)[0])
-        from multi_device import layer_step_scaling  # the data-parallel layer step
+        from multi_device import bench_layer  # the data-parallel layer step, 1 against n devices
 
-        result["dp"] = layer_step_scaling(args.devices, tiny=args.tiny, devices=devices)
+        opts = argparse.Namespace(tiny=args.tiny, runs=20, warmup=3, implementation=args.implementation)
+        result["dp"] = []
+        for n in (n for n in args.devices if 1 < n <= len(devices)):
+            row = bench_layer(n, opts)
+            row["efficiency"] = row["ratio"] / n
+            result["dp"].append(row)
+            print(f"dp n={n}: {row['tokens_per_s_1']:.0f} -> {row[f'tokens_per_s_{n}']:.0f} tokens/s, "
+                  f"efficiency {row['efficiency']:.2f}, collectives {row[f'collectives_{n}']}", flush=True)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)

@@ -253,8 +253,8 @@ def run(sizes, modes, impls, dtype, reps, fla=True, progress=True, log=None, onl
                     if f is not None:
                         cases.append(("fla", name, mode, f, import_sync,
                                       (lambda f=f: _torch_peak_bytes(f)) if mode != "fwd" else None))
-        if only:  # e.g. "S3|S2 fla-dplr": keep the cases whose "size impl" matches
-            cases = [c for c in cases if re.search(only, f"{label} {c[1]}")]
+        if only:  # e.g. "S2 chunk|fla-dplr64": keep the cases whose "size op impl" matches
+            cases = [c for c in cases if re.search(only, f"{label} {c[0]} {c[1]}")]
         it = tqdm(cases, desc=label, leave=False) if (tqdm and progress) else cases
         for op, impl, mode, call, sync, peak in it:
             row = dict(size=label, **dims, dtype=jnp.dtype(dtype).name, op=op, impl=impl, mode=mode)
@@ -366,7 +366,8 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--reps", type=int, default=20, help="timing samples per case (default 20)")
     p.add_argument("--no-fla", action="store_true", help="skip fla-core even when importable")
-    p.add_argument("--only", default=None, help='regex on "size impl", e.g. "S3|S2 fla-dplr"')
+    p.add_argument("--only", default=None,
+                   help='regex on "size op impl", e.g. "S2 chunk|fla-dplr64|cudnn"')
     out = p.add_mutually_exclusive_group()
     out.add_argument("--out", default=None, metavar="PATH", help="write the results as JSON to PATH")
     out.add_argument("--save", action="store_true",
