@@ -16,7 +16,8 @@ B1 H16 K=V=128, bf16, forward and forward+backward,
 Data parallel (`--dp`): the layer's training step (d_model 2048, 16 heads, B4 T4096 per
 device) with the batch sharded: tokens/s and efficiency against 1 device.
 
-Medians of 10 timed calls (context parallel; 20 for the layer step) after a warm-up, `jax.block_until_ready`, all in one process.
+Medians of 10 timed calls (context parallel; 20 for the layer step) after a warm-up,
+`jax.block_until_ready`, all in one process.
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ def collective_bytes(hlo: str) -> dict:
     return out
 
 
-def cp_case(n, T, H, K, V, dtype, exchange, implementation, devices):
+def cp_case(n, T, H, K, V, dtype, exchange, implementation, devices, combine=None):
     """(fwd ms, fwd+bwd ms, exchanged bytes per device) of one sequence of T over n devices."""
     mesh = Mesh(np.array(devices[:n]), ("sp",))
     tok = NamedSharding(mesh, P(None, "sp"))
@@ -85,7 +86,7 @@ def cp_case(n, T, H, K, V, dtype, exchange, implementation, devices):
 
     def local(q, k, v, a, b):
         return chunk_cp(q, k, v, a, b, axis_name="sp", implementation=implementation,
-                        exchange=exchange)[0]
+                        exchange=exchange, combine=combine)[0]
 
     spec = P(None, "sp")
     f = jax.shard_map(local, mesh=mesh, in_specs=(spec,) * 5, out_specs=spec)
@@ -104,11 +105,13 @@ def run_cp(args, devices):
     H, K, V = args.heads, args.head_dim, args.head_dim
     dtype = jnp.bfloat16
     ns = [n for n in args.devices if n <= len(devices)]
-    cases = [("weak", n, args.cp_tokens * n) for n in ns] + [("strong", n, args.cp_total) for n in ns]
+    cases = [("weak", n, args.cp_tokens * n) for n in ns if "weak" in args.kinds]
+    cases += [("strong", n, args.cp_total) for n in ns if "strong" in args.kinds]
     for kind, n, T in cases:
         for exchange in ("allgather", "scan") if n > 1 else ("allgather",):
             try:
-                fwd, fb, coll = cp_case(n, T, H, K, V, dtype, exchange, args.implementation, devices)
+                fwd, fb, coll = cp_case(n, T, H, K, V, dtype, exchange, args.implementation, devices,
+                                        combine=args.combine)
             except Exception as e:  # out of memory at the largest T: say so, go on
                 print(f"cp {kind} n={n} T={T} {exchange}: {type(e).__name__}: {str(e)[:200]}", flush=True)
                 continue
@@ -138,6 +141,8 @@ def main(argv=None):
     p.add_argument("--tiny", action="store_true", help="small sizes for a CPU smoke run")
     p.add_argument("--cp-tokens", type=int, default=65536, help="tokens per device (weak scaling)")
     p.add_argument("--cp-total", type=int, default=262144, help="total tokens (strong scaling)")
+    p.add_argument("--kinds", default="weak,strong", help="context-parallel runs: weak, strong or both")
+    p.add_argument("--combine", default=None, choices=["linear", "rerun"], help="chunk_cp's combine")
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--implementation", default=None)
