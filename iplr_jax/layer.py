@@ -164,6 +164,11 @@ class IPLRLayer(nnx.Module):
         (`jax.set_mesh`, Auto axes), `__call__` also constrains x, q, k, v, a, b and the output
         to those batch / head shardings, so the op runs on each device's own shard (no gather of
         activations); outside one, or inside `shard_map`, no constraint is applied.
+      sequence_axis: context parallelism: call the layer inside `jax.shard_map` with x sharded
+        over T along this mesh axis (parameters replicated). The convolution takes its
+        `conv_size - 1` earlier inputs from the preceding device (a `ppermute` halo) and the
+        operator runs as `chunk(..., sequence_axis=...)`, so the result equals the
+        single-device layer. Not with `decode`.
       rngs: `nnx.Rngs` for parameter initialisation.
     """
 
@@ -183,6 +188,7 @@ class IPLRLayer(nnx.Module):
         param_dtype=jnp.float32,
         allow_neg_eigval: bool = True,
         sharding: Mapping[str, MeshAxes] | None = None,
+        sequence_axis: str | None = None,
         rngs: nnx.Rngs,
     ):
         if mode not in MODES:
@@ -198,6 +204,7 @@ class IPLRLayer(nnx.Module):
         self.head_dim, self.value_dim = head_dim, value_dim
         self.mode = mode
         self.conv_size = conv_size if conv_size and conv_size > 1 else 0
+        self.sequence_axis = sequence_axis
         self.use_gate = use_gate
         self.chunk_size = chunk_size
         self.implementation = implementation
@@ -319,6 +326,8 @@ class IPLRLayer(nnx.Module):
             tails = [None] * 3
             if conv_tail is not None:
                 tails = jnp.split(conv_tail, bounds[1:3], axis=-1)
+            elif self.sequence_axis is not None:
+                tails = [self._halo(u) for u in qkv]
             out = [
                 self.conv(u, t, channels=slice(lo, hi))
                 for u, t, lo, hi in zip(qkv, tails, bounds[:-1], bounds[1:], strict=True)
@@ -345,6 +354,18 @@ class IPLRLayer(nnx.Module):
         qkvab = tuple(self._constrain(u, "batch", None, "heads", None) for u in (q, k, v, a, b))
         return qkvab, new_tail
 
+    def _halo(self, u: jax.Array) -> jax.Array:
+        """The last conv_size - 1 rows of the preceding device's slice of T ([B, W - 1, C]);
+        zeros on the first device, where the sequence starts."""
+        W, axis = self.conv_size, self.sequence_axis
+        if u.shape[1] < W - 1:
+            raise ValueError(
+                f"each device's slice of T must hold at least conv_size - 1 = {W - 1} tokens, "
+                f"got {u.shape[1]}"
+            )
+        P = jax.lax.axis_size(axis) if hasattr(jax.lax, "axis_size") else jax.lax.psum(1, axis)
+        return jax.lax.ppermute(u[:, u.shape[1] - (W - 1):], axis, [(i, i + 1) for i in range(P - 1)])
+
     def __call__(self, x: jax.Array, *, decode: bool = False) -> jax.Array:
         """Mixes tokens causally.
 
@@ -362,6 +383,8 @@ class IPLRLayer(nnx.Module):
         H, V = self.num_heads, self.value_dim
         x = self._constrain(x, "batch", None, None)
         h0 = tail = None
+        if decode and self.sequence_axis is not None:
+            raise ValueError("decode=True is not supported with sequence_axis (context parallelism)")
         if decode:
             if self.state is None:
                 raise ValueError("decoding cache not initialised: call layer.init_cache(batch_size) first")
@@ -395,6 +418,7 @@ class IPLRLayer(nnx.Module):
                 output_final_state=decode,
                 chunk_size=self.chunk_size,
                 implementation=self.implementation,
+                sequence_axis=self.sequence_axis,
             )
         if decode:
             self.state[...] = ht

@@ -163,3 +163,40 @@ def test_no_mesh_context_is_unconstrained():
     smap = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P("data")), out_specs=P("data"))
     got = jax.jit(smap)(params, x)
     assert _rel(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("impl", ["xla", "interpret"])
+def test_layer_context_parallel(impl):
+    """The layer with x sharded over T inside shard_map (the convolution's halo from the
+    preceding device, chunk with sequence_axis) equals the single-device layer: output and the
+    gradients of the input and of every parameter."""
+    from helpers import cpu_mesh, rel_err
+
+    mesh = cpu_mesh((4,), ("sp",), axis_types=(AxisType.Auto,))
+    kw = dict(num_heads=2, chunk_size=16, implementation=impl)
+    one = IPLRLayer(32, **kw, rngs=nnx.Rngs(0))
+    cp = IPLRLayer(32, sequence_axis="sp", **kw, rngs=nnx.Rngs(0))
+    g1, p1 = nnx.split(one)
+    g4, p4 = nnx.split(cp)
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 48, 32), jnp.float32)  # 12 tokens per device
+
+    w = jnp.cos(jnp.arange(x.size, dtype=jnp.float32)).reshape(x.shape)  # a fixed functional
+
+    def loss(graphdef, params, x, w=w):
+        y = nnx.merge(graphdef, params)(x)
+        return jnp.sum(y * w), y
+
+    def sharded(params, x):
+        def local(params, x, w):
+            return jax.lax.psum(loss(g4, params, x, w)[0], "sp")
+
+        specs = (P(), P(None, "sp"), P(None, "sp"))
+        return jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=P())(params, x, w)
+
+    grad1 = jax.value_and_grad(lambda p, x: loss(g1, p, x), argnums=(0, 1), has_aux=True)
+    (l1, _), (dp1, dx1) = grad1(p1, x)
+    l4, (dp4, dx4) = jax.jit(jax.value_and_grad(sharded, argnums=(0, 1)))(p4, x)
+    assert abs(float(l4) - float(l1)) < 1e-4 * abs(float(l1))
+    assert rel_err(dx4, dx1) < 1e-5
+    for a, b in zip(jax.tree_util.tree_leaves(dp4), jax.tree_util.tree_leaves(dp1), strict=True):
+        assert rel_err(a, b) < 1e-5
