@@ -61,6 +61,7 @@ HEAVY = [
     r"test_validation\.py::test_malformed_traced_cu_seqlens_poison\[cu[123]-",
     r"test_sharding\.py::test_jit_sharded_inputs\[chunk-interpret-\(8,\)",
     r"test_sharding\.py::test_shard_map\[chunk-xla-",
+    r"test_layer_sharding\.py::test_layer_context_parallel\[interpret\]",
 ]
 _HEAVY = re.compile("|".join(HEAVY))
 
