@@ -278,3 +278,37 @@ def test_fused_recurrent_jit_sharded(rng):
     (ro, rht), rg = call(*inputs, h0), grads7(call, inputs, h0)
     for x, y in zip((o, ht, *g), (ro, rht, *rg), strict=True):
         assert rel_err(x, y) < 1e-5
+
+
+# -- lowering for CUDA (no GPU needed) -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "K, V, dtype", [(64, 64, jnp.bfloat16), (100, 60, jnp.float32), (200, 130, jnp.float32)]
+)
+def test_gated_fused_recurrent_lowers_for_cuda(K, V, dtype, monkeypatch):
+    """The gated fused kernels (forward and both backward sweeps) lower through the Triton
+    backend; the gated chunk op (jnp fallback for now) lowers with no Triton kernel."""
+    from test_lowering import FUSED, FUSED_BWD, triton_kernels
+
+    import iplr_jax.inputs as inputs_module
+
+    monkeypatch.setattr(inputs_module, "has_gpu", lambda: True)
+    s = jax.ShapeDtypeStruct
+    qk = s((2, 50, 2, K), dtype)
+    x, h0 = [qk, qk, s((2, 50, 2, V), dtype), qk, qk, qk], s((2, 2, K, V), jnp.float32)
+    fwd = lambda *a: iplr_jax.fused_recurrent(*a, implementation="pallas")[0]  # noqa: E731
+
+    def step(*a):
+        def loss(*d):
+            o, ht = iplr_jax.fused_recurrent(
+                *d[:6], initial_state=d[6], output_final_state=True, implementation="pallas"
+            )
+            return o.astype(jnp.float32).sum() + ht.sum()
+
+        return jax.grad(loss, argnums=tuple(range(7)))(*a)
+
+    assert triton_kernels(fwd, *x) == FUSED
+    assert triton_kernels(step, *x, h0) == FUSED_BWD
+    chunk = lambda *a: iplr_jax.chunk(*a, implementation="pallas")[0]  # noqa: E731
+    assert triton_kernels(chunk, *x) == []
