@@ -16,7 +16,8 @@ B1 H16 K=V=128, bf16, forward and forward+backward,
 Data parallel (`--dp`): the layer's training step (d_model 2048, 16 heads, B4 T4096 per
 device) with the batch sharded: tokens/s and efficiency against 1 device.
 
-Medians of >= 20 timed calls after a warm-up, `jax.block_until_ready`, all in one process.
+Medians of 10 timed calls (context parallel; 20 for the layer step) after a warm-up,
+`jax.block_until_ready`, all in one process.
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ def collective_bytes(hlo: str) -> dict:
     return out
 
 
-def cp_case(n, T, H, K, V, dtype, exchange, implementation, devices):
+def cp_case(n, T, H, K, V, dtype, exchange, implementation, devices, combine=None):
     """(fwd ms, fwd+bwd ms, exchanged bytes per device) of one sequence of T over n devices."""
     mesh = Mesh(np.array(devices[:n]), ("sp",))
     tok = NamedSharding(mesh, P(None, "sp"))
@@ -85,7 +86,7 @@ def cp_case(n, T, H, K, V, dtype, exchange, implementation, devices):
 
     def local(q, k, v, a, b):
         return chunk_cp(q, k, v, a, b, axis_name="sp", implementation=implementation,
-                        exchange=exchange)[0]
+                        exchange=exchange, combine=combine)[0]
 
     spec = P(None, "sp")
     f = jax.shard_map(local, mesh=mesh, in_specs=(spec,) * 5, out_specs=spec)
@@ -96,7 +97,7 @@ def cp_case(n, T, H, K, V, dtype, exchange, implementation, devices):
 
     step = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))
     hlo = step.lower(*xs).compile().as_text()
-    return median_ms(fwd, *xs), median_ms(step, *xs), collective_bytes(hlo)
+    return median_ms(fwd, *xs, reps=10), median_ms(step, *xs, reps=10), collective_bytes(hlo)
 
 
 def run_cp(args, devices):
@@ -104,11 +105,13 @@ def run_cp(args, devices):
     H, K, V = args.heads, args.head_dim, args.head_dim
     dtype = jnp.bfloat16
     ns = [n for n in args.devices if n <= len(devices)]
-    cases = [("weak", n, args.cp_tokens * n) for n in ns] + [("strong", n, args.cp_total) for n in ns]
+    cases = [("weak", n, args.cp_tokens * n) for n in ns if "weak" in args.kinds]
+    cases += [("strong", n, args.cp_total) for n in ns if "strong" in args.kinds]
     for kind, n, T in cases:
         for exchange in ("allgather", "scan") if n > 1 else ("allgather",):
             try:
-                fwd, fb, coll = cp_case(n, T, H, K, V, dtype, exchange, args.implementation, devices)
+                fwd, fb, coll = cp_case(n, T, H, K, V, dtype, exchange, args.implementation, devices,
+                                        combine=args.combine)
             except Exception as e:  # out of memory at the largest T: say so, go on
                 print(f"cp {kind} n={n} T={T} {exchange}: {type(e).__name__}: {str(e)[:200]}", flush=True)
                 continue
@@ -138,6 +141,8 @@ def main(argv=None):
     p.add_argument("--tiny", action="store_true", help="small sizes for a CPU smoke run")
     p.add_argument("--cp-tokens", type=int, default=65536, help="tokens per device (weak scaling)")
     p.add_argument("--cp-total", type=int, default=262144, help="total tokens (strong scaling)")
+    p.add_argument("--kinds", default="weak,strong", help="context-parallel runs: weak, strong or both")
+    p.add_argument("--combine", default=None, choices=["linear", "rerun"], help="chunk_cp's combine")
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--implementation", default=None)
@@ -154,9 +159,16 @@ def main(argv=None):
     result = dict(device=devices[0].device_kind, jax=jax.__version__, cp=run_cp(args, devices))
     if args.dp:
         sys.path.insert(0, __file__.rsplit("/", 1)[0])
-        from multi_device import layer_step_scaling  # the data-parallel layer step
+        from multi_device import bench_layer  # the data-parallel layer step, 1 against n devices
 
-        result["dp"] = layer_step_scaling(args.devices, tiny=args.tiny, devices=devices)
+        opts = argparse.Namespace(tiny=args.tiny, runs=20, warmup=3, implementation=args.implementation)
+        result["dp"] = []
+        for n in (n for n in args.devices if 1 < n <= len(devices)):
+            row = bench_layer(n, opts)
+            row["efficiency"] = row["ratio"] / n
+            result["dp"].append(row)
+            print(f"dp n={n}: {row['tokens_per_s_1']:.0f} -> {row[f'tokens_per_s_{n}']:.0f} tokens/s, "
+                  f"efficiency {row['efficiency']:.2f}, collectives {row[f'collectives_{n}']}", flush=True)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)

@@ -1,6 +1,6 @@
 """Demo: check the ops on this machine, then train a tiny IPLR language model on associative recall.
 
-    python -m iplr_jax demo [--steps N] [--seed S] [--quick]
+    iplr-jax demo [--steps N] [--seed S] [--quick]      (or: python -m iplr_jax demo ...)
 
 1. Runs `chunk` and `fused_recurrent` (default implementation for this backend) at a small size
    and prints their relative error against `naive` in float64 where the backend has it.
@@ -9,12 +9,12 @@
    prints the recall accuracy of each. The IPLR state can overwrite what a key maps to; the
    linear-attention state only adds, so its memories interfere.
 
-Everything is seeded; on 2 CPU cores the default run takes about two minutes.
+Everything is seeded. On 2 CPU cores (jax 0.10.2) the default run took 169 s and `--quick` (a
+one-layer model on a smaller recall task, 300 steps at batch 32) 48 s.
 """
 
 from __future__ import annotations
 
-import argparse
 import functools
 import sys
 import time
@@ -26,7 +26,14 @@ import numpy as np
 import optax
 from flax import nnx
 
-from iplr_jax.layer import IPLRLayer
+import iplr_jax
+from iplr_jax.__main__ import ArgumentParser
+
+# what --quick trains: one layer instead of two (compiling the training step is most of a short
+# run) on fewer pairs and values than the default task, so that a short run lands far above
+# chance (about 90% against 6% for IPLR, 80% for linear attention)
+QUICK_TASK = dict(num_pairs=6, num_overwrites=2, num_keys=16, num_values=16)
+QUICK_STEPS, QUICK_BATCH, QUICK_LAYERS = 300, 32, 1
 
 # -- the task ----------------------------------------------------------------------------------
 
@@ -95,7 +102,7 @@ class Block(nnx.Module):
 
     def __init__(self, d_model: int, num_heads: int, *, mode: str, chunk_size: int, rngs: nnx.Rngs):
         self.norm1 = nnx.RMSNorm(d_model, rngs=rngs)
-        self.mixer = IPLRLayer(d_model, num_heads, mode=mode, chunk_size=chunk_size, rngs=rngs)
+        self.mixer = iplr_jax.IPLRLayer(d_model, num_heads, mode=mode, chunk_size=chunk_size, rngs=rngs)
         self.norm2 = nnx.RMSNorm(d_model, rngs=rngs)
         self.up = nnx.Linear(d_model, 4 * d_model, rngs=rngs)
         self.down = nnx.Linear(4 * d_model, d_model, rngs=rngs)
@@ -183,6 +190,7 @@ def train(
     learning_rate: float = 3e-3,
     d_model: int = 64,
     num_heads: int = 2,
+    num_layers: int = 2,
     eval_batches: int = 8,
     progress: bool = True,
 ) -> TrainResult:
@@ -192,7 +200,8 @@ def train(
     the parameters from `nnx.Rngs(seed)`.
     """
     task = task or RecallTask()
-    model = TinyLM(task.vocab_size, d_model=d_model, num_heads=num_heads, mode=mode, rngs=nnx.Rngs(seed))
+    model = TinyLM(task.vocab_size, d_model=d_model, num_heads=num_heads, num_layers=num_layers, mode=mode,
+                   rngs=nnx.Rngs(seed))
     schedule = optax.warmup_cosine_decay_schedule(
         0.0, learning_rate, warmup_steps=max(1, steps // 10), decay_steps=max(2, steps),
         end_value=learning_rate / 10,
@@ -232,7 +241,7 @@ def train(
 
 
 def check_ops(
-    seed: int = 0, *, B: int = 2, T: int = 100, H: int = 2, K: int = 32, V: int = 48
+    seed: int = 0, *, B: int = 2, T: int = 100, H: int = 2, K: int = 32, V: int = 48, interpret: bool = True
 ) -> list[tuple[str, float]]:
     """Runs `chunk` and `fused_recurrent` (default implementation) on random layer-like inputs.
 
@@ -240,8 +249,6 @@ def check_ops(
     enabled and in float32 (HIGHEST precision) otherwise. Forward output, final state, and the
     gradients of a random functional of both.
     """
-    import iplr_jax
-
     rng = np.random.default_rng(seed)
     unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
     q = rng.standard_normal((B, T, H, K))
@@ -272,7 +279,7 @@ def check_ops(
     o_ref, s_ref, g_ref = run(iplr_jax.naive, inputs_ref)
     report = []
     ops = [("chunk", iplr_jax.chunk), ("fused_recurrent", iplr_jax.fused_recurrent)]
-    if jax.default_backend() != "gpu":
+    if interpret and jax.default_backend() != "gpu":
         # the default here is "xla" (the fused recurrence is then the reference scan itself):
         # also run the Pallas kernels, through the interpreter
         ops += [(f"{n} [interpret]", functools.partial(f, implementation="interpret")) for n, f in ops]
@@ -289,25 +296,31 @@ def check_ops(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m iplr_jax demo`: op self-check, then IPLR vs linear attention. Returns an exit code."""
-    parser = argparse.ArgumentParser(
-        prog="python -m iplr_jax demo",
+    """`iplr-jax demo`: op self-check, then IPLR vs linear attention. Returns an exit code."""
+    parser = ArgumentParser(
+        prog="iplr-jax demo",
         description="Check the IPLR ops on this machine, then train a tiny IPLR language model on "
-        "multi-query associative recall next to a linear-attention baseline.",
+        "multi-query associative recall next to a linear-attention baseline. On 2 CPU cores: "
+        "about 3 minutes, --quick under a minute.",
     )
     parser.add_argument(
-        "--steps", type=int, default=None, help="training steps per model (default 400, 120 with --quick)"
+        "--steps", type=int, default=None,
+        help=f"training steps per model (default 400, {QUICK_STEPS} with --quick)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed for data and parameters (default 0)")
-    parser.add_argument("--quick", action="store_true", help="a short run (about 30 s on 2 CPU cores)")
+    parser.add_argument(
+        "--quick", action="store_true",
+        help=f"a smaller recall task ({QUICK_TASK['num_pairs']} pairs, {QUICK_TASK['num_values']} values) "
+        f"and a one-layer model, {QUICK_STEPS} steps at batch {QUICK_BATCH}: under a minute on 2 CPU cores",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
-    steps = args.steps if args.steps is not None else (120 if args.quick else 400)
+    steps = args.steps if args.steps is not None else (QUICK_STEPS if args.quick else 400)
     if steps < 1:
-        parser.error("--steps must be positive")
+        parser.error(f"argument --steps: expected a positive integer, got {steps}")
 
     backend = jax.default_backend()
-    impl = "pallas" if backend == "gpu" else "xla"
+    impl = "pallas" if any(d.platform == "gpu" for d in jax.devices()) else "xla"
     print(
         f"iplr-jax demo: jax {jax.__version__}, backend {backend} ({jax.devices()[0].device_kind}), "
         f"default implementation {impl!r}"
@@ -315,33 +328,41 @@ def main(argv: list[str] | None = None) -> int:
 
     print("\n1. The ops against the step-by-step reference (relative error |x - ref| / |ref|)")
     try:
-        report = check_ops(args.seed)
+        # --quick leaves out the Pallas kernels through the interpreter (CPU only; compiling them
+        # is a fifth of the quick run)
+        report = check_ops(args.seed, interpret=not args.quick)
     except NotImplementedError as e:  # kernels not built yet for this backend
         print(f"   skipped: {e}")
         report = []
     ok = True
     for name, e in report:
-        # float32 on CPU lands near 1e-6; tf32 dots on a GPU near 1e-3 (DESIGN.md section 9)
+        # float32 on CPU lands near 1e-6; tf32 dots on a GPU near 1e-3
         good = np.isfinite(e) and e < 5e-3
         ok &= good
         print(f"   {name:<44} {e:9.2e}  {'ok' if good else 'TOO LARGE'}")
 
-    task = RecallTask()
+    task = RecallTask(**QUICK_TASK) if args.quick else RecallTask()
+    batch_size = QUICK_BATCH if args.quick else 64
+    layers = QUICK_LAYERS if args.quick else 2
+    chance = 1 / task.num_values
     print(
         f"\n2. Multi-query associative recall: {task.num_pairs} key-value pairs, {task.num_overwrites} "
         f"of the keys then get a new value, then every key is asked again (answer: its latest "
-        f"value); {task.num_keys} keys, {task.num_values} values (chance {1 / task.num_values:.1%}), "
+        f"value); {task.num_keys} keys, {task.num_values} values (chance {chance:.1%}), "
         f"T = {task.seq_len}"
     )
-    print(f"   training 2-layer models (d_model 64, 2 heads) for {steps} steps, seed {args.seed}")
+    print(f"   training {layers}-layer models (d_model 64, 2 heads) for {steps} steps at batch {batch_size}, "
+          f"seed {args.seed}")
     results = {}
     for mode in ("iplr", "linear"):
-        results[mode] = train(mode, steps=steps, seed=args.seed, task=task, progress=not args.no_progress)
+        results[mode] = train(mode, steps=steps, seed=args.seed, task=task, batch_size=batch_size,
+                              num_layers=layers, progress=not args.no_progress)
         sys.stdout.flush()
     print("\n   model                        recall accuracy (held out)   train time")
     names = {"iplr": "IPLR (a, b learned)", "linear": "linear attention (a = b = 0)"}
     for mode, r in results.items():
         print(f"   {names[mode]:<28} {r.eval_accuracy:>10.1%}                 {r.seconds:6.1f} s")
+    print(f"   {'chance':<28} {chance:>10.1%}")
     gap = results["iplr"].eval_accuracy - results["linear"].eval_accuracy
     print(f"\n   IPLR - linear attention: {gap:+.1%}")
     if not ok:

@@ -18,6 +18,13 @@ with m = 2 when `allow_neg_eigval` (the default) and m = 1 otherwise, so `1 + a 
 blow up, whatever the input. With m = 2 the eigenvalue may be negative, which lets the layer
 flip a direction of its state (useful for state tracking).
 
+Several devices: `sharding={"batch": "data"}` (data parallel), `{"batch": "data", "embed": "data"}`
+(FSDP) or `{"batch": "data", "heads": "model"}` (heads split over a second axis) names the mesh
+axes of the layer's three logical axes. Parameters carry the resulting partition specs
+(`nnx.with_partitioning`, so `nnx.get_partition_spec` reads them and a layer built under
+`jax.set_mesh(mesh)` is created sharded), and, under a mesh context, the activations are
+constrained to batch (and head) sharding so `iplr_jax.chunk` runs on each device's own shard.
+
 Decoding follows Flax's attention idiom: `layer.init_cache(batch_size)` creates `nnx.Cache`
 variables holding the recurrent state and the causal-convolution tail, then
 `layer(x, decode=True)` consumes any number of new tokens and updates them.
@@ -25,17 +32,44 @@ variables holding the recurrent state and the causal-convolution tail, then
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Literal
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import AxisType
+from jax.sharding import PartitionSpec as P
 
 from iplr_jax.ops.chunk import chunk
 from iplr_jax.ops.fused_recurrent import fused_recurrent
 
 Mode = Literal["iplr", "delta", "linear"]
 MODES = ("iplr", "delta", "linear")
+
+# The layer's logical axes (IPLRLayer's `sharding` maps them to mesh axes):
+#   "batch": the batch dimension of activations (x, q, k, v, a, b, outputs, decoding state);
+#   "embed": the d_model dimension of every projection's kernel (FSDP shards it);
+#   "heads": the H * K / H * V / H dimension of the projections and the heads of q, k, v, a, b.
+LOGICAL_AXES = ("batch", "embed", "heads")
+MeshAxes = str | tuple[str, ...] | None
+
+
+def _resolve_sharding(sharding: Mapping[str, MeshAxes] | None) -> dict[str, MeshAxes] | None:
+    if sharding is None:
+        return None
+    unknown = set(sharding) - set(LOGICAL_AXES)
+    if unknown:
+        raise ValueError(f"sharding: unknown logical axes {sorted(unknown)}; known: {LOGICAL_AXES}")
+    out = {}
+    for name in LOGICAL_AXES:
+        axes = sharding.get(name)
+        if isinstance(axes, list):
+            axes = tuple(axes)
+        if not (axes is None or isinstance(axes, str) or all(isinstance(a, str) for a in axes)):
+            raise ValueError(f"sharding[{name!r}] must be a mesh axis name, a tuple of names or None")
+        out[name] = axes
+    return out
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
@@ -54,33 +88,43 @@ class ShortConv(nnx.Module):
     before the first token. Weight [W, channels], no bias.
     """
 
-    def __init__(self, channels: int, size: int, *, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(
+        self, channels: int, size: int, *, dtype=None, param_dtype=jnp.float32, param_metadata=None,
+        rngs: nnx.Rngs,
+    ):
         # fan_in = W for a depthwise filter; the same scale as torch's Conv1d default
         init = jax.nn.initializers.uniform(scale=2.0 / size**0.5)
         w = init(rngs.params(), (size, channels), param_dtype) - 1.0 / size**0.5
-        self.weight = nnx.Param(w.astype(param_dtype))
+        self.weight = nnx.Param(w.astype(param_dtype), **(param_metadata or {}))
         self.size = size
         self.channels = channels
         self.dtype = dtype
 
-    def __call__(self, x: jax.Array, tail: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    def __call__(
+        self, x: jax.Array, tail: jax.Array | None = None, channels: slice | None = None
+    ) -> tuple[jax.Array, jax.Array]:
         """Applies the filter.
 
         Args:
-          x: [B, T, channels].
-          tail: [B, W - 1, channels], the W - 1 inputs before x[:, 0] (zeros if None).
+          x: [B, T, channels] (or [B, T, len(channels)] with `channels`).
+          tail: [B, W - 1, ...] like x, the W - 1 inputs before x[:, 0] (zeros if None).
+          channels: apply only these channels' filters (the filter is depthwise, so a slice of
+            the channels is computed exactly as in the whole).
 
         Returns:
           y [B, T, channels] and the new tail [B, W - 1, channels] (the last W - 1 inputs), in
           x's dtype.
         """
-        B, T, _ = x.shape
+        B, T, C = x.shape
         W = self.size
         if tail is None:
-            tail = jnp.zeros((B, W - 1, self.channels), x.dtype)
+            tail = jnp.zeros((B, W - 1, C), x.dtype)
         xp = jnp.concatenate([tail.astype(x.dtype), x], axis=1)  # [B, W - 1 + T, C]
         dtype = self.dtype or x.dtype
-        w = self.weight[...].astype(dtype)
+        w = self.weight[...]
+        if channels is not None:
+            w = jax.lax.slice_in_dim(w, channels.start, channels.stop, axis=1)
+        w = w.astype(dtype)
         xp_c = xp.astype(dtype)
         # W is tiny (e.g. 4): a sum of shifted slices is cheaper and simpler than lax.conv
         y = sum(w[i] * xp_c[:, i : i + T] for i in range(W))
@@ -105,6 +149,21 @@ class IPLRLayer(nnx.Module):
       param_dtype: dtype of the parameters.
       allow_neg_eigval: the transition's eigenvalue `1 + a . b` may reach (-1, 0) (lambda, beta
         range over (0, 2)); False restricts it to [0, 1].
+      sharding: None (the default: no annotations, no constraints) or a mapping from the
+        layer's logical axes to mesh axis names (a name, a tuple of names, or None for
+        replicated; absent keys are replicated):
+          "batch": batch dimension of the activations;
+          "embed": the d_model dimension of every projection kernel;
+          "heads": the heads (H * K, H * V, H) dimension of the projections and of q, k, v, a, b.
+        `{"batch": "data"}` is data parallelism (parameters replicated), `{"batch": "data",
+        "embed": "data"}` FSDP (each kernel split along d_model over the data axis, gathered
+        where used), `{"batch": "data", "heads": "model"}` adds a head split.
+        Every parameter is initialised through `nnx.with_partitioning` with its mesh axes:
+        `nnx.get_partition_spec(nnx.state(layer))` gives the specs, and a layer built under
+        `jax.set_mesh(mesh)` is created sharded (Flax's eager sharding). Under a mesh context
+        (`jax.set_mesh`, Auto axes), `__call__` also constrains x, q, k, v, a, b and the output
+        to those batch / head shardings, so the op runs on each device's own shard (no gather of
+        activations); outside one, or inside `shard_map`, no constraint is applied.
       rngs: `nnx.Rngs` for parameter initialisation.
     """
 
@@ -123,6 +182,7 @@ class IPLRLayer(nnx.Module):
         dtype=None,
         param_dtype=jnp.float32,
         allow_neg_eigval: bool = True,
+        sharding: Mapping[str, MeshAxes] | None = None,
         rngs: nnx.Rngs,
     ):
         if mode not in MODES:
@@ -144,34 +204,77 @@ class IPLRLayer(nnx.Module):
         self.dtype, self.param_dtype = dtype, param_dtype
         self.max_eig = 2.0 if allow_neg_eigval else 1.0
 
+        self.sharding = _resolve_sharding(sharding)
+
         H, K, V = num_heads, head_dim, value_dim
-        lin = lambda n_out, **kw: nnx.Linear(
-            d_model, n_out, use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs, **kw
-        )
+        ann = self._annotate
+        kernel_init = nnx.initializers.lecun_normal()
+        in_kernel = ann(kernel_init, "embed", "heads")  # [d_model, H * .]
+
+        def lin(n_out, *, use_bias=False):
+            return nnx.Linear(
+                d_model, n_out, use_bias=use_bias, kernel_init=in_kernel,
+                bias_init=ann(nnx.initializers.zeros_init(), "heads"),
+                dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+            )
+
         self.q_proj = lin(H * K)
         self.k_proj = lin(H * K)
         self.v_proj = lin(H * V)
         if mode == "iplr":
             self.a_proj = lin(H * K)
-            self.lam_proj = nnx.Linear(
-                d_model, H, use_bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs
-            )
+            self.lam_proj = lin(H, use_bias=True)
         elif mode == "delta":
-            self.beta_proj = nnx.Linear(
-                d_model, H, use_bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs
-            )
+            self.beta_proj = lin(H, use_bias=True)
         if self.conv_size:
+            # replicated: W x channels is tiny, and q, k, v are convolved separately (each with
+            # its slice of the filter), so their head sharding is kept
             self.conv = ShortConv(
-                H * (2 * K + V), self.conv_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+                H * (2 * K + V), self.conv_size, dtype=dtype, param_dtype=param_dtype,
+                param_metadata=self._metadata(None, None), rngs=rngs,
             )
         if use_gate:
             self.g_proj = lin(H * V)
-        self.o_norm = nnx.Param(jnp.ones((V,), param_dtype))  # RMSNorm weight, shared by heads
+        # RMSNorm weight, shared by heads
+        self.o_norm = nnx.Param(jnp.ones((V,), param_dtype), **self._metadata(None))
         self.o_proj = nnx.Linear(
-            H * V, d_model, use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+            H * V, d_model, use_bias=False, kernel_init=ann(kernel_init, "heads", "embed"),
+            dtype=dtype, param_dtype=param_dtype, rngs=rngs,
         )
         self.state: nnx.Cache[jax.Array] | None = nnx.data(None)
         self.conv_state: nnx.Cache[jax.Array] | None = nnx.data(None)
+
+    # -- sharding --------------------------------------------------------------------------------
+
+    def _mesh_axes(self, *logical: str | None) -> tuple[MeshAxes, ...]:
+        return tuple(None if name is None else self.sharding[name] for name in logical)
+
+    def _metadata(self, *logical: str | None) -> dict:
+        """Variable metadata giving a parameter with these logical axes its mesh axes."""
+        return {} if self.sharding is None else {"out_sharding": self._mesh_axes(*logical)}
+
+    def _annotate(self, init, *logical: str | None):
+        """`init` wrapped by `nnx.with_partitioning` with the mesh axes of these logical axes."""
+        if self.sharding is None:
+            return init
+        return nnx.with_partitioning(init, self._mesh_axes(*logical))
+
+    def _constrain(self, x: jax.Array, *logical: str | None) -> jax.Array:
+        """x constrained to the mesh axes of its logical axes, when a mesh context with those
+        axes (all Auto) is set; otherwise (no sharding, no mesh, explicit or manual axes) x."""
+        if self.sharding is None:
+            return x
+        spec = self._mesh_axes(*logical)
+        used = {a for axes in spec if axes is not None for a in ((axes,) if isinstance(axes, str) else axes)}
+        if not used:
+            return x
+        mesh = jax.sharding.get_abstract_mesh()
+        if mesh.empty or not used <= set(mesh.axis_names):
+            return x
+        types = dict(zip(mesh.axis_names, mesh.axis_types, strict=True))
+        if any(types[a] != AxisType.Auto for a in used):
+            return x
+        return jax.lax.with_sharding_constraint(x, P(*spec))
 
     # -- decoding cache ------------------------------------------------------------------------
 
@@ -206,13 +309,25 @@ class IPLRLayer(nnx.Module):
         """
         B, T, _ = x.shape
         H, K, V = self.num_heads, self.head_dim, self.value_dim
-        qkv = jnp.concatenate([self.q_proj(x), self.k_proj(x), self.v_proj(x)], axis=-1)
+        bhd = ("batch", None, "heads")
+        qkv = [self._constrain(p(x), *bhd) for p in (self.q_proj, self.k_proj, self.v_proj)]
         new_tail = None
         if self.conv_size:
-            qkv, new_tail = self.conv(qkv, conv_tail)
+            # q, k and v each through its own channels of the depthwise filter (the same as
+            # convolving their concatenation, without resharding head-sharded projections)
+            bounds = (0, H * K, 2 * H * K, H * (2 * K + V))
+            tails = [None] * 3
+            if conv_tail is not None:
+                tails = jnp.split(conv_tail, bounds[1:3], axis=-1)
+            out = [
+                self.conv(u, t, channels=slice(lo, hi))
+                for u, t, lo, hi in zip(qkv, tails, bounds[:-1], bounds[1:], strict=True)
+            ]
+            qkv = [y for y, _ in out]
+            new_tail = jnp.concatenate([t for _, t in out], axis=-1)
         else:
-            qkv = jax.nn.silu(qkv)
-        q, k, v = jnp.split(qkv, [H * K, 2 * H * K], axis=-1)
+            qkv = [jax.nn.silu(u) for u in qkv]
+        q, k, v = qkv
         q = l2_normalize(q.reshape(B, T, H, K))
         k = l2_normalize(k.reshape(B, T, H, K))
         v = v.reshape(B, T, H, V)
@@ -227,7 +342,8 @@ class IPLRLayer(nnx.Module):
             v = (beta * v.astype(jnp.float32)).astype(v.dtype)
         else:
             a = b = jnp.zeros_like(k)
-        return (q, k, v, a, b), new_tail
+        qkvab = tuple(self._constrain(u, "batch", None, "heads", None) for u in (q, k, v, a, b))
+        return qkvab, new_tail
 
     def __call__(self, x: jax.Array, *, decode: bool = False) -> jax.Array:
         """Mixes tokens causally.
@@ -244,11 +360,12 @@ class IPLRLayer(nnx.Module):
             raise ValueError(f"x must have shape [B, T, d_model={self.d_model}], got {x.shape}")
         B, T, _ = x.shape
         H, V = self.num_heads, self.value_dim
+        x = self._constrain(x, "batch", None, None)
         h0 = tail = None
         if decode:
             if self.state is None:
                 raise ValueError("decoding cache not initialised: call layer.init_cache(batch_size) first")
-            h0 = self.state[...]
+            h0 = self._constrain(self.state[...], "batch", "heads", None, None)
             if h0.shape[0] != B:
                 raise ValueError(
                     f"x has batch {B} but the cache was made for batch {h0.shape[0]} (init_cache)"
@@ -292,4 +409,4 @@ class IPLRLayer(nnx.Module):
         if self.use_gate:
             o32 = o32 * jax.nn.silu(self.g_proj(x).astype(jnp.float32))
         dtype = self.dtype or jnp.result_type(x.dtype, self.param_dtype)
-        return self.o_proj(o32.astype(dtype))
+        return self._constrain(self.o_proj(o32.astype(dtype)), "batch", None, None)

@@ -292,6 +292,23 @@ def _under_vmap(xs) -> bool:
     return any(isinstance(x, BatchTracer) for x in xs)
 
 
+def _batchable(fn, op):
+    """`op` (a custom_partitioning of `fn`) with a batching rule: under `vmap` (also a vmap that
+    reaches it through `jit`, where the inputs are no batch tracers) `fn` itself is batched,
+    since custom_partitioning has no batching rule (pallas_call has one)."""
+
+    @jax.custom_batching.custom_vmap
+    def call(*xs):
+        return op(*xs)
+
+    @call.def_vmap
+    def rule(axis_size, in_batched, *xs):
+        out = jax.vmap(fn, in_axes=tuple(0 if b else None for b in in_batched))(*xs)
+        return out, jax.tree_util.tree_map(lambda _: True, out)
+
+    return call
+
+
 def partitioned(fn: Callable, in_specs: Sequence[str], out_specs) -> Callable:
     """`fn(*arrays)` declared as the same computation on every batch ("b") / head ("h") shard.
 
@@ -313,7 +330,7 @@ def partitioned(fn: Callable, in_specs: Sequence[str], out_specs) -> Callable:
         mesh = _explicit_mesh(xs)
         if mesh is not None:
             return _via_shard_map(fn, in_specs, out_specs, mesh, xs)
-        return _custom_partitioned(fn, in_specs, out_specs)(*xs)
+        return _batchable(fn, _custom_partitioned(fn, in_specs, out_specs))(*xs)
 
     return call
 

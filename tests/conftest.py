@@ -12,6 +12,7 @@ tests run on any machine; single-device tests use the first device and are unaff
 from __future__ import annotations
 
 import os
+import re
 import zlib
 
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
@@ -32,6 +33,38 @@ CHUNK_IMPLS = ["xla", "interpret"] + (["pallas"] if GPU else [])
 RECURRENT_IMPLS = ["xla", "interpret"] + (["pallas"] if GPU else [])
 
 
+# The heavy tier: cases that repeat what a faster case of the same test already checks on another
+# shape or implementation, so the default run stays within minutes on 2 CPU cores (README).
+# They run with --runslow (CI's second command, and the GPU check); patterns match test ids.
+HEAVY = [
+    r"test_chunk\.py::test_forward_matches_reference\[(c64_no_h0|c64_K100)-",
+    r"test_chunk\.py::test_forward_matches_reference\[(c16_delta-interpret|c32_K60_V20-xla|c64_K200_V130-xla)",
+    r"test_chunk\.py::test_packed_sequences_traced\[(16-xla|64-interpret)\]",
+    r"test_chunk\.py::test_chunk_fwd_residuals\[(bfloat16-False|float32-True)\]",
+    r"test_chunk\.py::test_output_variants_public_path\[(float32-20-16-True|bfloat16-20-100-False)\]",
+    r"test_chunk\.py::test_wy_kernel\[(True|False)-(16|32)\]",
+    r"test_chunk_bwd\.py::test_reference_backward_matches_autodiff\[(False-case[01345]|True-case[1234])\]",
+    r"test_chunk_bwd\.py::test_kernels_match_reference_backward\[(float32-case[023]|bfloat16-case[012])\]",
+    r"test_chunk_bwd\.py::test_kernels_kp256\[float32\]",
+    r"test_chunk_bwd\.py::test_chunk_gradients\[case[013567]-xla\]",
+    r"test_chunk_bwd\.py::test_chunk_gradients\[case[1356]-interpret\]",
+    r"test_chunk_bwd\.py::test_chunk_gradients_transforms\[xla\]",
+    r"test_fused_recurrent\.py::test_matches_reference\[(batch|decode|k60_v20|k200_v130)-xla\]",
+    r"test_fused_recurrent\.py::test_matches_reference\[(bf16|no_state)-interpret\]",
+    r"test_fused_recurrent\.py::test_(packed_traced_cu_seqlens|checkpoint)\[xla\]",
+    r"test_layer\.py::test_training_beats_chance",
+    r"test_layer\.py::test_(gradients_finite|long_large_inputs_stay_bounded)\[delta\]",
+    r"test_layer\.py::test_prefill_then_decode_matches_full_forward\[(delta-4|iplr-0)\]",
+    r"test_context_parallel\.py::test_cp_initial_state\[interpret\]",
+    r"test_context_parallel\.py::test_cp_packed\[xla\]",
+    r"test_context_parallel\.py::test_cp_(packed_concrete_offsets_no_initial_state|second_mesh_axis\[interpret)",
+    r"test_validation\.py::test_malformed_traced_cu_seqlens_poison\[cu[123]-",
+    r"test_sharding\.py::test_jit_sharded_inputs\[chunk-interpret-\(8,\)",
+    r"test_sharding\.py::test_shard_map\[chunk-xla-",
+]
+_HEAVY = re.compile("|".join(HEAVY))
+
+
 def pytest_addoption(parser):
     parser.addoption("--runslow", action="store_true", help="run tests marked slow")
     parser.addoption(
@@ -44,6 +77,8 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords and not GPU:
             item.add_marker(pytest.mark.skip(reason="needs a GPU"))
+        if _HEAVY.search(item.nodeid):
+            item.add_marker(pytest.mark.slow)
         if "slow" in item.keywords and not config.getoption("--runslow"):
             item.add_marker(pytest.mark.skip(reason="slow: run with --runslow"))
 

@@ -1,0 +1,165 @@
+"""IPLRLayer in a sharded training step on simulated CPU devices (conftest.py makes 8).
+
+A tiny layer (d_model 32, 4 heads of 8, T 32) and a squared-error loss; the step returns the
+loss and the gradients of every parameter. Each sharded step (data parallel, FSDP, FSDP with a
+head split) must give the loss and gradients of the same step on one device, and its compiled
+program must move no activations between devices: no all-to-all, and every all-gather is one of
+a parameter (FSDP gathers each kernel where it is used; the gradients come back
+reduce-scattered). Parameter and activation shapes differ here (pieces of [32, 32], [32, 4],
+[4, 96] against [B, T, ...] or [B * T, ...] with B * T / 4 = 64), so an all-gather's result
+shape tells which it is.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from iplr_jax.layer import IPLRLayer
+
+B, T, D, H = 8, 32, 32, 4
+
+DP = {"batch": "data"}
+FSDP = {"batch": "data", "embed": "data"}
+FSDP_TP = {"batch": "data", "embed": "data", "heads": "model"}
+
+
+def _layer(impl, sharding=None, mode="iplr"):
+    return IPLRLayer(
+        D, H, mode=mode, chunk_size=16, implementation=impl, sharding=sharding, rngs=nnx.Rngs(0)
+    )
+
+
+def _data():
+    kx, ky = jax.random.split(jax.random.PRNGKey(1))
+    return jax.random.normal(kx, (B, T, D), jnp.float32), jax.random.normal(ky, (B, T, D), jnp.float32)
+
+
+def _step(graphdef):
+    def step(params, x, y):
+        def loss(params):
+            return jnp.mean((nnx.merge(graphdef, params)(x) - y) ** 2)
+
+        return jax.value_and_grad(loss)(params)
+
+    return step
+
+
+@functools.cache
+def _one_device(impl, mode):
+    graphdef, params = nnx.split(_layer(impl, mode=mode))
+    return jax.jit(_step(graphdef))(params, *_data())
+
+
+def _collectives(text):
+    """(kind, result shape) of every all-gather / all-to-all in an HLO module's text."""
+    out = []
+    for m in re.finditer(r"= \S+?\[([\d,]*)\]\S* (all-gather|all-to-all)(-start)?\(", text):
+        out.append((m.group(2), tuple(int(d) for d in m.group(1).split(",") if d)))
+    return out
+
+
+def _parameter_pieces(shapes, n):
+    """Every shape a piece of a parameter (or of its gradient) can have: each dimension divided
+    by a divisor of the device count, possibly transposed."""
+    divisors = [d for d in range(1, n + 1) if n % d == 0]
+    out = set()
+    for shape in shapes:
+        pieces = {()}
+        for dim in shape:
+            pieces = {p + (dim // d,) for p in pieces for d in divisors if dim % d == 0}
+        out |= pieces | {p[::-1] for p in pieces}
+    return out
+
+
+def _rel(got, want):
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    return np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30)
+
+
+CASES = [
+    ("xla", (4,), DP, "iplr"),
+    ("xla", (2, 2), FSDP_TP, "iplr"),
+    ("interpret", (4,), DP, "iplr"),
+    ("interpret", (2, 2), FSDP, "iplr"),
+]
+
+
+@pytest.mark.parametrize("impl, shape, sharding, mode", CASES, ids=str)
+def test_sharded_training_step(impl, shape, sharding, mode):
+    names = ("data", "model")[: len(shape)]
+    mesh = jax.make_mesh(shape, names, axis_types=(AxisType.Auto,) * len(shape))
+    with jax.set_mesh(mesh):
+        layer = _layer(impl, sharding, mode)  # created sharded (Flax eager sharding)
+        graphdef, params = nnx.split(layer)
+        specs = nnx.get_partition_spec(params)
+        param_shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs)
+        tokens = NamedSharding(mesh, P("data"))
+        x, y = (jax.device_put(u, tokens) for u in _data())
+        step = jax.jit(_step(graphdef), out_shardings=(NamedSharding(mesh, P()), param_shardings))
+        compiled = step.lower(params, x, y).compile()
+        loss, grads = compiled(params, x, y)
+
+    # parameters are sharded as annotated, gradients like their parameters
+    leaves = (jax.tree.leaves(t) for t in (params, grads, param_shardings))
+    for p, g, s in zip(*leaves, strict=True):
+        assert p.sharding.is_equivalent_to(s, p.ndim), (p.sharding, s)
+        assert g.sharding.is_equivalent_to(s, g.ndim), (g.sharding, s)
+
+    # no activation crosses devices: the only all-gathers are FSDP's parameter gathers
+    param_shapes = _parameter_pieces([p.shape for p in jax.tree.leaves(params)], mesh.size)
+    moved = _collectives(compiled.as_text())
+    assert not [c for c in moved if c[0] == "all-to-all"], moved
+    gathered = [s for kind, s in moved if kind == "all-gather"]
+    assert all(s in param_shapes for s in gathered), f"activation all-gathers: {gathered}"
+    if sharding.get("embed") is None:
+        assert not gathered, gathered  # data parallel: nothing gathered at all
+    else:
+        assert gathered  # FSDP does gather the kernels
+
+    want_loss, want_grads = _one_device(impl, mode)
+    assert _rel(loss, want_loss) < 1e-5
+    flat_want = dict(jax.tree_util.tree_leaves_with_path(want_grads))
+    for path, g in jax.tree_util.tree_leaves_with_path(grads):
+        err = _rel(g, flat_want[path])
+        assert err < 1e-5, f"{jax.tree_util.keystr(path)}: gradient differs from one device by {err:.2e}"
+
+
+def test_partition_specs():
+    """The annotations Flax reads: kernels [d_model, H * .] are (embed, heads), o_proj's the
+    reverse, the rest replicated; no sharding argument means no annotation."""
+    mesh = jax.make_mesh((2, 2), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+    with jax.set_mesh(mesh):
+        specs = nnx.get_partition_spec(nnx.state(_layer("xla", FSDP_TP)))
+    assert specs["q_proj"]["kernel"].get_value() == P("data", "model")
+    assert specs["lam_proj"]["bias"].get_value() == P("model")
+    assert specs["o_proj"]["kernel"].get_value() == P("model", "data")
+    assert specs["conv"]["weight"].get_value() == P(None, None)
+    assert specs["o_norm"].get_value() == P(None)
+    plain = nnx.get_partition_spec(nnx.state(_layer("xla")))
+    assert plain["q_proj"]["kernel"].get_value() == P()
+    with pytest.raises(ValueError, match="unknown logical axes"):
+        _layer("xla", {"sequence": "data"})
+
+
+def test_no_mesh_context_is_unconstrained():
+    """Sharding constraints apply only under a mesh context; shard_map (manual axes) and plain
+    calls run the layer unchanged."""
+    mesh = jax.make_mesh((4,), ("data",), axis_types=(AxisType.Auto,))
+    with jax.set_mesh(mesh):
+        layer = _layer("xla", DP)
+    graphdef, params = nnx.split(layer)
+    x, _ = _data()
+    want = _layer("xla")(x)
+    per_device = lambda params, x: nnx.merge(graphdef, params)(x)  # noqa: E731
+    smap = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P("data")), out_specs=P("data"))
+    got = jax.jit(smap)(params, x)
+    assert _rel(got, want) < 1e-5
