@@ -25,6 +25,8 @@ for gk <= 0: with G the inclusive and Gx the exclusive cumulative gate of the ch
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -158,9 +160,13 @@ def chunk_xla(x: Inputs, *, scale, h0, cu_seqlens, chunk_size: int, dims: Dims):
         G = jnp.cumsum(g, axis=-2)  # inclusive: G_t = gk_1 + ... + gk_t within the chunk
         Gx = jnp.concatenate([jnp.zeros_like(G[..., :1, :]), G[..., :-1, :]], axis=-2)  # G_{t-1}
         GC = G[..., -1:, :]  # the whole chunk's decay
-        X = unit_lower_inverse(decayed_gram(a, Gx, b, G, G, strict=True))
+        # rematerialised in the backward: the pairwise diagonal blocks ([.., C, 16, K] each)
+        # would otherwise be kept for autodiff, four times
+        strict_gram = jax.checkpoint(functools.partial(decayed_gram, strict=True))
+        incl_gram = jax.checkpoint(functools.partial(decayed_gram, strict=False))
+        X = unit_lower_inverse(strict_gram(a, Gx, b, G, G))
         w = mm(X, a * jnp.exp(Gx))
-        u = mm(mm(X, decayed_gram(a, Gx, k, G, G, strict=True)), v)
+        u = mm(mm(X, strict_gram(a, Gx, k, G, G)), v)
         # decay from step t to the end of the chunk, G_C - G_t, summed directly (exclusive
         # reverse cumsum) rather than as a difference: where the gates after t are exactly zero
         # (padding of the last chunk) the exponent is then exactly zero with no +-1 derivatives
@@ -202,8 +208,8 @@ def chunk_xla(x: Inputs, *, scale, h0, cu_seqlens, chunk_size: int, dims: Dims):
 
     if x.gated:
         o = (
-            mm(q * jnp.exp(G), s0) + mm(decayed_gram(q, G, k, G, G, strict=False), v)
-            + mm(decayed_gram(q, G, b, G, G, strict=False), v2)
+            mm(q * jnp.exp(G), s0) + mm(incl_gram(q, G, k, G, G), v)
+            + mm(incl_gram(q, G, b, G, G), v2)
         )
     else:
         o = mm(q, s0) + mm(_tril(mmT(q, k), 0), v) + mm(_tril(mmT(q, b), 0), v2)
