@@ -11,6 +11,8 @@ A segment of tokens is affine in the state it starts from,
 
     S_end = M S_start + h,    M = prod_t (I + b_t a_t^T)  (later tokens on the left),
 
+(with a gate, M = prod_t (diag(exp(gk_t)) + b_t a_t^T): nothing below changes),
+
 with `h` the state the segment reaches from a zero start. `chunk` produces both at once: run it
 on the device's shard with `v` widened by K zero columns, `v' = [v | 0]`, and the initial state
 `[0 | I_K]` ([K, V + K]). The state's columns evolve independently; with `v = 0` the K extra
@@ -133,6 +135,7 @@ def chunk_cp(
     v: jax.Array,
     a: jax.Array,
     b: jax.Array,
+    gk: jax.Array | None = None,
     *,
     axis_name,
     scale: float | None = None,
@@ -153,6 +156,9 @@ def chunk_cp(
 
     Args:
       q, k, a, b: the local shards [B, T / P, H, K]; v: [B, T / P, H, V].
+      gk: optional DPLR gate, the local shard [B, T / P, H, K] (docs/gate.md); the method is
+        unchanged, since M is still the product of the segment's transitions
+        `diag(exp(gk_t)) + b_t a_t^T` and the widened run carries it like any state.
       axis_name: the mesh axis T is sharded over (a name, or a tuple of names when T is sharded
         over several mesh axes at once, device order as in the PartitionSpec).
       scale: output scale, default K ** -0.5.
@@ -184,7 +190,7 @@ def chunk_cp(
     V = v.shape[-1]
     P = _axis_size(axis_name)
     d = jax.lax.axis_index(axis_name)
-    acc = _acc(q, k, v, a, b)
+    acc = _acc(*(x for x in (q, k, v, a, b, gk) if x is not None))
     t0 = d * Tl
     kw = dict(scale=scale, chunk_size=chunk_size, implementation=implementation)
 
@@ -223,7 +229,7 @@ def chunk_cp(
     ).astype(acc)
     v_aug = jnp.concatenate([v, jnp.zeros((B, Tl, H, K), v.dtype)], axis=-1)
     o_aug, f_aug = iplr_jax.chunk(
-        q, k, v_aug, a, b, initial_state=s0_aug, output_final_state=True, cu_seqlens=lcu, **kw
+        q, k, v_aug, a, b, gk, initial_state=s0_aug, output_final_state=True, cu_seqlens=lcu, **kw
     )
     f_aug = f_aug.astype(acc)  # [N, H, K, V + K] = [h | M] per sequence
 
@@ -244,7 +250,7 @@ def chunk_cp(
     else:
         s0 = jnp.where(sel, c_in, h0)
         o, final = iplr_jax.chunk(
-            q, k, v, a, b, initial_state=s0, output_final_state=output_final_state,
+            q, k, v, a, b, gk, initial_state=s0, output_final_state=output_final_state,
             cu_seqlens=lcu, **kw,
         )
     if not output_final_state:

@@ -26,7 +26,9 @@ class Inputs(NamedTuple):
     input, such as a gate, is one field here rather than a change to every signature).
 
     q, k, a, b: [B, T, H, K]; v: [B, T, H, V] (or the chunk-aligned [1, L, H, Kp/Vp] inside the
-    kernels' wrappers).
+    kernels' wrappers). gk: the optional DPLR gate, a log-decay [B, T, H, K] applied to the K
+    rows of the state (`S_t = (diag(exp(gk_t)) + b_t a_t^T) S_{t-1} + k_t v_t^T`,
+    docs/gate.md); None is IPLR, and every path then compiles exactly as without the field.
     """
 
     q: jax.Array
@@ -34,10 +36,25 @@ class Inputs(NamedTuple):
     v: jax.Array
     a: jax.Array
     b: jax.Array
+    gk: jax.Array | None = None
+
+    @property
+    def gated(self) -> bool:
+        return self.gk is not None
+
+    def arrays(self) -> tuple:
+        """The inputs that are present: (q, k, v, a, b) and gk when gated."""
+        return tuple(y for y in self if y is not None)
+
+    def named(self) -> tuple:
+        """(name, array) of the inputs that are present."""
+        return tuple((n, y) for n, y in zip(self._fields, self, strict=True) if y is not None)
 
     def map(self, fn) -> Inputs:
-        """`fn` applied to every input (each field, by name: `fn(name, x)`)."""
-        return Inputs(*(fn(name, x) for name, x in zip(self._fields, self, strict=True)))
+        """`fn` applied to every input present (each field, by name: `fn(name, x)`); an absent
+        gate stays None."""
+        pairs = zip(self._fields, self, strict=True)
+        return Inputs(*(None if x is None else fn(name, x) for name, x in pairs))
 
 
 class Dims(NamedTuple):
@@ -60,7 +77,7 @@ def resolve_implementation(implementation: str | None, x: Inputs) -> str:
     """`None` -> the fastest available: "pallas" on a GPU, "xla" elsewhere, and "xla" for
     float64 inputs everywhere (the kernels compute in float32, the xla path in float64)."""
     if implementation is None:
-        if any(jnp.result_type(y) == jnp.float64 for y in x):
+        if any(jnp.result_type(y) == jnp.float64 for y in x.arrays()):
             return "xla"
         return "pallas" if has_gpu() else "xla"
     if implementation not in IMPLEMENTATIONS:
@@ -84,14 +101,14 @@ def check_inputs(
     implementation: str = "xla",
 ) -> Dims:
     """Validates the arguments shared by `naive`, `chunk` and `fused_recurrent`."""
-    for name, y in zip(x._fields, x, strict=True):
+    for name, y in x.named():
         if len(shape_of(y)) != 4:
             want = "[B, T, H, V]" if name == "v" else "[B, T, H, K]"
             raise ValueError(f"{name} must have shape {want}, got shape {shape_of(y)}")
         if not jnp.issubdtype(jnp.result_type(y), jnp.floating):
             raise ValueError(f"{name} must be a floating-point array, got dtype {jnp.result_type(y)}")
     B, T, H, K = shape_of(x.q)
-    for name in ("k", "a", "b"):
+    for name in ("k", "a", "b") + (("gk",) if x.gated else ()):
         if shape_of(getattr(x, name)) != (B, T, H, K):
             raise ValueError(
                 f"{name} must have the shape of q, [B, T, H, K] = {(B, T, H, K)}, "
@@ -169,7 +186,7 @@ def static_scale(q: jax.Array, scale) -> tuple[jax.Array, float]:
 
 def accum_dtype(x: Inputs) -> jnp.dtype:
     """float32 accumulation, float64 when any input is float64 (the oracle)."""
-    return jnp.float64 if any(jnp.result_type(y) == jnp.float64 for y in x) else jnp.float32
+    return jnp.float64 if any(jnp.result_type(y) == jnp.float64 for y in x.arrays()) else jnp.float32
 
 
 def initial_state_or_zeros(initial_state, dims: Dims, dtype) -> jax.Array:

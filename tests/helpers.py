@@ -110,7 +110,7 @@ def aligned_reference(x: Inputs, h0, cu_chunks, *, scale, chunk_size):
     NC, N = L // C, h0.shape[0]
     acc = h0.dtype
     split = lambda y: y[0].reshape(NC, C, H, -1).astype(acc)  # [NC, C, H, D]
-    Q, K, Vc, A, B = (split(y) for y in x)
+    Q, K, Vc, A, B = (split(y) for y in x.arrays())
     cu = jnp.asarray(cu_chunks, jnp.int32)
     c = jnp.arange(NC)
     seq = lay.sequence_ids(cu, c, N)

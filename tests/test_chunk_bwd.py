@@ -123,11 +123,11 @@ def _kernels_vs_reference(rng, case, dtype, **fields):
     dx, dh0 = jax.jit(functools.partial(chunk_bwd, scale=scale, chunk_size=C, config=cfg, interpret=True))(
         al, res, layout.cu_chunks, doa, dhta
     )
-    mine = (*dx, dh0)
+    mine = (*dx.arrays(), dh0)
     ref = bwd_reference(al, h.astype(dtype), v_new.astype(jnp.float32), layout.cu_chunks, doa, dhta,
                         scale=scale, chunk_size=C)
     names = ("dq", "dk", "dv", "da", "db", "dh0")
-    for name, x, r, like in zip(names, mine, ref, (*al, dhta), strict=True):
+    for name, x, r, like in zip(names, mine, ref, (*al.arrays(), dhta), strict=True):
         assert x.shape == r.shape and x.dtype == like.dtype, (name, x.shape, x.dtype)
         assert np.all(np.isfinite(np.asarray(x, np.float32))), name  # padding chunks too
         assert rel_err(x, r) < (1e-4 if dtype == jnp.float32 else 1e-2), name

@@ -60,7 +60,8 @@ def _fwd_shard(q, k, v, a, b, h0, *cu, scale, chunk_size, config, interpret, res
     """(o, ht) of one shard and, with `residuals`, (h, v_new, X, W) with the batch leading."""
     x = Inputs(q, k, v, a, b)
     cu = cu[0] if cu else None
-    dims, layout, Kp, Vp, config = _local(q, v, cu, chunk_size, config, interpret, jnp.result_type(*x))
+    dt = jnp.result_type(q, k, v, a, b)
+    dims, layout, Kp, Vp, config = _local(q, v, cu, chunk_size, config, interpret, dt)
     o, ht, res = triton_fwd.chunk_fwd(
         lay.align(x, layout, Kp, Vp), lay.pad_state(h0.astype(jnp.float32), Kp, Vp),
         layout.cu_chunks, scale=scale, chunk_size=chunk_size, config=config, interpret=interpret,
@@ -79,7 +80,8 @@ def _bwd_shard(q, k, v, a, b, h0, *rest, scale, chunk_size, config, interpret):
     del h0  # the residuals hold the states
     cu, (h, v_new, xinv, w, do, dht) = (rest[0], rest[1:]) if len(rest) == 7 else (None, rest)
     x = Inputs(q, k, v, a, b)
-    dims, layout, Kp, Vp, config = _local(q, v, cu, chunk_size, config, interpret, jnp.result_type(*x))
+    dt = jnp.result_type(q, k, v, a, b)
+    dims, layout, Kp, Vp, config = _local(q, v, cu, chunk_size, config, interpret, dt)
     flat = lambda y: y.reshape(-1, *y.shape[2:])  # [B, NC / B, ...] -> [NC, ...]
     row = lambda y: y.reshape(1, -1, *y.shape[2:])  # [B, L / B, ...] -> [1, L, ...]
     res = triton_fwd.Residuals(flat(h), row(v_new), flat(xinv), row(w))
@@ -89,7 +91,7 @@ def _bwd_shard(q, k, v, a, b, h0, *rest, scale, chunk_size, config, interpret):
         scale=scale, chunk_size=chunk_size, config=config, interpret=interpret,
     )
     back = dx.map(lambda name, g: lay.from_chunks(g, layout)[..., : dims.V if name == "v" else dims.K])
-    return (*back, dh0[:, :, : dims.K, : dims.V])
+    return (*back.arrays(), dh0[:, :, : dims.K, : dims.V])
 
 
 def _chunk_pallas(x: Inputs, *, scale, h0, cu_seqlens, chunk_size, config, interpret):
@@ -108,7 +110,7 @@ def _chunk_pallas(x: Inputs, *, scale, h0, cu_seqlens, chunk_size, config, inter
         num_diff=6,
     )
     cu = (jnp.asarray(cu_seqlens, jnp.int32),) if packed else ()
-    return op(*match_vma(*x._replace(q=q), h0, *cu))
+    return op(*match_vma(*x._replace(q=q).arrays(), h0, *cu))
 
 
 def chunk(
@@ -117,6 +119,7 @@ def chunk(
     v: jax.Array,
     a: jax.Array,
     b: jax.Array,
+    gk: jax.Array | None = None,
     *,
     scale: float | jax.Array | None = None,
     initial_state: jax.Array | None = None,
@@ -130,11 +133,18 @@ def chunk(
     """IPLR attention in the chunked parallel form (training, prefill).
 
     Computes `S_t = (I + b_t a_t^T) S_{t-1} + k_t v_t^T`, `o_t = scale * S_t^T q_t`, the
-    convention of fla's `chunk_iplr_delta_rule` (docs/operator.md).
+    convention of fla's `chunk_iplr_delta_rule` (docs/operator.md); with a gate `gk`, DPLR:
+    `S_t = (diag(exp(gk_t)) + b_t a_t^T) S_{t-1} + k_t v_t^T`, the convention of fla's
+    `chunk_dplr_delta_rule` (a_t reads the undecayed state; docs/gate.md).
 
     Args:
       q, k, a, b: [B, T, H, K].
       v: [B, T, H, V].
+      gk: optional log-decay [B, T, H, K] on the K rows of the state (<= 0; any value down to
+        -20 per step and below is safe at every chunk size); None: IPLR, compiled exactly as
+        without a gate. NOTE: the chunked Pallas kernels have no gate yet: with `gk`,
+        "pallas" and "interpret" run the jnp chunked form ("xla", numerically safe, gradients
+        by autodiff) instead, so results are correct but not kernel-fast (docs/gate.md).
       scale: output scale, default `K ** -0.5`; a number or a scalar array (may be traced).
       initial_state: [N, H, K, V] state before the first token of each sequence.
       output_final_state: also return the state after each sequence's last token.
@@ -156,11 +166,11 @@ def chunk(
         from iplr_jax.context_parallel import chunk_cp
 
         return chunk_cp(
-            q, k, v, a, b, axis_name=sequence_axis, scale=scale, initial_state=initial_state,
+            q, k, v, a, b, gk, axis_name=sequence_axis, scale=scale, initial_state=initial_state,
             output_final_state=output_final_state, cu_seqlens=cu_seqlens, chunk_size=chunk_size,
             implementation=implementation,
         )
-    x = Inputs(q, k, v, a, b)
+    x = Inputs(q, k, v, a, b, gk)
     impl = resolve_implementation(implementation, x)
     dims = check_inputs(
         x, scale=scale, initial_state=initial_state, cu_seqlens=cu_seqlens, chunk_size=chunk_size,
@@ -171,8 +181,8 @@ def chunk(
     bad, cu_seqlens = malformed_offsets(cu_seqlens, dims.T)
     scale = default_scale(scale, dims.K)
     # inside shard_map a zero state must vary over the mesh axes like the inputs it meets
-    h0 = like_inputs(initial_state_or_zeros(initial_state, dims, accum_dtype(x)), *x, scale)
-    if impl == "xla":
+    h0 = like_inputs(initial_state_or_zeros(initial_state, dims, accum_dtype(x)), *x.arrays(), scale)
+    if impl == "xla" or x.gated:  # the chunk kernels have no gate yet: the jnp form (docs/gate.md)
         o, final = chunk_xla(x, scale=scale, h0=h0, cu_seqlens=cu_seqlens, chunk_size=chunk_size, dims=dims)
     else:
         o, final = _chunk_pallas(

@@ -49,10 +49,17 @@ def _prep(x: Inputs, h0, cu, config):
     return xp, lay.pad_state(h0.astype(jnp.float32), Kp, Vp), cu, config
 
 
-def _fwd_shard(q, k, v, a, b, h0, *cu, scale, config, interpret, residuals):
-    x = Inputs(q, k, v, a, b)
-    B, T, H, K = q.shape
-    V = v.shape[-1]
+def _split(args, gated):
+    """(Inputs, h0, the rest) from the shard functions' positional arguments: q, k, v, a, b,
+    the gate gk when `gated`, h0, then the optional offsets / residuals / cotangents."""
+    n = 6 if gated else 5
+    return Inputs(*args[:n]), args[n], args[n + 1:]
+
+
+def _fwd_shard(*args, scale, config, interpret, residuals, gated=False):
+    x, h0, cu = _split(args, gated)
+    B, T, H, K = x.q.shape
+    V = x.v.shape[-1]
     xp, h0p, cu, config = _prep(x, h0, cu[0] if cu else None, config)
     outs = triton_fused.fused_fwd(
         xp, h0p, cu, scale=scale, config=config, interpret=interpret, residuals=residuals
@@ -61,11 +68,11 @@ def _fwd_shard(q, k, v, a, b, h0, *cu, scale, config, interpret, residuals):
     return (o, ht, outs[2].reshape(B, T, H, -1)) if residuals else (o, ht)
 
 
-def _bwd_shard(q, k, v, a, b, h0, *rest, scale, config, interpret):
+def _bwd_shard(*args, scale, config, interpret, gated=False):
+    x, h0, rest = _split(args, gated)
     cu, (v2, do, dht) = (rest[0], rest[1:]) if len(rest) == 4 else (None, rest)
-    x = Inputs(q, k, v, a, b)
-    B, T, H, K = q.shape
-    V = v.shape[-1]
+    B, T, H, K = x.q.shape
+    V = x.v.shape[-1]
     xp, h0p, cu, config = _prep(x, h0, cu, config)
     Kp, Vp = xp.q.shape[-1], xp.v.shape[-1]
     dx, dh0 = triton_fused.fused_bwd(
@@ -74,26 +81,29 @@ def _bwd_shard(q, k, v, a, b, h0, *rest, scale, config, interpret):
         interpret=interpret,
     )
     back = dx.map(lambda name, g: g[..., : V if name == "v" else K].reshape(B, T, H, -1))
-    return (*back, dh0[:, :, :K, :V])
+    return (*back.arrays(), dh0[:, :, :K, :V])
 
 
 def _fused_recurrent_pallas(x: Inputs, *, scale, h0, cu_seqlens, config, interpret):
     """The kernels on every batch / head shard, tied by a custom_vjp (`sharding.partitioned_vjp`)."""
     q, scale = static_scale(x.q, scale)
     kw = dict(scale=scale, config=config, interpret=interpret)
+    if x.gated:  # a static flag: without a gate the kernels are compiled as they always were
+        kw["gated"] = True
     packed = cu_seqlens is not None
     state = ("n" if packed else "b") + " h k v"
+    gate = [TOKENS] if x.gated else []  # gk [B, T, H, K] shards like k
     op = partitioned_vjp(
         functools.partial(_fwd_shard, residuals=False, **kw),
         functools.partial(_fwd_shard, residuals=True, **kw),
         functools.partial(_bwd_shard, **kw),
-        in_specs=[TOKENS, TOKENS, VALUES, TOKENS, TOKENS, state] + (["m"] if packed else []),
+        in_specs=[TOKENS, TOKENS, VALUES, TOKENS, TOKENS, *gate, state] + (["m"] if packed else []),
         out_specs=[VALUES, state],
         res_specs=["b t h vp"],
-        num_diff=6,
+        num_diff=6 + len(gate),
     )
     cu = (jnp.asarray(cu_seqlens, jnp.int32),) if packed else ()
-    return op(*match_vma(*x._replace(q=q), h0, *cu))
+    return op(*match_vma(*x._replace(q=q).arrays(), h0, *cu))
 
 
 def fused_recurrent(
@@ -102,6 +112,7 @@ def fused_recurrent(
     v: jax.Array,
     a: jax.Array,
     b: jax.Array,
+    gk: jax.Array | None = None,
     *,
     scale: float | jax.Array | None = None,
     initial_state: jax.Array | None = None,
@@ -113,11 +124,15 @@ def fused_recurrent(
     """IPLR attention step by step (decoding; any T, state kept in float32).
 
     Same arguments and results as `iplr_jax.chunk` (without `chunk_size`); the convention
-    of fla's `fused_recurrent_iplr_delta_rule` (docs/operator.md).
+    of fla's `fused_recurrent_iplr_delta_rule` (docs/operator.md), and with a gate `gk` that of
+    `fused_recurrent_dplr_delta_rule`: `S_t = (diag(exp(gk_t)) + b_t a_t^T) S_{t-1} + k_t v_t^T`
+    (docs/gate.md).
 
     Args:
       q, k, a, b: [B, T, H, K].
       v: [B, T, H, V].
+      gk: optional log-decay [B, T, H, K] on the K rows of the state; None: IPLR, with the
+        gate compiled out of the kernels.
       scale: output scale, default `K ** -0.5`; a number or a scalar array (may be traced).
       initial_state: [N, H, K, V].
       output_final_state: also return the state after each sequence's last token.
@@ -130,7 +145,7 @@ def fused_recurrent(
     Returns:
       `o` [B, T, H, V] in v's dtype and the final state [N, H, K, V] float32 (or None).
     """
-    x = Inputs(q, k, v, a, b)
+    x = Inputs(q, k, v, a, b, gk)
     impl = resolve_implementation(implementation, x)
     dims = check_inputs(
         x, scale=scale, initial_state=initial_state, cu_seqlens=cu_seqlens, implementation=impl
@@ -140,11 +155,11 @@ def fused_recurrent(
     bad, cu_seqlens = malformed_offsets(cu_seqlens, dims.T)
     if impl == "xla":
         o, ht = naive(
-            q, k, v, a, b, scale=scale, initial_state=initial_state,
+            q, k, v, a, b, gk, scale=scale, initial_state=initial_state,
             output_final_state=True, cu_seqlens=cu_seqlens,
         )
     else:
-        h0 = like_inputs(initial_state_or_zeros(initial_state, dims, jnp.float32), *x, scale)
+        h0 = like_inputs(initial_state_or_zeros(initial_state, dims, jnp.float32), *x.arrays(), scale)
         o, ht = _fused_recurrent_pallas(
             x, scale=default_scale(scale, dims.K), h0=h0, cu_seqlens=cu_seqlens, config=config,
             interpret=impl == "interpret",

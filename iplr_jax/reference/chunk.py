@@ -12,9 +12,20 @@ Per chunk of C steps (docs/chunked.md), with S0 the state before the chunk:
 
 Everything is batched over chunks except the S0 -> S_C scan. `chunk_xla`'s gradients come from
 autodiff.
+
+With a gate gk (DPLR, docs/gate.md) the same form holds with the products replaced by decayed
+ones (`decayed_gram`), every exponent a sum of gates over a stretch of steps, so never positive
+for gk <= 0: with G the inclusive and Gx the exclusive cumulative gate of the chunk,
+
+    X  = (I - [a_t . b_s e^{Gx_t - G_s}]_{s<t})^{-1}
+    W  = X (A e^{Gx}),  U = X [a_t . k_s e^{Gx_t - G_s}]_{s<t} V
+    O  = scale ((Q e^G) S0 + [q_t . k_s e^{G_t - G_s}]_{s<=t} V + [q_t . b_s e^{G_t - G_s}]_{s<=t} V2)
+    S_C = e^{G_C} S0 + (K e^{G_C - G})^T V + (B e^{G_C - G})^T V2
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -58,8 +69,62 @@ def unit_lower_inverse(L: jax.Array) -> jax.Array:
     return X[..., 0, :, :]
 
 
+SUB_BLOCK = 16
+
+
+def decayed_gram(X, GX, Y, GY, G, *, strict: bool):
+    """M[t, s] = sum_k X[t, k] Y[s, k] exp(GX[t, k] - GY[s, k]) on the lower triangle of each
+    [C, C] chunk (s < t if `strict`, else s <= t), zero above; X, Y [..., C, K]. Two uses:
+    GX = GY = G (inclusive cumulative gate, `strict=False`) and GX = Gx = G shifted down by one
+    row (exclusive, `strict=True`). Every exponent formed is a sum of gates over a stretch of
+    steps, never positive for gk <= 0, so never inf:
+
+    - sub-blocks of 16 rows; an off-diagonal block (rows i > columns j) factors through the
+      boundary r_j (the last row of column block j): exp(GX_t - G_{r_j}) * exp(G_{r_j} - GY_s),
+      both exponents <= 0, as two scaled operands of one matrix product;
+    - a diagonal block is computed pairwise, elementwise exp(GX_t - GY_s) for the pairs kept.
+
+    Masked exponents are zeroed before `exp`, so neither the values nor the gradients see an
+    overflow. Exponents that are zero by construction (G_t - G_t; Gx_t - G_{t-1}) are the
+    constant 0 rather than a difference of equal numbers: their derivatives, +1 and -1 into the
+    same cumulative gate, would otherwise cancel only to rounding, an absolute error that
+    swamps dgk when the gates are strong and the true dgk tiny (docs/gate.md).
+    """
+    C, K = X.shape[-2:]
+    c = min(SUB_BLOCK, C)
+    n = C // c
+    batch = X.shape[:-2]
+    blk = lambda y: y.reshape(batch + (n, c, K))  # noqa: E731
+    Xb, GXb, Yb, GYb = blk(X), blk(GX), blk(Y), blk(GY)
+    # diagonal blocks, pairwise: [..., n, c (t), c (s), K]
+    lag = 1 if strict else 0  # the pair (t, t - lag) has exponent 0 by construction
+    keep = jnp.tri(c, k=-lag, dtype=bool)[:, :, None]
+    decays = jnp.tri(c, k=-lag - 1, dtype=bool)[:, :, None]
+    e = jnp.where(decays, GXb[..., :, None, :] - GYb[..., None, :, :], 0)
+    diag = jnp.sum(jnp.where(keep, jnp.exp(e), 0) * Xb[..., :, None, :] * Yb[..., None, :, :], -1)
+    if n == 1:
+        return diag[..., 0, :, :]
+    # off-diagonal blocks through the boundary r_j = last row of column block j
+    ref = blk(G)[..., :, -1, :]  # [..., n (j), K]
+    i, j = jnp.arange(n)[:, None], jnp.arange(n)[None, :]
+    below = (i > j)[:, :, None, None]  # [i, j, 1, 1]
+    # GX_t - G_{r_j}: zero by construction for the first row of block j + 1 when GX = Gx
+    row0 = (jnp.arange(c) == 0)[None, None, :, None]
+    xdecays = below & ~((i == j + 1)[:, :, None, None] & row0) if strict else below
+    e = jnp.where(xdecays, GXb[..., :, None, :, :] - ref[..., None, :, None, :], 0)  # [.., i, j, c, K]
+    Xf = jnp.where(below, jnp.exp(e), 0) * Xb[..., :, None, :, :]
+    # G_{r_j} - GY_s: zero by construction for the last row of block j
+    last = (jnp.arange(c) == c - 1)[:, None]
+    Yf = Yb * jnp.exp(jnp.where(last, 0, ref[..., :, None, :] - GYb))  # [..., j, c, K]
+    off = jnp.einsum("...ijtk,...jsk->...ijts", Xf, Yf)
+    same = (i == j)[:, :, None, None]
+    M = jnp.where(same, diag[..., :, None, :, :], off)  # [..., i, j, c, c]
+    return M.swapaxes(-3, -2).reshape(batch + (C, C))
+
+
 def chunk_xla(x: Inputs, *, scale, h0, cu_seqlens, chunk_size: int, dims: Dims):
-    """The chunked form of x (q, k, a, b [B, T, H, K], v [B, T, H, V]) from h0 [N, H, K, V].
+    """The chunked form of x (q, k, a, b [B, T, H, K], v [B, T, H, V], optionally the gate gk
+    [B, T, H, K]) from h0 [N, H, K, V].
 
     Returns (o [B, T, H, V] in h0's dtype, the accumulation dtype; final state [N, H, K, V]).
     """
@@ -86,19 +151,41 @@ def chunk_xla(x: Inputs, *, scale, h0, cu_seqlens, chunk_size: int, dims: Dims):
         start = c == layout.cu_chunks[seq]
         valid = c < layout.cu_chunks[-1]
 
-    q, k, v, a, b = (split(y) for y in x)
+    q, k, v, a, b = (split(y) for y in x[:5])
     mm = lambda x, y: jnp.einsum("...ij,...jk->...ik", x, y)  # noqa: E731
     mmT = lambda x, y: jnp.einsum("...ij,...kj->...ik", x, y)  # noqa: E731  x @ y^T
 
-    X = unit_lower_inverse(_tril(mmT(a, b), -1))
-    w, u = mm(X, a), mm(mm(X, _tril(mmT(a, k), -1)), v)
+    if x.gated:
+        g = split(x.gk)
+        G = jnp.cumsum(g, axis=-2)  # inclusive: G_t = gk_1 + ... + gk_t within the chunk
+        Gx = jnp.concatenate([jnp.zeros_like(G[..., :1, :]), G[..., :-1, :]], axis=-2)  # G_{t-1}
+        GC = G[..., -1:, :]  # the whole chunk's decay
+        # rematerialised in the backward: the pairwise diagonal blocks ([.., C, 16, K] each)
+        # would otherwise be kept for autodiff, four times
+        strict_gram = jax.checkpoint(functools.partial(decayed_gram, strict=True))
+        incl_gram = jax.checkpoint(functools.partial(decayed_gram, strict=False))
+        X = unit_lower_inverse(strict_gram(a, Gx, b, G, G))
+        w = mm(X, a * jnp.exp(Gx))
+        u = mm(mm(X, strict_gram(a, Gx, k, G, G)), v)
+        # decay from step t to the end of the chunk, G_C - G_t, summed directly (exclusive
+        # reverse cumsum) rather than as a difference: where the gates after t are exactly zero
+        # (padding of the last chunk) the exponent is then exactly zero with no +-1 derivatives
+        # into G that cancel only to rounding (see decayed_gram)
+        after = jnp.flip(jnp.cumsum(jnp.flip(g, -2), -2), -2)  # sum over u >= t
+        after = jnp.concatenate([after[..., 1:, :], jnp.zeros_like(after[..., :1, :])], -2)
+        tail = jnp.exp(after)
+        kd, bd = k * tail, b * tail
+        xs = tuple(jnp.moveaxis(y, 1, 0) for y in (w, u, kd, v, bd, jnp.exp(GC)[..., 0, :]))
+    else:
+        X = unit_lower_inverse(_tril(mmT(a, b), -1))
+        w, u = mm(X, a), mm(mm(X, _tril(mmT(a, k), -1)), v)
+        # scan over chunks: inputs [NT, R, H, C, D]
+        xs = tuple(jnp.moveaxis(y, 1, 0) for y in (w, u, k, v, b))
 
-    # scan over chunks: inputs [NT, R, H, C, D]
-    xs = tuple(jnp.moveaxis(y, 1, 0) for y in (w, u, k, v, b))
-
-    def advance(S, w_c, u_c, k_c, v_c, b_c):
+    def advance(S, w_c, u_c, k_c, v_c, b_c, *decay):
         v2 = u_c + mm(w_c, S)
-        S_next = S + mm(k_c.swapaxes(-1, -2), v_c) + mm(b_c.swapaxes(-1, -2), v2)
+        S_dec = decay[0][..., :, None] * S if decay else S
+        S_next = S_dec + mm(k_c.swapaxes(-1, -2), v_c) + mm(b_c.swapaxes(-1, -2), v2)
         return S_next, v2
 
     if seq is None:
@@ -119,7 +206,13 @@ def chunk_xla(x: Inputs, *, scale, h0, cu_seqlens, chunk_size: int, dims: Dims):
         (_, final), (s0, v2) = jax.lax.scan(body, (h0[:1], h0), (seq, start, valid, xs))
     s0, v2 = jnp.moveaxis(s0, 0, 1), jnp.moveaxis(v2, 0, 1)  # [R, NT, H, K, V], [R, NT, H, C, V]
 
-    o = mm(q, s0) + mm(_tril(mmT(q, k), 0), v) + mm(_tril(mmT(q, b), 0), v2)
+    if x.gated:
+        o = (
+            mm(q * jnp.exp(G), s0) + mm(incl_gram(q, G, k, G, G), v)
+            + mm(incl_gram(q, G, b, G, G), v2)
+        )
+    else:
+        o = mm(q, s0) + mm(_tril(mmT(q, k), 0), v) + mm(_tril(mmT(q, b), 0), v2)
     o = (scale * o).swapaxes(2, 3).reshape(o.shape[0], nt * C, H, V)
     if cu_seqlens is None:
         o = o[:, :T]
@@ -141,7 +234,9 @@ def chunk_bwd_aligned(x: Inputs, h, v_new, cu_chunks, do, dht, *, scale, chunk_s
     Returns:
       dq, dk, dv, da, db in the inputs' dtypes and dh0 [N, H, Kp, Vp] (at least float32).
     """
-    q, k, v, a, b = x
+    if x.gated:
+        raise NotImplementedError("chunk_bwd_aligned has no gate; gated chunks use chunk_xla")
+    q, k, v, a, b = x[:5]
     C = chunk_size
     _, L, H, _ = q.shape
     NC, N = L // C, dht.shape[0]

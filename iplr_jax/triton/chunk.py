@@ -162,7 +162,7 @@ def chunk_fwd(
     Returns:
       o [1, L, H, Vp] (v's dtype), ht [N, H, Kp, Vp] float32, and `Residuals` (or None).
     """
-    q, k, v, a, b = x
+    q, k, v, a, b = x[:5]
     _, L, H, Kp = q.shape
     Vp = v.shape[-1]
     N = h0.shape[0]

@@ -207,7 +207,7 @@ def chunk_bwd(
             x, res.h, res.v_new, cu_chunks, do, dht, scale=scale, chunk_size=chunk_size
         )
         return Inputs(*g), dh0
-    q, k, v, a, b = x
+    q, k, v, a, b = x[:5]
     dt = jnp.result_type(q, k, v, a, b)
     cu_chunks = jnp.asarray(cu_chunks, jnp.int32)
     dht = jnp.asarray(dht, jnp.float32)

@@ -1,0 +1,317 @@
+"""The DPLR gate `gk` (docs/gate.md): every op and implementation against the float64 recurrence,
+outputs, final states and all seven gradients (q, k, v, a, b, gk, initial_state).
+
+Gates are drawn from -softplus(N(0, 1)), from log(sigmoid) of large logits (many near 0, many
+far below -10), as strong decays (-20 on half the entries), all-zero (which must equal IPLR to
+rounding), and all -20 at chunk 64 (no inf / NaN anywhere).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import CHUNK_IMPLS, RECURRENT_IMPLS
+from helpers import make_inputs, rel_err, tol, up
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+import iplr_jax
+from iplr_jax.context_parallel import chunk_cp
+
+NAMES = ("dq", "dk", "dv", "da", "db", "dgk", "dh0")
+# XLA's CPU backend at -O0 compiles these small programs about twice as fast (compile-bound tests)
+FAST = {"xla_backend_optimization_level": 0}
+
+
+def draw_gate(rng, shape, kind):
+    if kind == "softplus":
+        return -np.logaddexp(0.0, rng.standard_normal(shape))
+    if kind == "logsigmoid":  # log(sigmoid(x)) = -softplus(-x), logits of scale 10
+        return -np.logaddexp(0.0, -10.0 * rng.standard_normal(shape))
+    if kind == "strong":
+        soft = -np.logaddexp(0.0, rng.standard_normal(shape))
+        return np.where(rng.random(shape) < 0.5, -20.0, soft)
+    if kind == "all_strong":
+        return np.full(shape, -20.0)
+    if kind == "zero":
+        return np.zeros(shape)
+    raise ValueError(kind)
+
+
+def gated_inputs(rng, B, T, H, K, V, kind, *, dtype=jnp.float32, N=None, delta=False):
+    inputs, h0 = make_inputs(rng, B, T, H, K, V, dtype=dtype, N=N, delta=delta)
+    gk = jnp.asarray(draw_gate(rng, (B, T, H, K), kind), dtype)
+    return (*inputs, gk), h0
+
+
+def _op(name, impl, *, chunk_size=64, cu=None, jit=False):
+    fn = getattr(iplr_jax, name)
+    kw = dict(implementation=impl) if name != "naive" else {}
+    if name == "chunk":
+        kw["chunk_size"] = chunk_size
+
+    def call(q, k, v, a, b, gk, h0, final=True):
+        return fn(q, k, v, a, b, gk, initial_state=h0, output_final_state=final, cu_seqlens=cu, **kw)
+
+    return jax.jit(call, static_argnames="final") if jit else call
+
+
+def _ref(cu=None):
+    def call(q, k, v, a, b, gk, h0, final=True):
+        return iplr_jax.naive(
+            *(up(x) for x in (q, k, v, a, b, gk)), initial_state=up(h0), output_final_state=final,
+            cu_seqlens=cu,
+        )
+
+    return call
+
+
+def grads7(call, inputs, h0, seed=0):
+    """Gradients of a random linear functional of (o, final state) w.r.t. the seven inputs."""
+
+    def loss(*xs):
+        o, ht = call(*xs)
+        acc = jnp.promote_types(o.dtype, jnp.float32)
+        draw = lambda s, shp: jax.random.normal(jax.random.PRNGKey(s), shp, jnp.float32).astype(acc)  # noqa: E731
+        out = jnp.sum(o.astype(acc) * draw(seed, o.shape))
+        return out + jnp.sum(ht.astype(acc) * draw(seed + 1, ht.shape))
+
+    return jax.grad(loss, argnums=tuple(range(7)))(*inputs, h0)
+
+
+def check(call, inputs, h0, *, cu=None, eps=None, grads=True):
+    eps = eps or tol(inputs[0].dtype)
+    o, ht = jax.jit(call, compiler_options=FAST)(*inputs, h0)
+    ro, rht = jax.jit(_ref(cu))(*inputs, h0)
+    assert o.dtype == inputs[2].dtype and ht.dtype == jnp.float32
+    assert rel_err(o, ro) < eps, ("o", rel_err(o, ro))
+    assert rel_err(ht, rht) < eps, ("final_state", rel_err(ht, rht))
+    if not grads:
+        return
+    got = jax.jit(lambda *xs: grads7(call, xs[:6], xs[6]), compiler_options=FAST)(*inputs, h0)
+    want = jax.jit(lambda *xs: grads7(_ref(cu), xs[:6], xs[6]))(*inputs, h0)
+    for name, g, w, x in zip(NAMES, got, want, (*inputs, h0), strict=True):
+        assert g.dtype == x.dtype, (name, g.dtype, x.dtype)
+        assert rel_err(g, w) < eps, (name, rel_err(g, w))
+
+
+# -- the convention ------------------------------------------------------------------------------
+
+
+def test_one_step_convention(rng):
+    """fla's dplr_recurrence: S_1 = exp(gk) * S_0 + k v^T + b (a^T S_0), with a reading the
+    UNdecayed S_0, and o = scale S_1^T q."""
+    (q, k, v, a, b, gk), h0 = gated_inputs(rng, 1, 1, 1, 8, 4, "softplus", dtype=jnp.float64)
+    h0 = up(h0)
+    o, ht = iplr_jax.naive(q, k, v, a, b, gk, initial_state=h0, output_final_state=True)
+    S0 = h0[0, 0]
+    g, q1, k1, v1, a1, b1 = (x[0, 0, 0] for x in (gk, q, k, v, a, b))
+    S1 = jnp.exp(g)[:, None] * S0 + jnp.outer(k1, v1) + jnp.outer(b1, a1 @ S0)
+    np.testing.assert_allclose(ht[0, 0], S1, rtol=1e-13)
+    np.testing.assert_allclose(o[0, 0, 0], 8**-0.5 * S1.T @ q1, rtol=1e-13)
+
+
+# -- fused_recurrent -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("impl", RECURRENT_IMPLS)
+@pytest.mark.parametrize("kind", ["softplus", "logsigmoid", "strong", "zero"])
+def test_fused_recurrent(impl, kind, rng):
+    inputs, h0 = gated_inputs(rng, 2, 19, 2, 16, 24, kind)
+    check(_op("fused_recurrent", impl), inputs, h0)
+
+
+@pytest.mark.parametrize("impl", RECURRENT_IMPLS)
+def test_fused_recurrent_k60(impl, rng):
+    """K = 60 (padded to 64), K != V, odd T, delta-rule inputs."""
+    inputs, h0 = gated_inputs(rng, 1, 13, 1, 60, 20, "softplus", delta=True)
+    check(_op("fused_recurrent", impl), inputs, h0)
+
+
+@pytest.mark.parametrize("impl", RECURRENT_IMPLS)
+def test_fused_recurrent_packed(impl, rng):
+    lens = [7, 0, 12, 1, 5]  # uneven, one empty
+    cu = jnp.asarray(np.cumsum([0, *lens]), jnp.int32)
+    inputs, h0 = gated_inputs(rng, 1, sum(lens), 2, 16, 16, "logsigmoid", N=len(lens))
+    check(_op("fused_recurrent", impl, cu=cu, jit=True), inputs, h0, cu=cu)
+
+
+@pytest.mark.parametrize("impl", RECURRENT_IMPLS)
+def test_fused_recurrent_bf16(impl, rng):
+    inputs, h0 = gated_inputs(rng, 2, 24, 2, 32, 16, "softplus", dtype=jnp.bfloat16)
+    check(_op("fused_recurrent", impl), inputs, h0)
+
+
+def test_fused_recurrent_all_strong(rng):
+    """gk = -20 everywhere: outputs, states and six gradients to float32 rounding. dgk is tiny
+    (it carries the factor e^-20) and the kernels get it from a cumulative sum of O(1) terms
+    (docs/gate.md), so its error is absolute, at float32 rounding of the other gradients."""
+    inputs, h0 = gated_inputs(rng, 1, 23, 1, 16, 16, "all_strong")
+    call = _op("fused_recurrent", "interpret")
+    check(call, inputs, h0, grads=False)
+    got, want = grads7(call, inputs, h0), grads7(_ref(), inputs, h0)
+    for name, g, w in zip(NAMES, got, want, strict=True):
+        if name == "dgk":
+            scale = max(float(jnp.linalg.norm(up(x))) for x in got[:5])
+            assert float(jnp.linalg.norm(up(g) - w)) < 1e-5 * scale, name
+        else:
+            assert rel_err(g, w) < tol(jnp.float32), (name, rel_err(g, w))
+
+
+# -- chunk ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("impl", CHUNK_IMPLS)
+@pytest.mark.parametrize("kind", ["softplus", "logsigmoid", "strong", "zero"])
+def test_chunk(impl, kind, rng):
+    """T = 100 at chunk 64: two chunks, the second partly padding; all four 16-row sub-blocks."""
+    inputs, h0 = gated_inputs(rng, 2, 100, 2, 16, 24, kind)
+    check(_op("chunk", impl), inputs, h0)
+
+
+@pytest.mark.parametrize("chunk_size", [16, 32, 64])
+def test_chunk_all_strong_finite(chunk_size, rng):
+    """gk = -20 per step at every chunk size: float32, no inf or NaN, every gradient accurate."""
+    inputs, h0 = gated_inputs(rng, 1, 70, 1, 16, 16, "all_strong")
+    check(_op("chunk", "xla", chunk_size=chunk_size), inputs, h0)
+
+
+def test_chunk_k60(rng):
+    inputs, h0 = gated_inputs(rng, 1, 77, 1, 60, 20, "logsigmoid", delta=True)
+    check(_op("chunk", "xla"), inputs, h0)
+
+
+def test_chunk_packed(rng):
+    lens = [40, 0, 70, 1, 9]
+    cu = jnp.asarray(np.cumsum([0, *lens]), jnp.int32)
+    inputs, h0 = gated_inputs(rng, 1, sum(lens), 2, 16, 16, "strong", N=len(lens))
+    check(_op("chunk", "xla", cu=cu, jit=True), inputs, h0, cu=cu)
+
+
+def test_chunk_bf16(rng):
+    inputs, h0 = gated_inputs(rng, 1, 80, 2, 32, 16, "softplus", dtype=jnp.bfloat16)
+    check(_op("chunk", "xla"), inputs, h0)
+
+
+# -- zero gate = IPLR, None compiles as before ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name,impl", [("naive", None), ("chunk", "xla"), ("fused_recurrent", "xla"),
+                  ("fused_recurrent", "interpret")]
+)
+def test_zero_gate_is_iplr(name, impl, rng):
+    inputs, h0 = gated_inputs(rng, 1, 37, 1, 16, 16, "zero")
+    gated = _op(name, impl)
+    fn = getattr(iplr_jax, name)
+    kw = {} if impl is None else dict(implementation=impl)
+    o, ht = gated(*inputs, h0)
+    o0, ht0 = fn(*inputs[:5], initial_state=h0, output_final_state=True, **kw)
+    assert rel_err(o, o0) < 1e-6 and rel_err(ht, ht0) < 1e-6
+
+
+def test_gate_validation():
+    x = [jnp.ones((1, 4, 1, 8), jnp.float32)] * 5
+    with pytest.raises(ValueError, match="gk must have the shape of q"):
+        iplr_jax.chunk(*x, jnp.zeros((1, 4, 1, 4)), implementation="xla")
+    with pytest.raises(ValueError, match="gk must be a floating-point array"):
+        iplr_jax.fused_recurrent(*x, jnp.zeros((1, 4, 1, 8), jnp.int32), implementation="xla")
+    with pytest.raises(ValueError, match="gk must have shape"):
+        iplr_jax.naive(*x, jnp.zeros((4, 1, 8)))
+
+
+# -- several devices -----------------------------------------------------------------------------
+
+
+def _mesh(n, name):
+    if len(jax.devices("cpu")) < n:
+        pytest.skip(f"needs {n} devices")
+    return Mesh(np.array(jax.devices("cpu")[:n]), (name,))
+
+
+@pytest.mark.parametrize("impl", ["xla", "interpret"])
+def test_fused_recurrent_shard_map(impl, rng):
+    """Heads sharded inside shard_map (check_vma=True): gk shards like k ("b t h k")."""
+    inputs, h0 = gated_inputs(rng, 2, 9, 2, 16, 16, "softplus")
+    mesh = _mesh(2, "x")
+    tok, st = P(None, None, "x"), P(None, "x")
+    call = _op("fused_recurrent", impl)
+    sharded = jax.shard_map(call, mesh=mesh, in_specs=(tok,) * 6 + (st,), out_specs=(tok, st))
+    check(sharded, inputs, h0)
+
+
+@pytest.mark.parametrize("exchange", ["allgather", "scan"])
+def test_context_parallel(exchange, rng):
+    """T sharded over 4 devices with a gate: the widened run's final state is [h | M] with M the
+    product of the gated transitions; packed sequences straddling device boundaries."""
+    cu = jnp.asarray([0, 5, 30, 30, 64], jnp.int32)
+    inputs, h0 = gated_inputs(rng, 1, 64, 1, 16, 8, "softplus", N=4)
+    mesh = _mesh(4, "sp")
+    tok = P(None, "sp")
+
+    def local(q, k, v, a, b, gk, h0, final=True):
+        return chunk_cp(
+            q, k, v, a, b, gk, axis_name="sp", initial_state=h0, output_final_state=final,
+            cu_seqlens=cu, chunk_size=16, implementation="xla", exchange=exchange,
+        )
+
+    sharded = jax.shard_map(local, mesh=mesh, in_specs=(tok,) * 6 + (P(),), out_specs=(tok, P()))
+    check(sharded, inputs, h0, cu=cu, eps=1e-4)
+
+
+def test_fused_recurrent_jit_sharded(rng):
+    """Under plain jit with batch- and head-sharded inputs: the gated kernels run per shard
+    (custom_partitioning with gk as "b t h k"), no collective, results as on one device."""
+    from helpers import cpu_mesh
+    from jax.sharding import AxisType, NamedSharding
+
+    if len(jax.devices("cpu")) < 4:
+        pytest.skip("needs 4 devices")
+    inputs, h0 = gated_inputs(rng, 2, 9, 2, 16, 16, "softplus")
+    mesh = cpu_mesh((2, 2), ("x", "y"), axis_types=(AxisType.Auto,) * 2)
+    tok, st = NamedSharding(mesh, P("x", None, "y", None)), NamedSharding(mesh, P("x", "y"))
+    xs = [jax.device_put(x, tok) for x in inputs] + [jax.device_put(h0, st)]
+    call = _op("fused_recurrent", "interpret")
+    f = jax.jit(lambda *xs: (call(*xs), grads7(call, xs[:6], xs[6])))
+    text = f.lower(*xs).compile().as_text()
+    assert "all-gather" not in text and "all-to-all" not in text
+    (o, ht), g = f(*xs)
+    (ro, rht), rg = call(*inputs, h0), grads7(call, inputs, h0)
+    for x, y in zip((o, ht, *g), (ro, rht, *rg), strict=True):
+        assert rel_err(x, y) < 1e-5
+
+
+# -- lowering for CUDA (no GPU needed) -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "K, V, dtype", [(64, 64, jnp.bfloat16), (100, 60, jnp.float32), (200, 130, jnp.float32)]
+)
+def test_gated_fused_recurrent_lowers_for_cuda(K, V, dtype, monkeypatch):
+    """The gated fused kernels (forward and both backward sweeps) lower through the Triton
+    backend; the gated chunk op (jnp fallback for now) lowers with no Triton kernel."""
+    from test_lowering import FUSED, FUSED_BWD, triton_kernels
+
+    import iplr_jax.inputs as inputs_module
+
+    monkeypatch.setattr(inputs_module, "has_gpu", lambda: True)
+    s = jax.ShapeDtypeStruct
+    qk = s((2, 50, 2, K), dtype)
+    x, h0 = [qk, qk, s((2, 50, 2, V), dtype), qk, qk, qk], s((2, 2, K, V), jnp.float32)
+    fwd = lambda *a: iplr_jax.fused_recurrent(*a, implementation="pallas")[0]  # noqa: E731
+
+    def step(*a):
+        def loss(*d):
+            o, ht = iplr_jax.fused_recurrent(
+                *d[:6], initial_state=d[6], output_final_state=True, implementation="pallas"
+            )
+            return o.astype(jnp.float32).sum() + ht.sum()
+
+        return jax.grad(loss, argnums=tuple(range(7)))(*a)
+
+    assert triton_kernels(fwd, *x) == FUSED
+    assert triton_kernels(step, *x, h0) == FUSED_BWD
+    chunk = lambda *a: iplr_jax.chunk(*a, implementation="pallas")[0]  # noqa: E731
+    assert triton_kernels(chunk, *x) == []
