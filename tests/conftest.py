@@ -69,6 +69,12 @@ HEAVY = [
     r"test_sharding\.py::test_jit_sharded_inputs\[chunk-interpret-\(8,\)",
     r"test_sharding\.py::test_shard_map\[chunk-xla-",
     r"test_layer_sharding\.py::test_layer_context_parallel\[interpret\]",
+    r"test_gate\.py::test_chunk\[((zero|logsigmoid)-|\w+-interpret)",
+    r"test_gate\.py::test_chunk_(bf16|k60|packed|all_strong_finite\[(16|32)\])",
+    r"test_gate\.py::test_context_parallel\[",
+    r"test_gate\.py::test_fused_recurrent\[((zero|logsigmoid)-|\w+-xla)",
+    r"test_gate\.py::test_fused_recurrent_(jit_sharded|bf16|all_strong|k60\[xla|packed\[xla|shard_map\[xla)",
+    r"test_rwkv7\.py::test_(prefill_then_decode|default_init_is_finite|matches_float64_reference\[2\])",
 ]
 _HEAVY = re.compile("|".join(HEAVY))
 
