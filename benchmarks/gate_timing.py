@@ -77,7 +77,47 @@ def main() -> None:
             grad_gated = jax.jit(jax.grad(loss, argnums=tuple(range(6)))) if mode == "fwd+bwd" else f
             t_gated = median_ms(grad_gated, *x, gk, reps=args.reps)
             print(f"{name} {op.__name__:16s} {mode:8s} IPLR {t_iplr:8.3f} ms   gated {t_gated:8.3f} ms"
-                  f"   ratio {t_gated / t_iplr:5.2f}")
+                  f"   ratio {t_gated / t_iplr:5.2f}", flush=True)
+        fla_row(name, x, gk, h0, T, args.reps)
+
+
+def fla_row(name, x, gk, h0, T, reps):
+    """fla's gated kernels on the same inputs, when fla and a CUDA torch import: the chunked DPLR
+    at its default chunk (a real gate gives no `safe_gate` promise) and the fused decode step."""
+    try:
+        import torch
+        from fla.ops.generalized_delta_rule import chunk_dplr_delta_rule, fused_recurrent_dplr_delta_rule
+    except Exception:
+        return
+    t = [torch.from_numpy(np.asarray(y.astype(jnp.float32))).cuda().to(torch.bfloat16) for y in (*x, gk)]
+    s0 = torch.from_numpy(np.asarray(h0)).cuda()
+
+    def timed(fn):
+        fn()
+        torch.cuda.synchronize()
+        samples = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            for _ in range(5):
+                fn()
+            torch.cuda.synchronize()
+            samples.append((time.perf_counter() - t0) / 5 * 1e3)
+        return float(np.median(samples))
+
+    if T == 1:
+        ms = timed(lambda: fused_recurrent_dplr_delta_rule(*t, initial_state=s0, output_final_state=True))
+        print(f"{name} fla fused_recurrent_dplr fwd {ms:8.3f} ms", flush=True)
+        return
+    with torch.no_grad():
+        ms = timed(lambda: chunk_dplr_delta_rule(*t, initial_state=s0, output_final_state=True))
+    print(f"{name} fla chunk_dplr (gated)  fwd      {ms:8.3f} ms", flush=True)
+
+    def fb():
+        ins = [y.detach().requires_grad_() for y in t]
+        o, ht = chunk_dplr_delta_rule(*ins, initial_state=s0, output_final_state=True)
+        (o.float().sum() + ht.sum()).backward()
+
+    print(f"{name} fla chunk_dplr (gated)  fwd+bwd  {timed(fb):8.3f} ms", flush=True)
 
 
 if __name__ == "__main__":
