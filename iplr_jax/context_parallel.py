@@ -67,9 +67,9 @@ transposed exchange. With `combine="rerun"` the output instead comes from a seco
 backward), but the output never passes through the widened run's output dtype, which matters
 for 16-bit inputs (`o'` is rounded to v's dtype before the correction: bf16, 4 devices, output
 error 2.2e-3 against `naive` (float32) with "linear", 1.6e-3 with "rerun", the same as
-single-device `chunk`). The default is "linear": on 2 H200s at T = 256k, bf16, "rerun" made
-the forward+backward 1.44x slower than one GPU (benchmarks/NOTES.md), and the linear form's extra
-rounding stays well inside the bf16 tolerance of docs/numerics.md.
+single-device `chunk`); `combine=None` picks "rerun" for 16-bit inputs and "linear" otherwise.
+On an H200 at T = 256k, bf16, one device, "linear" measured slower than "rerun" (forward+backward
+75.1 against 40.5 ms; benchmarks/NOTES.md), so the default stays "rerun" for 16-bit inputs.
 Carrying I through the sweep costs K extra state columns; a kernel mode that multiplies the
 per-chunk transitions `I + B^T W` ([K, K]) directly, as the issue suggests, would remove most
 of that overhead.
@@ -173,7 +173,7 @@ def chunk_cp(
         rounds).
       combine: "linear" (the output and final state from the widened run, corrected with the
         entering state), "rerun" (a second plain `chunk` from the entering state), or None
-        ("linear").
+        ("rerun" for 16-bit inputs, else "linear").
 
     Returns:
       The local shard of `o` [B, T / P, H, V] (v's dtype) and the final states (or None).
@@ -181,7 +181,7 @@ def chunk_cp(
     if exchange not in EXCHANGES:
         raise ValueError(f"exchange must be one of {EXCHANGES}, got {exchange!r}")
     if combine is None:
-        combine = "linear"
+        combine = "rerun" if jnp.dtype(v.dtype).itemsize < 4 else "linear"
     if combine not in COMBINES:
         raise ValueError(f"combine must be one of {COMBINES} or None, got {combine!r}")
     if q.ndim != 4 or v.ndim != 4:
