@@ -100,9 +100,13 @@ class RecallTask:
 class Block(nnx.Module):
     """Pre-norm residual block: x + mixer(norm(x)), then x + MLP(norm(x))."""
 
-    def __init__(self, d_model: int, num_heads: int, *, mode: str, chunk_size: int, rngs: nnx.Rngs):
+    def __init__(
+        self, d_model: int, num_heads: int, *, mode: str, chunk_size: int, sharding=None, rngs: nnx.Rngs
+    ):
         self.norm1 = nnx.RMSNorm(d_model, rngs=rngs)
-        self.mixer = iplr_jax.IPLRLayer(d_model, num_heads, mode=mode, chunk_size=chunk_size, rngs=rngs)
+        self.mixer = iplr_jax.IPLRLayer(
+            d_model, num_heads, mode=mode, chunk_size=chunk_size, sharding=sharding, rngs=rngs
+        )
         self.norm2 = nnx.RMSNorm(d_model, rngs=rngs)
         self.up = nnx.Linear(d_model, 4 * d_model, rngs=rngs)
         self.down = nnx.Linear(4 * d_model, d_model, rngs=rngs)
@@ -113,7 +117,11 @@ class Block(nnx.Module):
 
 
 class TinyLM(nnx.Module):
-    """Embedding, `num_layers` blocks, final norm, output head: tokens [B, T] -> logits [B, T, vocab]."""
+    """Embedding, `num_layers` blocks, final norm, output head: tokens [B, T] -> logits [B, T, vocab].
+
+    `sharding` goes to every `IPLRLayer` (e.g. `{"batch": "data"}` for data parallelism: build and
+    run the model under `jax.set_mesh`); the other modules keep replicated parameters.
+    """
 
     def __init__(
         self,
@@ -124,12 +132,13 @@ class TinyLM(nnx.Module):
         num_layers: int = 2,
         mode: str = "iplr",
         chunk_size: int = 16,
+        sharding=None,
         rngs: nnx.Rngs,
     ):
         self.embed = nnx.Embed(vocab_size, d_model, rngs=rngs)
         self.blocks = nnx.List(
             [
-                Block(d_model, num_heads, mode=mode, chunk_size=chunk_size, rngs=rngs)
+                Block(d_model, num_heads, mode=mode, chunk_size=chunk_size, sharding=sharding, rngs=rngs)
                 for _ in range(num_layers)
             ]
         )
