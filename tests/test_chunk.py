@@ -258,3 +258,38 @@ def test_traced_scale(rng, impl):
     ref, _ = reference(q, k, v, a, b, scale=0.3, initial_state=h0)
     f = jax.jit(lambda s: iplr_jax.chunk(q, k, v, a, b, scale=s, initial_state=h0, implementation=impl)[0])
     assert rel_err(f(jnp.float32(0.3)), ref) < tol(jnp.float32)
+
+
+def test_precision_choice(rng, monkeypatch):
+    """float32 accuracy on request: `precision="highest"` (or `jax.default_matmul_precision`)
+    makes every float32-operand product of the kernels HIGHEST (tf32 otherwise on a GPU); the
+    default kernels are unchanged; the result still matches the float64 recurrence."""
+    import iplr_jax.inputs as inputs_module
+
+    def rule(**kw):
+        return _config(N=1, H=1, Kp=64, Vp=64, num_chunks=4, dtype=jnp.float32, interpret=False, **kw)
+
+    assert rule().f32_dots == "tf32"
+    with jax.default_matmul_precision("highest"):
+        assert rule().f32_dots == "highest"
+    assert rule(f32_dots="highest").f32_dots == "highest"
+
+    monkeypatch.setattr(inputs_module, "has_gpu", lambda: True)  # trace the compiled path
+    x = [jax.ShapeDtypeStruct((1, 64, 1, 32), jnp.float32)] * 5
+
+    def highest_dots(precision):
+        def step(*x):
+            loss = lambda *x: iplr_jax.chunk(*x, implementation="pallas", precision=precision)[0].sum()
+            return jax.grad(loss, argnums=tuple(range(5)))(*x)
+
+        return str(jax.make_jaxpr(step)(*x)).count("HIGHEST")
+
+    assert highest_dots("highest") > highest_dots(None) == highest_dots("default")
+    monkeypatch.undo()
+    (q, k, v, a, b), h0 = make_inputs(rng, 1, 40, 2, 32, 16)
+    o, ht = iplr_jax.chunk(q, k, v, a, b, initial_state=h0, output_final_state=True, chunk_size=16,
+                           implementation="interpret", precision="highest")
+    ro, rht = reference(q, k, v, a, b, initial_state=h0, output_final_state=True)
+    assert rel_err(o, ro) < 1e-5 and rel_err(ht, rht) < 1e-5
+    with pytest.raises(ValueError, match="precision must be one of"):
+        iplr_jax.chunk(q, k, v, a, b, precision="fast")

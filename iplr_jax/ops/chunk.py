@@ -40,6 +40,9 @@ from iplr_jax.triton.config import ChunkConfig, chunk_config
 # follow the local shapes, and the residuals keep the batch as their leading dimension (free
 # reshapes) so that they shard with it.
 TOKENS, VALUES = "b t h k", "b t h v"
+# chunk(precision=...) -> the jax.default_matmul_precision it runs under (the kernels' rule in
+# triton/config.py and the xla path's einsums both follow it)
+PRECISIONS = {"highest": "highest", "float32": "highest", "default": "default", "tf32": "tensorfloat32"}
 RESIDUALS = ("b c h kp vp", "b l h vp", "b c h i j", "b l h kp")  # h, v_new, X, W
 
 
@@ -129,6 +132,7 @@ def chunk(
     implementation: str | None = None,
     config: ChunkConfig | None = None,
     sequence_axis: str | tuple[str, ...] | None = None,
+    precision: str | None = None,
 ) -> tuple[jax.Array, jax.Array | None]:
     """IPLR attention in the chunked parallel form (training, prefill).
 
@@ -158,10 +162,23 @@ def chunk(
         axis, q, k, v, a, b are the local slices of T, `cu_seqlens` the global offsets and
         `initial_state` / the final state replicated over the axis
         (`iplr_jax.context_parallel.chunk_cp`, docs/chunked.md "Segments").
+      precision: the precision of the products with float32 operands: None follows
+        `jax.default_matmul_precision` (by default tf32 on a GPU: about 1e-3 relative error for
+        float32 inputs), "highest" (or "float32") gives float32 accuracy at some speed,
+        "default" (or "tf32") the fast path (docs/numerics.md).
 
     Returns:
       `o` [B, T, H, V] in v's dtype and the final state [N, H, K, V] float32 (or None).
     """
+    if precision is not None:
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {tuple(PRECISIONS)} or None, got {precision!r}")
+        with jax.default_matmul_precision(PRECISIONS[precision]):
+            return chunk(
+                q, k, v, a, b, gk, scale=scale, initial_state=initial_state,
+                output_final_state=output_final_state, cu_seqlens=cu_seqlens, chunk_size=chunk_size,
+                implementation=implementation, config=config, sequence_axis=sequence_axis,
+            )
     if sequence_axis is not None:
         from iplr_jax.context_parallel import chunk_cp
 

@@ -30,7 +30,7 @@ from jax.experimental.pallas import triton as pltr
 from iplr_jax.inputs import Inputs
 from iplr_jax.sharding import shape_dtype, vma_of
 from iplr_jax.triton.config import ChunkConfig
-from iplr_jax.triton.helpers import F32, NT, TN, dot, mask, tri
+from iplr_jax.triton.helpers import F32, NT, TN, dot, f32_precision, is_low, mask, tri
 from iplr_jax.triton.wy_fast import wy_fwd
 
 
@@ -43,20 +43,23 @@ class Residuals(NamedTuple):
     w: jax.Array  # [1, L, H, Kp] inputs' dtype, W = X A
 
 
-def _chunk_output(q, k, b, v, v2, s0, dt, scale, low_v2):
+def _chunk_output(q, k, b, v, v2, s0, dt, scale, low_v2, prec=None):
     """scale (Q S0 + incl(Q K^T) V + incl(Q B^T) V2) for one chunk, float32 [C, BV].
-    `low_v2`: incl(Q B^T) V2 with both operands rounded to the inputs' dtype."""
+    `low_v2`: incl(Q B^T) V2 with both operands rounded to the inputs' dtype. `prec`: the
+    precision of products with float32 operands (16-bit operands take the matrix units as they
+    are)."""
+    pin = None if is_low(dt) else prec  # products of two inputs
     incl = tri(q.shape[0], strict=False)
-    qk = mask(incl, dot(q, k, NT))
-    qb = mask(incl, dot(q, b, NT))
-    qb_v2 = dot(qb.astype(dt), v2.astype(dt)) if low_v2 else dot(qb, v2.astype(F32))
-    o = dot(q, s0.astype(dt)) + dot(qk.astype(dt), v) + qb_v2
+    qk = mask(incl, dot(q, k, NT, pin))
+    qb = mask(incl, dot(q, b, NT, pin))
+    qb_v2 = dot(qb.astype(dt), v2.astype(dt), None, pin) if low_v2 else dot(qb, v2.astype(F32), None, prec)
+    o = dot(q, s0.astype(dt), None, pin) + dot(qk.astype(dt), v, None, pin) + qb_v2
     return scale * o
 
 
 def _state_kernel(
     cu_ref, w_ref, u_ref, k_ref, b_ref, v_ref, h0_ref, *refs, chunk_size, num_chunks, residuals,
-    fuse, scale, low_v2,
+    fuse, scale, low_v2, prec=None,
 ):
     """One (sequence n, head, V-block): S [Kp, BV] float32 carried over the sequence's chunks.
 
@@ -80,14 +83,15 @@ def _state_kernel(
         r = pl.ds(c * C, C)
         if residuals:
             h_ref[c] = s.astype(h_ref.dtype)
-        v2 = u_ref[r, :].astype(F32) + dot(w_ref[r, :].astype(F32), s)  # V2 = U + W S0
+        v2 = u_ref[r, :].astype(F32) + dot(w_ref[r, :].astype(F32), s, None, prec)  # V2 = U + W S0
         if residuals:
             vn_ref[r, :] = v2.astype(vn_ref.dtype)
         k, b, v = k_ref[r, :], b_ref[r, :], v_ref[r, :]
         if fuse:
-            o = _chunk_output(q_ref[r, :], k, b, v, v2, s, dt, scale, low_v2)
+            o = _chunk_output(q_ref[r, :], k, b, v, v2, s, dt, scale, low_v2, prec)
             o_ref[r, :] = o.astype(o_ref.dtype)
-        return s + dot(k, v, TN) + dot(b.astype(F32), v2, TN)  # S0 + K^T V + B^T V2
+        kv = dot(k, v, TN, None if is_low(dt) else prec)
+        return s + kv + dot(b.astype(F32), v2, TN, prec)  # S0 + K^T V + B^T V2
 
     # A plain loop: Triton pipelines these tile loads itself, since they feed dots (loading the
     # next chunk by hand measured slower, benchmarks/NOTES.md).
@@ -110,7 +114,7 @@ def _state_kernel(
         jax.lax.fori_loop(end, stop, zero, jnp.int32(0))
 
 
-def _output_kernel(q_ref, k_ref, b_ref, v_ref, vn_ref, h_ref, o_ref, *, scale, low_v2):
+def _output_kernel(q_ref, k_ref, b_ref, v_ref, vn_ref, h_ref, o_ref, *, scale, low_v2, prec=None):
     """One (chunk, head, V-block): O = scale (Q S0 + incl(Q K^T) V + incl(Q B^T) V2).
 
     Bytes: reads Q, K, B [C, Kp], V [C, BV], v_new [C, BV] and h [Kp, BV]; writes O. BV is as
@@ -119,7 +123,7 @@ def _output_kernel(q_ref, k_ref, b_ref, v_ref, vn_ref, h_ref, o_ref, *, scale, l
     """
     o = _chunk_output(
         q_ref[...], k_ref[...], b_ref[...], v_ref[...], vn_ref[...], h_ref[...], k_ref.dtype, scale,
-        low_v2,
+        low_v2, prec,
     )
     o_ref[...] = o.astype(o_ref.dtype)
 
@@ -133,7 +137,10 @@ def output_fwd(q, k, b, v, v_new, h, *, scale, chunk_size, config: ChunkConfig, 
     vc = pl.BlockSpec((None, C, None, BVo), lambda c, h, j: (0, c, h, j))
     hc = pl.BlockSpec((None, None, Kp, BVo), lambda c, h, j: (c, h, 0, j))
     return pl.pallas_call(
-        functools.partial(_output_kernel, scale=scale, low_v2=config.low_precision_v2),
+        functools.partial(
+            _output_kernel, scale=scale, low_v2=config.low_precision_v2,
+            prec=f32_precision(config.f32_dots),
+        ),
         grid=(L // C, H, Vp // BVo),
         in_specs=[kc, kc, kc, vc, vc, hc],
         out_specs=vc,
@@ -199,7 +206,7 @@ def chunk_fwd(
     outs = pl.pallas_call(
         functools.partial(
             _state_kernel, chunk_size=C, num_chunks=NC, residuals=keep, fuse=fuse, scale=scale,
-            low_v2=low_v2,
+            low_v2=low_v2, prec=f32_precision(config.f32_dots),
         ),
         grid=(N, H, Vp // BV),
         in_specs=in_specs,

@@ -49,10 +49,19 @@ from iplr_jax.triton.chunk import Residuals
 from iplr_jax.triton.config import ChunkConfig
 from iplr_jax.triton.helpers import dot_as, mask, tri
 
+
+def _bwd_precision(config: ChunkConfig):
+    """The precision of the backward's float32-operand dots (`ChunkConfig.f32_dots`)."""
+    return lax.Precision.HIGHEST if config.f32_dots == "highest" else lax.Precision.DEFAULT
+
+
 # -- 1. reverse dS sweep -----------------------------------------------------------------------
 
 
-def _sweep_kernel(cu_ref, q_ref, b_ref, w_ref, do_ref, dht_ref, dsc_ref, dh0_ref, *, scale, C, dt):
+def _sweep_kernel(
+    cu_ref, q_ref, b_ref, w_ref, do_ref, dht_ref, dsc_ref, dh0_ref, *, scale, C, dt,
+    f32_prec=lax.Precision.DEFAULT,
+):
     n = pl.program_id(0)
     c0, c1 = cu_ref[n], cu_ref[n + 1]
     incl = tri(C, strict=False)
@@ -62,9 +71,10 @@ def _sweep_kernel(cu_ref, q_ref, b_ref, w_ref, do_ref, dht_ref, dsc_ref, dh0_ref
         dsc_ref[c] = ds.astype(dsc_ref.dtype)  # cotangent of the state after chunk c
         rows = pl.ds(c * C, C)
         q, b, w, do = q_ref[rows, :], b_ref[rows, :], w_ref[rows, :], do_ref[rows, :]
-        mqb = mask(incl, scale * dot_as(q, b, tb=True, dt=dt))  # off the dS chain
-        dv2 = dot_as(mqb, do, ta=True, dt=dt) + dot_as(b, ds, dt=dt)
-        return ds + scale * dot_as(q, do, ta=True, dt=dt) + dot_as(w, dv2, ta=True, dt=dt)
+        mm = functools.partial(dot_as, dt=dt, f32_precision=f32_prec)
+        mqb = mask(incl, scale * mm(q, b, tb=True))  # off the dS chain
+        dv2 = mm(mqb, do, ta=True) + mm(b, ds)
+        return ds + scale * mm(q, do, ta=True) + mm(w, dv2, ta=True)
 
     ds = lax.fori_loop(0, c1 - c0, body, dht_ref[...].astype(jnp.float32))
     dh0_ref[...] = ds  # empty sequence: no iterations, dh0 = dht
@@ -81,7 +91,7 @@ def _sweep(q, b, w, do, dht, cu_chunks, *, scale, chunk_size, dt, config, interp
     kspec = pl.BlockSpec((None, L, None, Kp), lambda n, h, j: (0, 0, h, 0))
     sspec = pl.BlockSpec((None, None, Kp, bv), lambda n, h, j: (n, h, 0, j))
     return pl.pallas_call(
-        functools.partial(_sweep_kernel, scale=scale, C=C, dt=dt),
+        functools.partial(_sweep_kernel, scale=scale, C=C, dt=dt, f32_prec=_bwd_precision(config)),
         grid=(N, H, Vp // bv),
         in_specs=[
             pl.BlockSpec((N + 1,), lambda n, h, j: (0,)),
@@ -107,12 +117,12 @@ def _sweep(q, b, w, do, dht, cu_chunks, *, scale, chunk_size, dt, config, interp
 
 def _intra_kernel(
     cu_ref, q_ref, k_ref, a_ref, b_ref, v_ref, v2_ref, do_ref, h_ref, dsc_ref, x_ref,
-    dq_ref, dk_ref, da_ref, db_ref, dv_ref, *, scale, dt,
+    dq_ref, dk_ref, da_ref, db_ref, dv_ref, *, scale, dt, f32_prec=lax.Precision.DEFAULT,
 ):
     C = q_ref.shape[0]
     n_seq = cu_ref.shape[0] - 1
     incl, strict = tri(C, strict=False), tri(C, strict=True)
-    mm = functools.partial(dot_as, dt=dt)
+    mm = functools.partial(dot_as, dt=dt, f32_precision=f32_prec)
     # Loads sit right before their first use and the five gradients are finished one after
     # the other, so that few [C, Kp] / [Kp, BV] tiles are live at once (straight-line code;
     # Triton keeps program order).
@@ -121,7 +131,7 @@ def _intra_kernel(
     ds = mask(valid, dsc_ref[...].astype(jnp.float32))
     q, b, do = q_ref[...], b_ref[...], do_ref[...]
     dv2 = mm(mask(incl, scale * mm(q, b, tb=True)), do, ta=True) + mm(b, ds)
-    dz = dot_as(x_ref[...], dv2, ta=True, dt=dt)
+    dz = mm(x_ref[...], dv2, ta=True)
     k, a = k_ref[...], a_ref[...]
     mqk = mask(incl, scale * mm(q, k, tb=True))
     lak = mask(strict, mm(a, k, tb=True))
@@ -163,7 +173,7 @@ def _intra(q, k, v, a, b, h, v_new, do, dsc, x, cu_chunks, *, scale, chunk_size,
         kout = [shape_dtype((nv, L, H, Kp), jnp.float32, vma)] * 4
     kout_spec = pl.BlockSpec((None, C, None, Kp), lambda c, h, j: (j, c, h, 0))
     dq, dk, da, db, dv = pl.pallas_call(
-        functools.partial(_intra_kernel, scale=scale, dt=dt),
+        functools.partial(_intra_kernel, scale=scale, dt=dt, f32_prec=_bwd_precision(config)),
         grid=(NC, H, nv),
         in_specs=[
             pl.BlockSpec((cu_chunks.shape[0],), lambda c, h, j: (0,)),

@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+import jax
+
 from iplr_jax.triton.helpers import is_low
 
 # Streaming multiprocessors of the H100 the rules were tuned on; only steers block sizes.
@@ -33,6 +35,10 @@ class ChunkConfig:
     Backward (`chunk_bwd`): `bwd_kernels` (False: the same equations in jnp), the reverse sweep's
     `bwd_sweep_block_v`, `bwd_sweep_warps`, `bwd_sweep_stages`, the intra-chunk kernel's
     `bwd_intra_block_v`, `bwd_intra_warps`.
+    `f32_dots`: the precision of the products whose operands are float32 (all of them for
+    float32 inputs; the state products W S0, B^T V2 for 16-bit ones): "tf32" (the GPU's
+    default matmul precision) or "highest" (float32 accuracy); the rule follows
+    `jax.default_matmul_precision` (docs/numerics.md).
     """
 
     wy_warps: int | None = None
@@ -51,6 +57,7 @@ class ChunkConfig:
     bwd_sweep_stages: int | None = None
     bwd_intra_block_v: int | None = None
     bwd_intra_warps: int | None = None
+    f32_dots: Literal["tf32", "highest"] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +70,12 @@ class FusedRecurrentConfig:
     bwd_block_v: int | None = None
     bwd_warps: int | None = None
     prefetch: int | None = None
+
+
+def default_f32_dots() -> str:
+    """"highest" inside `jax.default_matmul_precision("highest" | "float32")`, else "tf32"."""
+    p = jax.config.jax_default_matmul_precision
+    return "highest" if str(p).lower() in ("highest", "float32", "precision.highest") else "tf32"
 
 
 def _fill(config, **rules):
@@ -103,6 +116,7 @@ def chunk_config(
         wy_precision=lambda: "tf32x3" if low and Kp <= 128 and not interpret else "highest",
         state_block_v=lambda: _sweep_block_v(N, H, Kp, Vp),
         low_precision_v2=lambda: low,
+        f32_dots=default_f32_dots,
     )
     programs = N * H * (Vp // c.state_block_v)
     # Fusing the output adds Q K^T, Q B^T and three more dots to every step of the sequential

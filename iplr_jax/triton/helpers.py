@@ -15,6 +15,12 @@ NT = (((1,), (1,)), ((), ()))  # x @ y^T
 NN = (((1,), (0,)), ((), ()))  # x @ y
 
 
+def f32_precision(f32_dots: str):
+    """The `precision` of a dot with float32 operands for a config's `f32_dots`: None (the
+    default, tf32 on the GPU) or HIGHEST."""
+    return HIGHEST if f32_dots == "highest" else None
+
+
 def is_low(dt) -> bool:
     """Whether `dt` is a 16-bit float (bf16 / fp16): such inputs go to the matrix units as they
     are, with float32 accumulation."""

@@ -22,7 +22,7 @@ from jax.experimental.pallas import triton as pltr
 
 from iplr_jax.sharding import shape_dtype, vma_of
 from iplr_jax.triton.config import ChunkConfig
-from iplr_jax.triton.helpers import F32, HIGHEST, NN, NT, dot, is_low, mask, tri
+from iplr_jax.triton.helpers import F32, HIGHEST, NN, NT, dot, f32_precision, is_low, mask, tri
 
 SUB = 16  # the diagonal-block size of the triangular inverse (the smallest Triton dot)
 # The float32 16 x 16 block products that build X off the diagonal and P = X L: their operands
@@ -80,7 +80,9 @@ def _store_lower(ref, x, nb: int):
             ref[pl.ds(i * SUB, SUB), pl.ds(j * SUB, SUB)] = x[i, j] if j <= i else zero
 
 
-def _wy_kernel(a_ref, b_ref, k_ref, v_ref, w_ref, u_ref, x_ref=None, *, block_v: int, precision):
+def _wy_kernel(
+    a_ref, b_ref, k_ref, v_ref, w_ref, u_ref, x_ref=None, *, block_v: int, precision, f32_prec=None
+):
     """One (chunk, head): X blockwise, then W, U (and X, when `x_ref` is given).
 
     Bytes: reads A, B, K ([C, Kp]) and V ([C, Vp]) once, writes W [C, Kp] and U [C, Vp] (input
@@ -96,8 +98,8 @@ def _wy_kernel(a_ref, b_ref, k_ref, v_ref, w_ref, u_ref, x_ref=None, *, block_v:
 
     as 16 x 16 x 16 dots at float32 accuracy (`precision`): X feeds every later product and its
     entries can be large when consecutive transitions nearly cancel. W = X A and U = P V with
-    P = X strict(A K^T) take float32 X and P at the default precision (tf32 on the GPU, about
-    the rounding of W and U to 16 bits).
+    P = X strict(A K^T) take float32 X and P at `f32_prec` (by default tf32 on the GPU, about
+    the rounding of W and U to 16 bits; HIGHEST with `ChunkConfig.f32_dots="highest"`).
     """
     C = a_ref.shape[0]
     nb = C // SUB
@@ -126,7 +128,7 @@ def _wy_kernel(a_ref, b_ref, k_ref, v_ref, w_ref, u_ref, x_ref=None, *, block_v:
     # U_i = sum_k P_ik V_k needs no [C, V] temporary.
     f32 = lambda t: t.astype(F32)
     for i in range(nb):
-        w = sum(_dot(x[i, j], f32(rows(a_ref, j))) for j in range(i + 1))
+        w = sum(_dot(x[i, j], f32(rows(a_ref, j)), f32_prec) for j in range(i + 1))
         w_ref[pl.ds(i * SUB, SUB), :] = w.astype(w_ref.dtype)
     p = {
         (i, s): sum(_dot(x[i, j], lak[j, s], precision) for j in range(s, i + 1))
@@ -137,7 +139,7 @@ def _wy_kernel(a_ref, b_ref, k_ref, v_ref, w_ref, u_ref, x_ref=None, *, block_v:
         cols = pl.ds(vb * block_v, block_v)
         v_blk = [f32(rows(v_ref, s, cols)) for s in range(nb)]
         for i in range(nb):
-            u = sum(_dot(p[i, s], v_blk[s]) for s in range(i + 1))
+            u = sum(_dot(p[i, s], v_blk[s], f32_prec) for s in range(i + 1))
             u_ref[pl.ds(i * SUB, SUB), cols] = u.astype(u_ref.dtype)
 
 
@@ -173,7 +175,8 @@ def wy_fwd(
         out_specs.append(pl.BlockSpec((None, None, C, C), lambda c, h: (c, h, 0, 0)))
         out_shape.append(shape_dtype((L // C, H, C, C), F32, vma))
     kernel = functools.partial(
-        _wy_kernel, block_v=config.wy_block_v, precision=PRECISIONS[config.wy_precision]
+        _wy_kernel, block_v=config.wy_block_v, precision=PRECISIONS[config.wy_precision],
+        f32_prec=f32_precision(config.f32_dots),
     )
     return tuple(pl.pallas_call(
         kernel,
