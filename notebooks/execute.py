@@ -1,7 +1,7 @@
 """Runs the notebooks top to bottom and stores them with their outputs (plots, tables).
 
     pip install -e ".[notebooks]"
-    python notebooks/execute.py                 # all three, in place
+    python notebooks/execute.py                 # all of them, in place
     python notebooks/execute.py 02_performance  # one (a name or a prefix)
 
 Uses the `python3` Jupyter kernel from the environment (`python -m ipykernel install --user`
