@@ -284,14 +284,6 @@ def _via_shard_map(fn, in_specs, out_specs, mesh, xs):
     )(*xs)
 
 
-def _under_vmap(xs) -> bool:
-    try:
-        from jax._src.interpreters.batching import BatchTracer
-    except ImportError:
-        return False
-    return any(isinstance(x, BatchTracer) for x in xs)
-
-
 def _batchable(fn, op):
     """`op` (a custom_partitioning of `fn`) with a batching rule: under `vmap` (also a vmap that
     reaches it through `jit`, where the inputs are no batch tracers) `fn` itself is batched,
@@ -324,8 +316,6 @@ def partitioned(fn: Callable, in_specs: Sequence[str], out_specs) -> Callable:
         if len(xs) != len(in_specs):
             raise TypeError(f"expected {len(in_specs)} arrays, got {len(xs)}")
         if _manual_context() or vma_of(*xs):  # per-device code already (shard_map)
-            return fn(*xs)
-        if _under_vmap(xs):  # custom_partitioning has no batching rule; pallas_call has one
             return fn(*xs)
         mesh = _explicit_mesh(xs)
         if mesh is not None:

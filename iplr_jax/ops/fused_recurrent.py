@@ -152,17 +152,16 @@ def fused_recurrent(
     )
     if config is not None and not isinstance(config, FusedRecurrentConfig):
         raise ValueError(f"config must be an iplr_jax.FusedRecurrentConfig or None, got {config!r}")
-    bad, cu_seqlens = malformed_offsets(cu_seqlens, dims.T)
-    if impl == "xla":
-        o, ht = naive(
+    if impl == "xla":  # the scan, which guards traced offsets itself
+        return naive(
             q, k, v, a, b, gk, scale=scale, initial_state=initial_state,
-            output_final_state=True, cu_seqlens=cu_seqlens,
+            output_final_state=output_final_state, cu_seqlens=cu_seqlens,
         )
-    else:
-        h0 = like_inputs(initial_state_or_zeros(initial_state, dims, jnp.float32), *x.arrays(), scale)
-        o, ht = _fused_recurrent_pallas(
-            x, scale=default_scale(scale, dims.K), h0=h0, cu_seqlens=cu_seqlens, config=config,
-            interpret=impl == "interpret",
-        )
+    bad, cu_seqlens = malformed_offsets(cu_seqlens, dims.T)
+    h0 = like_inputs(initial_state_or_zeros(initial_state, dims, jnp.float32), *x.arrays(), scale)
+    o, ht = _fused_recurrent_pallas(
+        x, scale=default_scale(scale, dims.K), h0=h0, cu_seqlens=cu_seqlens, config=config,
+        interpret=impl == "interpret",
+    )
     o, ht = poison(bad, o, ht)
     return o, (ht if output_final_state else None)
