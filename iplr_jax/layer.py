@@ -117,9 +117,10 @@ class ShortConv(nnx.Module):
         """
         B, T, C = x.shape
         W = self.size
-        if tail is None:
-            tail = jnp.zeros((B, W - 1, C), x.dtype)
-        xp = jnp.concatenate([tail.astype(x.dtype), x], axis=1)  # [B, W - 1 + T, C]
+        if tail is None:  # a pad keeps x's sharding (a zeros operand would be replicated)
+            xp = jnp.pad(x, ((0, 0), (W - 1, 0), (0, 0)))
+        else:
+            xp = jnp.concatenate([tail.astype(x.dtype), x], axis=1)  # [B, W - 1 + T, C]
         dtype = self.dtype or x.dtype
         w = self.weight[...]
         if channels is not None:

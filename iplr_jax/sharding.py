@@ -325,6 +325,33 @@ def partitioned(fn: Callable, in_specs: Sequence[str], out_specs) -> Callable:
     return call
 
 
+def explicit_shards(fn: Callable, in_specs: Sequence[str], out_specs) -> Callable:
+    """`fn(*arrays)` on every batch / head shard when the inputs carry explicit-axis shardings
+    (`jax.shard_map`, differentiable), else `fn` itself: for jnp paths, which the partitioner
+    handles under auto sharding but whose reshapes explicit sharding types reject."""
+    in_specs = tuple(in_specs)
+    out_specs = out_specs if isinstance(out_specs, str) else tuple(out_specs)
+
+    def call(*xs):
+        mesh = None if _manual_context() or vma_of(*xs) else _explicit_mesh(xs)
+        return fn(*xs) if mesh is None else _via_shard_map(fn, in_specs, out_specs, mesh, xs)
+
+    return call
+
+
+def _cotangent_like(g, x):
+    """g in x's dtype and, with explicit sharding types, x's sharding (a custom_vjp's cotangent
+    must have its primal's type: e.g. a replicated state's gradient comes back batch-sharded)."""
+    g = g.astype(x.dtype)
+    try:
+        want, got = jax.typeof(x).sharding, jax.typeof(g).sharding
+    except (AttributeError, TypeError):
+        return g
+    if _explicit_mesh([x]) is None or want.spec == got.spec:
+        return g
+    return jax.sharding.reshard(g, want.spec)
+
+
 def partitioned_vjp(
     primal: Callable, fwd: Callable, bwd: Callable, *, in_specs: Sequence[str],
     out_specs: Sequence[str], res_specs: Sequence[str], num_diff: int,
@@ -354,7 +381,7 @@ def partitioned_vjp(
     def f_bwd(saved, cts):
         args, res = saved
         grads = p_bwd(*args, *res, *cts)
-        grads = [g.astype(x.dtype) for g, x in zip(grads, args, strict=False)]
+        grads = [_cotangent_like(g, x) for g, x in zip(grads, args, strict=False)]
         return (*grads, *([None] * (len(args) - num_diff)))
 
     f.defvjp(f_fwd, f_bwd)

@@ -133,6 +133,23 @@ def test_sharded_training_step(impl, shape, sharding, mode):
         assert err < 1e-5, f"{jax.tree_util.keystr(path)}: gradient differs from one device by {err:.2e}"
 
 
+@pytest.mark.parametrize("impl", ["xla", "interpret"])
+def test_explicit_mesh_training_step(impl):
+    """Data parallel on an explicit-sharding mesh (shardings in the types, no constraints): the
+    same loss and gradients as one device, and nothing gathered or exchanged but gradients."""
+    mesh = jax.make_mesh((4,), ("data",), axis_types=(AxisType.Explicit,))
+    with jax.set_mesh(mesh):
+        graphdef, params = nnx.split(_layer(impl, DP))
+        x, y = (jax.device_put(u, NamedSharding(mesh, P("data"))) for u in _data())
+        compiled = jax.jit(_step(graphdef)).lower(params, x, y).compile()
+        loss, grads = compiled(params, x, y)
+    assert not _collectives(compiled.as_text())
+    want_loss, want_grads = _one_device(impl, "iplr")
+    assert _rel(loss, want_loss) < 1e-5
+    for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads), strict=True):
+        assert _rel(g, w) < 1e-5
+
+
 def test_partition_specs():
     """The annotations Flax reads: kernels [d_model, H * .] are (embed, heads), o_proj's the
     reverse, the rest replicated; no sharding argument means no annotation."""

@@ -28,7 +28,7 @@ from iplr_jax.inputs import (
     static_scale,
 )
 from iplr_jax.reference.chunk import chunk_xla
-from iplr_jax.sharding import like_inputs, match_vma, partitioned_vjp
+from iplr_jax.sharding import explicit_shards, like_inputs, match_vma, partitioned_vjp
 from iplr_jax.triton import chunk as triton_fwd
 from iplr_jax.triton import chunk_bwd as triton_bwd
 from iplr_jax.triton.config import ChunkConfig, chunk_config
@@ -116,6 +116,26 @@ def _chunk_pallas(x: Inputs, *, scale, h0, cu_seqlens, chunk_size, config, inter
     return op(*match_vma(*x._replace(q=q).arrays(), h0, *cu))
 
 
+def _chunk_jnp(x: Inputs, *, scale, h0, cu_seqlens, chunk_size):
+    """`chunk_xla` (gradients by autodiff); with explicitly sharded inputs on every batch / head
+    shard (`sharding.explicit_shards`), since explicit sharding types reject its reshapes."""
+    names = [n for n, y in zip(Inputs._fields, x, strict=True) if y is not None]
+    packed = cu_seqlens is not None
+    state = ("n" if packed else "b") + " h k v"
+    specs = [VALUES if n == "v" else TOKENS for n in names] + [state, ""] + (["m"] if packed else [])
+
+    def per_shard(*arrays):
+        local = Inputs(**dict(zip(names, arrays, strict=False)))
+        h0, scale, cu = arrays[len(names)], arrays[len(names) + 1], (arrays[-1] if packed else None)
+        B, T, H, K = local.q.shape
+        dims = Dims(B, T, H, K, local.v.shape[-1], B if cu is None else cu.shape[0] - 1)
+        return chunk_xla(local, scale=scale, h0=h0, cu_seqlens=cu, chunk_size=chunk_size, dims=dims)
+
+    op = explicit_shards(per_shard, specs, [VALUES, state])
+    cu = (jnp.asarray(cu_seqlens, jnp.int32),) if packed else ()
+    return op(*(getattr(x, n) for n in names), h0, jnp.asarray(scale, h0.dtype), *cu)
+
+
 def chunk(
     q: jax.Array,
     k: jax.Array,
@@ -200,7 +220,7 @@ def chunk(
     # inside shard_map a zero state must vary over the mesh axes like the inputs it meets
     h0 = like_inputs(initial_state_or_zeros(initial_state, dims, accum_dtype(x)), *x.arrays(), scale)
     if impl == "xla" or x.gated:  # the chunk kernels have no gate yet: the jnp form (docs/gate.md)
-        o, final = chunk_xla(x, scale=scale, h0=h0, cu_seqlens=cu_seqlens, chunk_size=chunk_size, dims=dims)
+        o, final = _chunk_jnp(x, scale=scale, h0=h0, cu_seqlens=cu_seqlens, chunk_size=chunk_size)
     else:
         o, final = _chunk_pallas(
             x, scale=scale, h0=h0, cu_seqlens=cu_seqlens, chunk_size=chunk_size, config=config,
