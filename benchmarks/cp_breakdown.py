@@ -6,8 +6,9 @@ One sequence B1 H16 K=V=128, bf16, default implementation. Times (median of 10, 
   * plain `chunk` on one GPU at T (the baseline a user has without context parallelism);
   * `chunk` with V + K = 256 value columns at T / 2 (the widened run each of 2 devices does);
   * `chunk_cp` on 1 and 2 devices at T, both combines.
-Then the longest T (powers of two times 64k) whose forward + backward runs, on 1 GPU (plain
-`chunk`) and on 2 GPUs (`chunk_cp`).
+With --longest, the longest T (512k times powers of two) whose forward + backward fits one
+device's memory by XLA's memory analysis of the compiled step, on 1 GPU (plain `chunk`) and on
+2 GPUs (`chunk_cp`).
 """
 
 from __future__ import annotations
@@ -47,47 +48,70 @@ def cp(T, n, combine, reps=10, fwd=True):
     return t_f, median_ms(fb, *xs, reps=reps)
 
 
-def longest(run, start, limit):
+def peak_bytes(T, n):
+    """Bytes one device needs for forward + backward at T (compiled, not run): arguments,
+    outputs and temporaries from XLA's memory analysis (Pallas buffers are XLA buffers)."""
+    xs = cp_inputs(1024, H, K, V, jnp.bfloat16)  # shapes only
+    shapes = [jax.ShapeDtypeStruct((1, T, H, x.shape[-1]), x.dtype) for x in xs]
+    if n == 1:
+        loss = lambda *x: jnp.sum(iplr_jax.chunk(*x)[0].astype(jnp.float32))  # noqa: E731
+        step = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))
+    else:
+        mesh = Mesh(np.array(jax.devices()[:n]), ("sp",))
+        spec = P(None, "sp")
+        f = jax.shard_map(lambda *x: chunk_cp(*x, axis_name="sp")[0], mesh=mesh,
+                          in_specs=(spec,) * 5, out_specs=spec)
+        step = jax.jit(jax.grad(lambda *x: jnp.sum(f(*x).astype(jnp.float32)), argnums=(0, 1, 2, 3, 4)),
+                       in_shardings=(NamedSharding(mesh, spec),) * 5)
+    m = step.lower(*shapes).compile().memory_analysis()
+    return m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
+
+
+def longest(n, limit, start=1 << 19):
+    """The longest T (512k times powers of two) whose forward +
+    backward fits one device's memory (95%), from compiled memory analyses."""
+    cap = 0.95 * jax.devices()[0].memory_stats()["bytes_limit"]
     best, T = None, start
     while T <= limit:
-        try:
-            run(T)
-            best = T
-            print(f"  T={T}: ok", flush=True)
-        except Exception as e:  # out of memory
-            print(f"  T={T}: {type(e).__name__}: {str(e)[:160]}", flush=True)
+        need = peak_bytes(T, n)
+        print(f"  n={n} T={T}: {need / 2**30:.1f} GiB per device (cap {cap / 2**30:.1f})", flush=True)
+        if need > cap:
             break
-        T *= 2
+        best, T = T, 2 * T
     return best
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--T", type=int, default=262144)
-    p.add_argument("--longest", action="store_true", help="also search the longest trainable T")
-    p.add_argument("--limit", type=int, default=1 << 24)
-    p.add_argument("--out", default=None)
-    args = p.parse_args()
-    T, rows = args.T, {}
+def run_cases(T, rows):
     rows["plain_1gpu"] = plain(T)
     print("plain chunk, 1 GPU, T", T, rows["plain_1gpu"], flush=True)
     rows["plain_half"] = plain(T // 2)
     print("plain chunk, 1 GPU, T/2", rows["plain_half"], flush=True)
     rows["widened_half"] = plain(T // 2, width=V + K)
     print("chunk with V+K columns, T/2", rows["widened_half"], flush=True)
-    for n in (1, 2):
+    for n in (2, 1):
         for combine in ("rerun", "linear"):
             rows[f"cp_n{n}_{combine}"] = cp(T, n, combine)
             print(f"chunk_cp n={n} {combine}", rows[f"cp_n{n}_{combine}"], flush=True)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--T", type=int, default=262144)
+    p.add_argument("--skip-times", action="store_true", help="only the longest-T search")
+    p.add_argument("--longest", action="store_true", help="also the longest trainable T")
+    p.add_argument("--limit", type=int, default=1 << 24)
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    rows = {}
+    if not args.skip_times:
+        run_cases(args.T, rows)
     if args.longest:
-        print("longest T, plain chunk fwd+bwd, 1 GPU", flush=True)
-        rows["longest_1gpu"] = longest(lambda t: plain(t, reps=1), 1 << 20, args.limit)
-        print("longest T, chunk_cp fwd+bwd, 2 GPUs", flush=True)
-        rows["longest_2gpu"] = longest(lambda t: cp(t, 2, "rerun", reps=1, fwd=False), 1 << 20, args.limit)
-        print("longest", rows["longest_1gpu"], rows["longest_2gpu"], flush=True)
+        rows["longest_1gpu"] = longest(1, args.limit)
+        rows["longest_2gpu"] = longest(2, args.limit)
+        print("longest trainable T: 1 GPU", rows["longest_1gpu"], "2 GPUs", rows["longest_2gpu"], flush=True)
     if args.out:
         with open(args.out, "w") as f:
-            json.dump(dict(device=str(jax.devices()[0].device_kind), T=T, rows=rows), f, indent=1)
+            json.dump(dict(device=str(jax.devices()[0].device_kind), T=args.T, rows=rows), f, indent=1)
 
 
 if __name__ == "__main__":
