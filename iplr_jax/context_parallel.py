@@ -3,7 +3,8 @@
 `chunk_cp` is `iplr_jax.chunk` for inputs whose time axis is sharded over a mesh axis; call it
 inside `jax.shard_map` (other mesh axes may shard batch or heads at the same time; only the
 named axis is communicated over). It is built from the public `chunk` op alone, with no kernel
-of its own.
+of its own. Under plain `jit` with inputs sharded over T, `chunk`'s kernel path runs per slice
+from `entering_state` below instead (ops/chunk.py; docs/architecture.md, "Several devices").
 
 Method
 ------

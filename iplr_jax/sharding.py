@@ -16,10 +16,9 @@ Two situations:
      with an einsum-like Shardy `sharding_rule` built from the specs (Shardy is the default
      partitioner on JAX 0.10 / 0.11) and the GSPMD callbacks as well (`jax_use_shardy_partitioner`
      off). The partition callback runs `fn` on the local shards; every dimension other than the
-     batch and head ones is asked for replicated (a sequence-sharded input is gathered: correct,
-     not fast; `context_parallel` splits a sequence over devices);
+     batch and head ones (and a `sequence` factor, below) is asked for replicated;
    - explicitly sharded inputs (`AxisType.Explicit`, shardings in the types): `jax.shard_map`
-     over the batch/head mesh axes, with the other dimensions resharded to replicated;
+     over the batch/head (and sequence) mesh axes, the other dimensions resharded to replicated;
    - inside `shard_map` already (all axes manual) or without any mesh: `fn` itself.
    `partitioned_vjp` composes three such ops (primal, forward with residuals, backward) into a
    `custom_vjp`, since `custom_partitioning` cannot be differentiated.
