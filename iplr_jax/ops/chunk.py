@@ -111,7 +111,10 @@ def _bwd_shard(q, k, v, a, b, h0, *rest, scale, chunk_size, config, interpret, s
 # from the state entering the device's slice of T (context_parallel.entering_state: a widened
 # run and an all-gather of [h | M] summaries), the final state the last slice's. The backward
 # runs the kernels' backward on the saved residuals and differentiates entering_state by
-# recomputing it (one widened forward + its backward: about 2x a plain forward+backward more).
+# recomputing it rather than saving the widened run's residuals (twice the plain ones at
+# K = V): per slice, forward 1 widened + 1 plain pass, backward 1 widened forward, 1 widened
+# and 1 plain backward; with K = V and a backward twice the forward, ~3.7x a plain
+# forward+backward (chunk_cp(combine="rerun") inside shard_map: ~3x).
 def _enter(q, k, v, a, b, h0, *, axes, scale, chunk_size, config, interpret):
     from iplr_jax.context_parallel import entering_state
 
