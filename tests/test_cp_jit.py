@@ -178,3 +178,20 @@ def test_jit_sequence_sharded_fallback(impl, T, packed):
     xs, _ = _put(mesh, P(None, "x"), P(), _case(B, T, packed))
     got = jax.jit(_outputs_and_grads(impl, cu))(*xs)
     _close(got, _unsharded(impl, B, T, packed), f"fallback {impl} T={T} packed={packed}")
+
+
+def test_pallas_lowers_with_sequence_sharded_inputs_for_cuda(monkeypatch):
+    """"pallas" takes the same ops as "interpret": lowered for CUDA (no GPU needed), the two ops
+    of the gradient carry the Shardy rule with T as the compound (c s), so the partitioner may
+    keep T sharded (the partition callback itself runs inside XLA's GPU compiler)."""
+    import iplr_jax.inputs as inputs_module
+
+    monkeypatch.setattr(inputs_module, "has_gpu", lambda: True)
+    mesh = _mesh((2, 4))
+    tok, st = NamedSharding(mesh, P("x", "y")), NamedSharding(mesh, P("x"))
+    args = [jax.ShapeDtypeStruct((2, 64, H, K), jnp.bfloat16, sharding=tok) for _ in range(5)]
+    args.append(jax.ShapeDtypeStruct((2, H, K, V), jnp.float32, sharding=st))
+    traced = jax.jit(_outputs_and_grads("pallas")).trace(*args)
+    text = traced.lower(lowering_platforms=("cuda",)).as_text()
+    rules = re.findall(r"sdy\.op_sharding_rule<\(\[i, jk, l, m\]", text)
+    assert text.count("CustomSPMDPartitioning") == 2 and len(rules) == 2, text.count("CustomSPMDPartitioning")
