@@ -3,7 +3,8 @@
 `chunk_cp` is `iplr_jax.chunk` for inputs whose time axis is sharded over a mesh axis; call it
 inside `jax.shard_map` (other mesh axes may shard batch or heads at the same time; only the
 named axis is communicated over). It is built from the public `chunk` op alone, with no kernel
-of its own.
+of its own. Under plain `jit` with inputs sharded over T, `chunk`'s kernel path runs per slice
+from `entering_state` below instead (ops/chunk.py; docs/architecture.md, "Several devices").
 
 Method
 ------
@@ -83,7 +84,7 @@ import numpy as np
 
 import iplr_jax
 
-__all__ = ["chunk_cp"]
+__all__ = ["chunk_cp", "entering_state"]
 
 _HI = jax.lax.Precision.HIGHEST
 EXCHANGES = ("allgather", "scan")
@@ -127,6 +128,31 @@ def _fold_scan(summary, axis_name, P, d, V):
         off *= 2
     # the inclusive prefix applied to a zero start is its h part; shift it by one device
     return jax.lax.ppermute(x[..., :V], axis_name, [(i, i + 1) for i in range(P - 1)])
+
+
+def entering_state(q, k, v, a, b, h0, *, axis_name, scale, chunk_size, implementation, config=None):
+    """The state entering this device's slice of T, [B, H, K, V] in float32 (float64 for float64
+    inputs): `h0` on the first device of `axis_name`, the fold of the earlier devices' summaries
+    elsewhere (every batch row one sequence; no packing). A plain `chunk` from it gives this
+    slice's output and end state; the jit path of `chunk` with T sharded (ops/chunk.py) runs
+    that as its kernels' forward, keeping their residuals, and differentiates this function by
+    recomputing it in the backward."""
+    B, Tl, H, K = q.shape
+    V = v.shape[-1]
+    P = _axis_size(axis_name)
+    d = jax.lax.axis_index(axis_name)
+    acc = _acc(q, k, v, a, b)
+    first = d == 0
+    h0 = jnp.asarray(h0, acc)
+    eye = jnp.broadcast_to(jnp.eye(K, dtype=acc), (B, H, K, K))
+    s0_aug = jnp.concatenate([jnp.where(first, h0, 0), jnp.where(first, 0, eye)], axis=-1)
+    v_aug = jnp.concatenate([v, jnp.zeros((B, Tl, H, K), v.dtype)], axis=-1)
+    _, f_aug = iplr_jax.chunk(
+        q, k, v_aug, a, b, initial_state=s0_aug, output_final_state=True, scale=scale,
+        chunk_size=chunk_size, implementation=implementation, config=config,
+    )
+    c_in = _fold_allgather(f_aug.astype(acc), axis_name, P, d, V)
+    return jnp.where(first, h0, c_in)
 
 
 def chunk_cp(

@@ -16,21 +16,30 @@ Two situations:
      with an einsum-like Shardy `sharding_rule` built from the specs (Shardy is the default
      partitioner on JAX 0.10 / 0.11) and the GSPMD callbacks as well (`jax_use_shardy_partitioner`
      off). The partition callback runs `fn` on the local shards; every dimension other than the
-     batch and head ones is asked for replicated (a sequence-sharded input is gathered: correct,
-     not fast; `context_parallel` splits a sequence over devices);
+     batch and head ones (and a `sequence` factor, below) is asked for replicated;
    - explicitly sharded inputs (`AxisType.Explicit`, shardings in the types): `jax.shard_map`
-     over the batch/head mesh axes, with the other dimensions resharded to replicated;
+     over the batch/head (and sequence) mesh axes, the other dimensions resharded to replicated;
    - inside `shard_map` already (all axes manual) or without any mesh: `fn` itself.
    `partitioned_vjp` composes three such ops (primal, forward with residuals, backward) into a
    `custom_vjp`, since `custom_partitioning` cannot be differentiated.
+   With `sequence=` a third factor may shard too (context parallelism under jit, issue 15):
+   when it arrives sharded, `fn` runs on the local slices with `sequence_axes=` the mesh axes
+   it is sharded over, and may communicate over them (the partition callback traces `fn` with
+   those axes bound, so collectives lower as SPMD collectives).
 
 Specs are strings of per-dimension factor names, one per array, e.g. "b t h k" for q and
 "b h k v" for a state: "b" (batch, or sequences) and "h" (heads) shard, any other name is
-replicated. Equal names must mean equal sizes (they form the Shardy rule).
+replicated. Equal names must mean equal sizes (they form the Shardy rule). A dimension may be
+a compound "(c s)" (size c * s, c major, Shardy's syntax); only its major factor shards, and
+sizes of factors that never form a whole dimension come in `factor_sizes`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import functools
+import re
 from collections.abc import Callable, Sequence
 
 import jax
@@ -144,9 +153,27 @@ _interpret_lowering_without_vma_check()
 
 # -- 2. partitioning over batch and heads (plain jit) ---------------------------------------------
 
+# set while `fn` is traced for one shard by a partition callback: calls of `partitioned` ops made
+# by that per-shard code run their own `fn` directly (they are per-device code already)
+_PER_SHARD = contextvars.ContextVar("iplr_per_shard", default=False)
+
+
+@contextlib.contextmanager
+def _per_shard():
+    token = _PER_SHARD.set(True)
+    try:
+        yield
+    finally:
+        _PER_SHARD.reset(token)
+
+
+def _dims(spec: str) -> list[tuple[str, ...]]:
+    """"b (c s) h k" -> [("b",), ("c", "s"), ("h",), ("k",)]."""
+    return [tuple(d.strip("()").split()) for d in re.findall(r"\([^)]*\)|\S+", spec)]
+
 
 def _factors(spec: str) -> list[str]:
-    return spec.split()
+    return [f for d in _dims(spec) for f in d]
 
 
 def _axes_size(mesh, axes) -> int:
@@ -156,31 +183,35 @@ def _axes_size(mesh, axes) -> int:
     return int(np.prod([mesh.shape[a] for a in axes]))
 
 
-def _pick_axes(mesh, specs, shapes, pspecs) -> dict:
-    """Mesh axes of the "b" and "h" factors: those of the first operand that shards the factor,
-    kept only where they divide every dimension of that factor and do not collide."""
+def _pick_axes(mesh, specs, shapes, pspecs, shardable=SHARDED, factor_sizes=None) -> dict:
+    """Mesh axes of each shardable factor: those of the first operand that shards a dimension
+    led by the factor, kept only where they divide every such dimension (a compound's major
+    factor: its size without the minor factors) and do not collide."""
+    factor_sizes = factor_sizes or {}
     chosen = {}
-    for f in SHARDED:
+    for f in shardable:
         for spec, ps in zip(specs, pspecs, strict=True):
             if ps is None:
                 continue
-            fs = _factors(spec)
-            if f in fs and fs.index(f) < len(ps) and ps[fs.index(f)] is not None:
-                chosen[f] = ps[fs.index(f)]
+            for i, d in enumerate(_dims(spec)):
+                if d[0] == f and i < len(ps) and ps[i] is not None:
+                    chosen[f] = ps[i]
+                    break
+            if f in chosen:
                 break
     used = set()
-    for f in SHARDED:
+    for f in shardable:
         axes = chosen.get(f)
         if axes is None:
             continue
         tup = axes if isinstance(axes, tuple) else (axes,)
         n = _axes_size(mesh, axes)
-        ok = not (set(tup) & used) and all(
-            shp[i] % n == 0
-            for spec, shp in zip(specs, shapes, strict=True)
-            for i, g in enumerate(_factors(spec))
-            if g == f
-        )
+        ok = not (set(tup) & used)
+        for spec, shp in zip(specs, shapes, strict=True):
+            for i, d in enumerate(_dims(spec)):
+                if f in d:
+                    minor = int(np.prod([factor_sizes[g] for g in d[1:]]))
+                    ok = ok and d[0] == f and shp[i] % (n * minor) == 0
         if ok:
             used |= set(tup)
         else:
@@ -189,7 +220,7 @@ def _pick_axes(mesh, specs, shapes, pspecs) -> dict:
 
 
 def _pspec(spec: str, chosen: dict) -> P:
-    return P(*(chosen.get(f) if f in SHARDED else None for f in _factors(spec)))
+    return P(*(chosen.get(d[0]) for d in _dims(spec)))
 
 
 def _spec_of(sharding, ndim):
@@ -199,15 +230,25 @@ def _spec_of(sharding, ndim):
     return None  # unknown (GSPMD-only) sharding: treat as replicated
 
 
-def _custom_partitioned(fn, in_specs, out_specs):
+def _bind_sequence(fn, sequence, chosen):
+    """`fn` for the shards `chosen` describes: told the mesh axes of a sharded sequence factor."""
+    axes = chosen.get(sequence) if sequence is not None else None
+    if axes is None:
+        return fn
+    return functools.partial(fn, sequence_axes=axes if isinstance(axes, tuple) else (axes,))
+
+
+def _custom_partitioned(fn, in_specs, out_specs, sequence=None, factor_sizes=None):
     from jax.experimental.custom_partitioning import custom_partitioning
 
     multiple = not isinstance(out_specs, str)
     outs = list(out_specs) if multiple else [out_specs]
+    shardable = SHARDED + ((sequence,) if sequence is not None else ())
 
     def decide(mesh, arg_shapes):
         pspecs = [_spec_of(s.sharding, len(s.shape)) for s in arg_shapes]
-        return _pick_axes(mesh, in_specs, [s.shape for s in arg_shapes], pspecs)
+        shapes = [s.shape for s in arg_shapes]
+        return _pick_axes(mesh, in_specs, shapes, pspecs, shardable, factor_sizes)
 
     def out_shardings(mesh, chosen):
         sh = [NamedSharding(mesh, _pspec(s, chosen)) for s in outs]
@@ -219,21 +260,34 @@ def _custom_partitioned(fn, in_specs, out_specs):
     def partition(mesh, arg_shapes, result_shape):
         chosen = decide(mesh, arg_shapes)
         arg_sh = tuple(NamedSharding(mesh, _pspec(s, chosen)) for s in in_specs)
-        return mesh, positional, out_shardings(mesh, chosen), arg_sh
+        local = _bind_sequence(fn, sequence, chosen)
+
+        def lower(*xs):
+            with _per_shard():
+                return local(*xs)
+
+        return mesh, lower, out_shardings(mesh, chosen), arg_sh
 
     def positional(*xs):  # custom_partitioning binds arguments by signature: positional only
         return fn(*xs)
 
     op = custom_partitioning(positional)
     replicated = []  # in order of first appearance (Shardy wants the factor indices sorted)
-    for f in (f for s in (*in_specs, *outs) for f in _factors(s)):
-        if f not in SHARDED and f not in replicated:
-            replicated.append(f)
+    whole = set()  # factors that form a whole dimension somewhere (Shardy infers their sizes)
+    for s in (*in_specs, *outs):
+        for d in _dims(s):
+            whole |= {d[0]} if len(d) == 1 else set()
+            for f in d:
+                if f not in shardable and f not in replicated:
+                    replicated.append(f)
+    named = {f for s in (*in_specs, *outs) for f in _factors(s)}
+    sizes = {f: n for f, n in (factor_sizes or {}).items() if f in named and f not in whole}
     op.def_partition(
         partition=partition,
         infer_sharding_from_operands=infer,
         sharding_rule=", ".join(in_specs) + " -> " + ", ".join(outs),
         need_replication_factors=tuple(replicated),
+        **sizes,
     )
     return op
 
@@ -260,13 +314,14 @@ def _manual_context() -> bool:
     return not mesh.empty and manual is not None and manual in tuple(mesh.axis_types)
 
 
-def _via_shard_map(fn, in_specs, out_specs, mesh, xs):
+def _via_shard_map(fn, in_specs, out_specs, mesh, xs, sequence=None, factor_sizes=None):
     explicit = jax.sharding.AxisType.Explicit
     pspecs = []
     for x in xs:
         s = jax.typeof(x).sharding
         pspecs.append(_spec_of(s, x.ndim) if s.mesh == mesh else (None,) * x.ndim)
-    chosen = _pick_axes(mesh, in_specs, [x.shape for x in xs], pspecs)
+    shardable = SHARDED + ((sequence,) if sequence is not None else ())
+    chosen = _pick_axes(mesh, in_specs, [x.shape for x in xs], pspecs, shardable, factor_sizes)
     # only explicit axes can be named here; an Auto axis stays with the partitioner
     for f, axes in list(chosen.items()):
         tup = axes if isinstance(axes, tuple) else (axes,)
@@ -280,7 +335,8 @@ def _via_shard_map(fn, in_specs, out_specs, mesh, xs):
     if not used:
         return fn(*xs)
     return jax.shard_map(
-        fn, mesh=mesh, in_specs=tuple(specs_in), out_specs=specs_out, axis_names=frozenset(used)
+        _bind_sequence(fn, sequence, chosen), mesh=mesh, in_specs=tuple(specs_in),
+        out_specs=specs_out, axis_names=frozenset(used),
     )(*xs)
 
 
@@ -301,13 +357,19 @@ def _batchable(fn, op):
     return call
 
 
-def partitioned(fn: Callable, in_specs: Sequence[str], out_specs) -> Callable:
+def partitioned(
+    fn: Callable, in_specs: Sequence[str], out_specs, *, sequence: str | None = None,
+    factor_sizes: dict | None = None,
+) -> Callable:
     """`fn(*arrays)` declared as the same computation on every batch ("b") / head ("h") shard.
 
     `in_specs`: one spec string per positional array argument; `out_specs`: one string, or a
     sequence of them for a tuple of outputs. `fn` must hold no traced values in its closure
     (pass them as arguments) and must compute from its arguments' shapes (it is traced again on
-    the local shards).
+    the local shards). `sequence`: a factor that may shard as well, where `fn` then runs as
+    `fn(*local_arrays, sequence_axes=<tuple of mesh axes>)` (its collectives over those axes are
+    its own business); it must return the shapes and dtypes `fn(*local_arrays)` would.
+    `factor_sizes`: sizes of factors used only inside compound dimensions.
     """
     in_specs = tuple(in_specs)
     out_specs = out_specs if isinstance(out_specs, str) else tuple(out_specs)
@@ -315,12 +377,13 @@ def partitioned(fn: Callable, in_specs: Sequence[str], out_specs) -> Callable:
     def call(*xs):
         if len(xs) != len(in_specs):
             raise TypeError(f"expected {len(in_specs)} arrays, got {len(xs)}")
-        if _manual_context() or vma_of(*xs):  # per-device code already (shard_map)
+        if _PER_SHARD.get() or _manual_context() or vma_of(*xs):  # per-device code already
             return fn(*xs)
         mesh = _explicit_mesh(xs)
         if mesh is not None:
-            return _via_shard_map(fn, in_specs, out_specs, mesh, xs)
-        return _batchable(fn, _custom_partitioned(fn, in_specs, out_specs))(*xs)
+            return _via_shard_map(fn, in_specs, out_specs, mesh, xs, sequence, factor_sizes)
+        op = _custom_partitioned(fn, in_specs, out_specs, sequence, factor_sizes)
+        return _batchable(fn, op)(*xs)
 
     return call
 
@@ -355,6 +418,7 @@ def _cotangent_like(g, x):
 def partitioned_vjp(
     primal: Callable, fwd: Callable, bwd: Callable, *, in_specs: Sequence[str],
     out_specs: Sequence[str], res_specs: Sequence[str], num_diff: int,
+    sequence: str | None = None, factor_sizes: dict | None = None,
 ) -> Callable:
     """A differentiable `f(*args) -> tuple(outs)` from three per-shard functions:
 
@@ -362,13 +426,15 @@ def partitioned_vjp(
       bwd(*args, *res, *cts) -> gradients of the first `num_diff` args (the rest get none).
 
     Each runs as its own `partitioned` op, so the forward, the residuals and the backward all
-    stay on their batch / head shards.
+    stay on their batch / head (and `sequence`) shards: the residual specs must let the
+    sequence factor shard them alike (the three ops decide from the same input shardings).
     """
     in_specs, out_specs, res_specs = tuple(in_specs), tuple(out_specs), tuple(res_specs)
     n_out = len(out_specs)
-    p_primal = partitioned(primal, in_specs, out_specs)
-    p_fwd = partitioned(fwd, in_specs, out_specs + res_specs)
-    p_bwd = partitioned(bwd, in_specs + res_specs + out_specs, in_specs[:num_diff])
+    kw = dict(sequence=sequence, factor_sizes=factor_sizes)
+    p_primal = partitioned(primal, in_specs, out_specs, **kw)
+    p_fwd = partitioned(fwd, in_specs, out_specs + res_specs, **kw)
+    p_bwd = partitioned(bwd, in_specs + res_specs + out_specs, in_specs[:num_diff], **kw)
 
     @jax.custom_vjp
     def f(*args):

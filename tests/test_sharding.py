@@ -144,7 +144,8 @@ def test_jit_packed_sequences_shard_heads(op):
 
 
 def test_jit_sequence_sharded_is_correct():
-    """Sharded over T (context parallelism is not implemented): gathered, but right."""
+    """Sharded over T with T = 12 not whole chunks: the gathered fallback (tests/test_cp_jit.py
+    has the per-slice path), right."""
     mesh = _mesh((2, 4))
     xs, _ = _case_inputs(False)
     tok, st = NamedSharding(mesh, P("x", "y")), NamedSharding(mesh, P("x"))

@@ -44,6 +44,8 @@ TOKENS, VALUES = "b t h k", "b t h v"
 # triton/config.py and the xla path's einsums both follow it)
 PRECISIONS = {"highest": "highest", "float32": "highest", "default": "default", "tf32": "tensorfloat32"}
 RESIDUALS = ("b c h kp vp", "b l h vp", "b c h i j", "b l h kp")  # h, v_new, X, W
+TOKENS_CP, VALUES_CP = "b (c s) h k", "b (c s) h v"  # T = c chunks of s tokens, c may shard
+RESIDUALS_CP = ("b c h kp vp", "b (c s) h vp", "b c h i j", "b (c s) h kp")
 
 
 def _local(q, v, cu, chunk_size, config, interpret, dtype):
@@ -59,8 +61,13 @@ def _local(q, v, cu, chunk_size, config, interpret, dtype):
     return dims, layout, Kp, Vp, config
 
 
-def _fwd_shard(q, k, v, a, b, h0, *cu, scale, chunk_size, config, interpret, residuals):
+def _fwd_shard(q, k, v, a, b, h0, *cu, scale, chunk_size, config, interpret, residuals,
+               sequence_axes=None):
     """(o, ht) of one shard and, with `residuals`, (h, v_new, X, W) with the batch leading."""
+    if sequence_axes is not None:
+        return _fwd_shard_cp(q, k, v, a, b, h0, sequence_axes=sequence_axes, scale=scale,
+                             chunk_size=chunk_size, config=config, interpret=interpret,
+                             residuals=residuals)
     x = Inputs(q, k, v, a, b)
     cu = cu[0] if cu else None
     dt = jnp.result_type(q, k, v, a, b)
@@ -78,8 +85,11 @@ def _fwd_shard(q, k, v, a, b, h0, *cu, scale, chunk_size, config, interpret, res
     return o, ht, per_chunk(res.h), per_row(res.v_new), per_chunk(res.x), per_row(res.w)
 
 
-def _bwd_shard(q, k, v, a, b, h0, *rest, scale, chunk_size, config, interpret):
+def _bwd_shard(q, k, v, a, b, h0, *rest, scale, chunk_size, config, interpret, sequence_axes=None):
     """Gradients of q, k, v, a, b, h0 from one shard's inputs, residuals and (do, dht)."""
+    if sequence_axes is not None:
+        return _bwd_shard_cp(q, k, v, a, b, h0, *rest, sequence_axes=sequence_axes, scale=scale,
+                             chunk_size=chunk_size, config=config, interpret=interpret)
     del h0  # the residuals hold the states
     cu, (h, v_new, xinv, w, do, dht) = (rest[0], rest[1:]) if len(rest) == 7 else (None, rest)
     x = Inputs(q, k, v, a, b)
@@ -97,20 +107,69 @@ def _bwd_shard(q, k, v, a, b, h0, *rest, scale, chunk_size, config, interpret):
     return (*back.arrays(), dh0[:, :, : dims.K, : dims.V])
 
 
+# T sharded under jit (issue 15, docs/architecture.md "Several devices"): the kernels' forward
+# from the state entering the device's slice of T (context_parallel.entering_state: a widened
+# run and an all-gather of [h | M] summaries), the final state the last slice's. The backward
+# runs the kernels' backward on the saved residuals and differentiates entering_state by
+# recomputing it rather than saving the widened run's residuals (twice the plain ones at
+# K = V): per slice, forward 1 widened + 1 plain pass, backward 1 widened forward, 1 widened
+# and 1 plain backward; with K = V and a backward twice the forward, ~3.7x a plain
+# forward+backward (chunk_cp(combine="rerun") inside shard_map: ~3x).
+def _enter(q, k, v, a, b, h0, *, axes, scale, chunk_size, config, interpret):
+    from iplr_jax.context_parallel import entering_state
+
+    return entering_state(
+        q, k, v, a, b, h0, axis_name=axes, scale=scale, chunk_size=chunk_size, config=config,
+        implementation="interpret" if interpret else "pallas",
+    )
+
+
+def _last_of(axes):
+    return jax.lax.axis_index(axes) == jax.lax.psum(1, axes) - 1
+
+
+def _fwd_shard_cp(q, k, v, a, b, h0, *, sequence_axes, residuals, **kw):
+    s0 = _enter(q, k, v, a, b, h0, axes=sequence_axes, **kw)
+    o, ht, *res = _fwd_shard(q, k, v, a, b, s0, residuals=residuals, **kw)
+    ht = jax.lax.psum(jnp.where(_last_of(sequence_axes), ht, 0), sequence_axes)
+    return (o, ht, *res)
+
+
+def _bwd_shard_cp(q, k, v, a, b, h0, *rest, sequence_axes, **kw):
+    *res, do, dht = rest
+    # h0 made to vary like the slices (inside shard_map), so its pullback is this device's share
+    s0, pull = jax.vjp(
+        functools.partial(_enter, axes=sequence_axes, **kw), q, k, v, a, b, like_inputs(h0, q)
+    )
+    dht = jnp.where(_last_of(sequence_axes), dht, 0)  # ht is the last slice's end state
+    *dx, ds0 = _bwd_shard(q, k, v, a, b, s0, *res, do, dht, **kw)
+    de = pull(ds0.astype(s0.dtype))
+    f32 = jnp.float32
+    grads = [(g.astype(f32) + e.astype(f32)).astype(g.dtype) for g, e in zip(dx, de, strict=False)]
+    return (*grads, jax.lax.psum(de[5], sequence_axes).astype(ds0.dtype))
+
+
 def _chunk_pallas(x: Inputs, *, scale, h0, cu_seqlens, chunk_size, config, interpret):
     """The kernels on every batch / head shard, tied by a custom_vjp (`sharding.partitioned_vjp`)."""
     q, scale = static_scale(x.q, scale)
     kw = dict(scale=scale, chunk_size=chunk_size, config=config, interpret=interpret)
     packed = cu_seqlens is not None
     state = ("n" if packed else "b") + " h k v"  # packed: one row, heads shard, offsets replicated
+    # T may shard (context parallelism) when it is whole chunks: T = (c s), residuals per chunk
+    # c, so a slice of T owns its chunks' residuals; otherwise a T-sharded input is gathered
+    T = x.q.shape[1]
+    seq = not packed and T % chunk_size == 0
+    tok, val, res = (TOKENS_CP, VALUES_CP, RESIDUALS_CP) if seq else (TOKENS, VALUES, RESIDUALS)
     op = partitioned_vjp(
         functools.partial(_fwd_shard, residuals=False, **kw),
         functools.partial(_fwd_shard, residuals=True, **kw),
         functools.partial(_bwd_shard, **kw),
-        in_specs=[TOKENS, TOKENS, VALUES, TOKENS, TOKENS, state] + (["m"] if packed else []),
-        out_specs=[VALUES, state],
-        res_specs=RESIDUALS,
+        in_specs=[tok, tok, val, tok, tok, state] + (["m"] if packed else []),
+        out_specs=[val, state],
+        res_specs=res,
         num_diff=6,
+        sequence="c" if seq else None,
+        factor_sizes=dict(c=T // chunk_size, s=chunk_size) if seq else None,
     )
     cu = (jnp.asarray(cu_seqlens, jnp.int32),) if packed else ()
     return op(*match_vma(*x._replace(q=q).arrays(), h0, *cu))
