@@ -9,6 +9,7 @@ docs/architecture.md says where a second backend plugs in).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -31,7 +32,7 @@ from iplr_jax.reference.chunk import chunk_xla
 from iplr_jax.sharding import explicit_shards, like_inputs, match_vma, partitioned_vjp
 from iplr_jax.triton import chunk as triton_fwd
 from iplr_jax.triton import chunk_bwd as triton_bwd
-from iplr_jax.triton.config import ChunkConfig, chunk_config
+from iplr_jax.triton.config import ChunkConfig, chunk_config, default_f32_dots
 
 # The Pallas path as functions of one shard's public-shaped arrays ([B, T, H, D] tokens, [N, H, K,
 # V] states): `sharding.partitioned_vjp` runs them as the op's forward and backward, on every
@@ -152,6 +153,11 @@ def _bwd_shard_cp(q, k, v, a, b, h0, *rest, sequence_axes, **kw):
 def _chunk_pallas(x: Inputs, *, scale, h0, cu_seqlens, chunk_size, config, interpret):
     """The kernels on every batch / head shard, tied by a custom_vjp (`sharding.partitioned_vjp`)."""
     q, scale = static_scale(x.q, scale)
+    # the matmul precision is read now: the per-shard functions are traced again when XLA
+    # partitions, outside a `jax.default_matmul_precision` context of the caller
+    config = config or ChunkConfig()
+    if config.f32_dots is None:
+        config = dataclasses.replace(config, f32_dots=default_f32_dots())
     kw = dict(scale=scale, chunk_size=chunk_size, config=config, interpret=interpret)
     packed = cu_seqlens is not None
     state = ("n" if packed else "b") + " h k v"  # packed: one row, heads shard, offsets replicated
