@@ -1,0 +1,184 @@
+"""Non-finite inputs stay causal (docs/numerics.md "Non-finite inputs"), in every op and
+implementation and under context parallelism.
+
+One call checks every input at once: head h holds a NaN / inf / -inf (by row and head) in input
+`names[h]` at token T0, in the middle of a chunk; the last head is clean. Heads are independent
+recurrences, so each head shows one input's behaviour: outputs before T0 (and of other
+sequences, other heads) equal the float64 recurrence on the clean inputs; outputs from T0 to
+the end of its sequence are NaN (for q only o_T0), and so is that sequence's final state; the
+gradients of a random functional of every finite output and final state are finite and equal
+the clean recurrence's, w.r.t. every input and the initial state.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import CHUNK_IMPLS, RECURRENT_IMPLS
+from helpers import make_inputs, rel_err, up
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+from test_gate import draw_gate
+
+import iplr_jax
+from iplr_jax.context_parallel import chunk_cp
+
+FAST = {"xla_backend_optimization_level": 0}  # compile-bound on CPU (see test_gate.py)
+T0 = 37  # the bad token: inside the chunk [32, 48) at chunk size 16, [0, 64) at 64
+VALUES = (np.nan, np.inf, -np.inf)
+TOL = 2e-3  # float32 against the float64 recurrence (tests/helpers.py `tol`)
+
+
+def _inputs(rng, B, T, names, N=None, t0=T0, gated=True):
+    """(clean inputs (with a softplus gate if `gated`), the same with the bad entries at t0, h0)."""
+    H = len(names) + 1
+    (q, k, v, a, b), h0 = make_inputs(rng, B, T, H, 16, 8, N=N)
+    gk = jnp.asarray(draw_gate(rng, (B, T, H, 16), "softplus"), jnp.float32)
+    clean = dict(q=q, k=k, v=v, a=a, b=b, gk=gk)
+    bad = dict(clean)
+    for h, name in enumerate(names):
+        for row in range(B):
+            bad[name] = bad[name].at[row, t0, h, (3 * h) % 8].set(VALUES[(h + row) % 3])
+    if not gated:
+        del clean["gk"], bad["gk"]
+    return clean, bad, h0
+
+
+def _expected(B, T, names, cu, t0):
+    """Which outputs [B, T, H] and final states [N, H] must be NaN."""
+    end = T if cu is None else min(c for c in cu if c > t0)
+    tok = np.zeros((B, T, len(names) + 1), bool)
+    fin = np.zeros((B if cu is None else len(cu) - 1, len(names) + 1), bool)
+    for h, name in enumerate(names):
+        if name == "q":
+            tok[:, t0, h] = True
+        else:
+            tok[:, t0:end, h] = True
+            fin[np.arange(B) if cu is None else np.searchsorted(cu, t0, side="right") - 1, h] = True
+    return tok, fin
+
+
+def _run(call, x: dict, h0, tok, fin, cu, seed=0):
+    """(o, final, gradients w.r.t. the inputs in x and h0) of a random functional of the outputs
+    and final states that must stay finite, under jit (cu traced when given)."""
+    names = list(x)
+
+    def loss(xs, h0, cu):
+        o, ht = call(**dict(zip(names, xs, strict=True)), initial_state=h0, cu_seqlens=cu)
+        acc = jnp.promote_types(o.dtype, jnp.float32)
+        r = jax.random.normal(jax.random.PRNGKey(seed), o.shape, jnp.float32).astype(acc)
+        r2 = jax.random.normal(jax.random.PRNGKey(seed + 1), ht.shape, jnp.float32).astype(acc)
+        out = jnp.sum(jnp.where(tok[..., None], 0, o.astype(acc)) * r)
+        return out + jnp.sum(jnp.where(fin[..., None, None], 0, ht.astype(acc)) * r2), (o, ht)
+
+    cu = None if cu is None else jnp.asarray(cu, jnp.int32)
+    g, (o, ht) = jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True), compiler_options=FAST)(
+        [x[n] for n in names], h0, cu
+    )
+    return o, ht, (*g[0], g[1])
+
+
+def _check(call, clean, bad, h0, names, cu=None, t0=T0):
+    B, T = clean["q"].shape[:2]
+    tok, fin = _expected(B, T, names, cu, t0)
+    o, ht, g = _run(call, bad, h0, tok, fin, cu)
+    ref = lambda **kw: iplr_jax.naive(
+        **{n: up(y) for n, y in kw.items() if n not in ("initial_state", "cu_seqlens")},
+        initial_state=up(kw["initial_state"]), cu_seqlens=kw["cu_seqlens"], output_final_state=True,
+    )
+    o_r, ht_r, g_r = _run(ref, clean, h0, tok, fin, cu)
+    o, ht = np.asarray(o, np.float64), np.asarray(ht, np.float64)
+    np.testing.assert_array_equal(np.isnan(o), np.broadcast_to(tok[..., None], o.shape), "o NaN")
+    np.testing.assert_array_equal(np.isnan(ht), np.broadcast_to(fin[..., None, None], ht.shape), "final NaN")
+    assert rel_err(np.where(tok[..., None], 0, o), np.where(tok[..., None], 0, o_r)) < TOL
+    assert rel_err(np.where(fin[..., None, None], 0, ht), np.where(fin[..., None, None], 0, ht_r)) < TOL
+    for name, x, y in zip([*bad, "h0"], g, g_r, strict=True):
+        assert rel_err(x, y) < TOL, (f"d{name}", rel_err(x, y))  # rel_err fails on NaN / inf
+
+
+def _op(op, impl, chunk_size=16):
+    fn = getattr(iplr_jax, op)
+    kw = {} if op == "naive" else dict(implementation=impl)
+    if op == "chunk":
+        kw["chunk_size"] = chunk_size
+    return lambda **x: fn(**x, output_final_state=True, **kw)
+
+
+UNGATED, GATED = ("q", "k", "v", "a", "b"), ("q", "k", "v", "a", "b", "gk")
+# the chunk kernels have no gate (gated chunk runs the xla form): their gated case is the xla one
+OPS = (
+    [("naive", None, True)]
+    + [("chunk", i, i == "xla") for i in CHUNK_IMPLS]
+    + [("fused_recurrent", i, True) for i in RECURRENT_IMPLS]
+)
+
+
+@pytest.mark.parametrize("op,impl,gated", OPS)
+def test_causal(op, impl, gated, rng):
+    """Two rows, T = 50 (not a multiple of the chunk), chunk 16."""
+    names = GATED if gated else UNGATED
+    clean, bad, h0 = _inputs(rng, 2, 50, names, gated=gated)
+    _check(_op(op, impl), clean, bad, h0, names)
+
+
+@pytest.mark.parametrize("op,impl,gated", OPS)
+def test_causal_packed(op, impl, gated, rng):
+    """Packed sequences [0, 13), [13, 60), [60, 75), traced offsets: T0 is token 24 of the
+    middle one (the middle of its second chunk); the other two are untouched."""
+    cu = [0, 13, 60, 75]
+    names = GATED if gated else UNGATED
+    clean, bad, h0 = _inputs(rng, 1, 75, names, N=3, gated=gated)
+    _check(_op(op, impl), clean, bad, h0, names, cu=cu)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("impl", CHUNK_IMPLS)
+def test_causal_chunk64(impl, rng):
+    """Chunk 64: T0 in the middle of the first chunk."""
+    clean, bad, h0 = _inputs(rng, 2, 50, UNGATED, gated=False)
+    _check(_op("chunk", impl, chunk_size=64), clean, bad, h0, UNGATED)
+
+
+# -- context parallelism --------------------------------------------------------------------------
+
+CP_T, CP_DEV = 64, 4  # 16 tokens per device; T0 is token 9 on device 0 here
+CP_T0 = 9
+
+
+def _cp_call(exchange, combine, mesh):
+    def local(q, k, v, a, b, h0, cu):
+        return chunk_cp(
+            q, k, v, a, b, axis_name="sp", initial_state=h0, output_final_state=True,
+            cu_seqlens=cu, chunk_size=16, implementation="xla", exchange=exchange, combine=combine,
+        )
+
+    def call(q, k, v, a, b, initial_state, cu_seqlens):
+        x = P(None, "sp")
+        return jax.shard_map(
+            local, mesh=mesh, in_specs=(x,) * 5 + (P(), None if cu_seqlens is None else P()),
+            out_specs=(x, P()), check_vma=True,
+        )(q, k, v, a, b, initial_state, cu_seqlens)
+
+    return call
+
+
+# packed: [9, 40) starts on device 0 and spans devices 0-2; [40, 64) restarts inside device 2,
+# so the fold must not carry the bad state past it (0 * NaN)
+CP_CASES = [
+    ("allgather", "linear", False), ("scan", "rerun", False),
+    ("allgather", "rerun", True), ("scan", "linear", True),
+]
+
+
+@pytest.mark.parametrize("exchange,combine,packed", CP_CASES)
+def test_context_parallel(exchange, combine, packed, rng):
+    """A bad token on device 0 of 4: NaN on the later devices only for its own sequence (and
+    head), its final state NaN, every other output and all gradients as without it."""
+    cu = [0, 5, 40, 64] if packed else None
+    clean, bad, h0 = _inputs(
+        rng, 1 if packed else 2, CP_T, UNGATED, N=3 if packed else None, t0=CP_T0, gated=False
+    )
+    call = _cp_call(exchange, combine, Mesh(np.array(jax.devices("cpu")[:CP_DEV]), ("sp",)))
+    _check(call, clean, bad, h0, UNGATED, cu=cu, t0=CP_T0)
