@@ -55,6 +55,13 @@ carried through the fold by the middle devices' M. A sequence's final state come
 device holding its last token (an empty sequence: the device its offset clips into, where it
 keeps `initial_state[n]`).
 
+Non-finite inputs (docs/numerics.md): each device's `chunk` returns NaN for a sequence from its
+first bad token on (and for its final state). The folds turn a non-finite summary into a flag
+and fold zeros in its place. The flag passes a device only if that device's summary carries its
+entering state (`cont`). The combines then select NaN into the tokens and final state of the
+sequence the bad state enters. Multiplying the NaN itself would reach other packed sequences
+(`0 * NaN` at a restart, M = 0) and, in the backward, earlier tokens.
+
 Cost
 ----
 Per device, one `chunk` forward over its T / P tokens with V + K value columns instead of V
