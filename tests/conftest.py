@@ -77,7 +77,7 @@ HEAVY = [
     r"test_rwkv7\.py::test_(prefill_then_decode|default_init_is_finite|matches_float64_reference\[2\])",
     r"test_nonfinite\.py::test_causal\[fused_recurrent-xla",
     r"test_nonfinite\.py::test_causal_packed\[(naive|chunk-xla|fused_recurrent-xla)",
-    r"test_nonfinite\.py::test_context_parallel\[(allgather-linear-False|scan-rerun-False)",
+    r"test_nonfinite\.py::test_context_parallel\[(allgather-linear-False|scan-rerun-False|scan-linear-False)",
 ]
 _HEAVY = re.compile("|".join(HEAVY))
 

@@ -143,8 +143,7 @@ def test_causal_chunk64(impl, rng):
 
 # -- context parallelism --------------------------------------------------------------------------
 
-CP_T, CP_DEV = 64, 4  # 16 tokens per device; T0 is token 9 on device 0 here
-CP_T0 = 9
+CP_T, CP_DEV = 64, 4  # 16 tokens per device
 
 
 def _cp_call(exchange, combine, mesh):
@@ -164,21 +163,23 @@ def _cp_call(exchange, combine, mesh):
     return call
 
 
-# packed: [9, 40) starts on device 0 and spans devices 0-2; [40, 64) restarts inside device 2,
-# so the fold must not carry the bad state past it (0 * NaN)
+# packed: [5, 40) spans devices 0-2 and [40, 64) restarts inside device 2, so the fold must not
+# carry the bad state past it (0 * NaN). A bad token at 9 (device 0) poisons later devices; one
+# at 21 (device 1) must not reach device 0's gradients through the transposed combine.
 CP_CASES = [
-    ("allgather", "linear", False), ("scan", "rerun", False),
-    ("allgather", "rerun", True), ("scan", "linear", True),
+    ("allgather", "linear", False, 9), ("scan", "rerun", False, 9),
+    ("allgather", "rerun", True, 9), ("scan", "linear", True, 9),
+    ("allgather", "linear", True, 21), ("scan", "linear", False, 21),
 ]
 
 
-@pytest.mark.parametrize("exchange,combine,packed", CP_CASES)
-def test_context_parallel(exchange, combine, packed, rng):
-    """A bad token on device 0 of 4: NaN on the later devices only for its own sequence (and
-    head), its final state NaN, every other output and all gradients as without it."""
+@pytest.mark.parametrize("exchange,combine,packed,t0", CP_CASES)
+def test_context_parallel(exchange, combine, packed, t0, rng):
+    """4 devices: NaN from the bad token on, on later devices too, only for its own sequence
+    (and head), its final state NaN, every other output and all gradients as without it."""
     cu = [0, 5, 40, 64] if packed else None
     clean, bad, h0 = _inputs(
-        rng, 1 if packed else 2, CP_T, UNGATED, N=3 if packed else None, t0=CP_T0, gated=False
+        rng, 1 if packed else 2, CP_T, UNGATED, N=3 if packed else None, t0=t0, gated=False
     )
     call = _cp_call(exchange, combine, Mesh(np.array(jax.devices("cpu")[:CP_DEV]), ("sp",)))
-    _check(call, clean, bad, h0, UNGATED, cu=cu, t0=CP_T0)
+    _check(call, clean, bad, h0, UNGATED, cu=cu, t0=t0)
