@@ -274,7 +274,7 @@ def chunk_cp(
     if cu_seqlens is None:
         summary = f_aug  # [B, H, K, V + K]
         cont = [j > 0 for j in range(P)]  # device 0 starts from initial_state: M = 0
-        seq_in = jnp.ones((B, Tl), bool)  # tokens of the sequence entering from the left
+        seq_in = jnp.ones((B, Tl), bool)  # tokens of the sequence entering from the left (d > 0)
     else:
         t1 = t0 + Tl
         out = (cu[:-1] < t1) & (cu[1:] > t1)
@@ -282,9 +282,9 @@ def chunk_cp(
         cont = [jnp.any((cu[:-1] < j * Tl) & (cu[1:] > (j + 1) * Tl)) for j in range(P)]
         seq_in = straddle_in[sequence_ids(lcu, jnp.arange(Tl), N)][None]
     fold = _fold_allgather if exchange == "allgather" else _fold_scan
-    c_in, c_bad = fold(summary, axis_name, P, d, V, jnp.stack(jnp.asarray(cont)))  # [R, H, K, V]
-    # bad entering state: NaN for the tokens and final state of the sequence it enters
-    tok_bad = seq_in[..., None] & c_bad[:, None] & straddle_in.any()  # [B, Tl, H]
+    c_in, c_bad = fold(summary, axis_name, P, d, V, jnp.asarray(cont))  # [R, H, K, V], [R, H]
+    # a bad entering state (never on device 0): NaN for the tokens and final state it enters
+    tok_bad = seq_in[..., None] & c_bad[:, None]  # [B, Tl, H]
     fin_bad = straddle_in[:, None] & c_bad  # [N, H]
 
     nan = jnp.asarray(jnp.nan, v.dtype)
