@@ -105,6 +105,7 @@ def _check(call, clean, bad, h0, names, cu=None, t0=T0, traced=True):
     assert rel_err(g_h0, g_h0_r) < TOL, ("dh0", rel_err(g_h0, g_h0_r))
 
 
+@functools.cache  # one callable per op: `_run` compiles once per op and shape
 def _op(op, impl, chunk_size=16):
     fn = getattr(iplr_jax, op)
     kw = {} if op == "naive" else dict(implementation=impl)
@@ -147,6 +148,26 @@ def test_causal_chunk64(impl, rng):
     """Chunk 64: T0 in the middle of the first chunk."""
     clean, bad, h0 = _inputs(rng, 2, 50, UNGATED, gated=False)
     _check(_op("chunk", impl, chunk_size=64), clean, bad, h0, UNGATED)
+
+
+@pytest.mark.parametrize("op,impl,gated", OPS)
+def test_nan_initial_state(op, impl, gated, rng):
+    """Left alone by the guard (docs/numerics.md): a NaN entry in one packed sequence's initial
+    state reaches no other sequence, in the outputs, final states or gradients."""
+    cu, names = [0, 13, 60, 75], GATED if gated else UNGATED
+    clean, _, h0 = _inputs(rng, 1, 75, names, N=3, gated=gated)
+    tok = np.zeros((1, 75, len(names) + 1), bool)
+    tok[:, 13:60] = True  # the middle sequence is excluded from the functional
+    fin = np.array([[False], [True], [False]]).repeat(len(names) + 1, 1)
+    args = (jnp.asarray(cu, jnp.int32), tok, fin)
+    (g, g_h0), (o, ht) = _run(_op(op, impl), None, clean, h0.at[1, 0, 2, 3].set(jnp.nan), *args)
+    (g_r, g_h0_r), (o_r, ht_r) = _run(_reference, None, clean, h0, *args)
+    other = ~tok[0, :, 0]
+    assert rel_err(np.asarray(o)[:, other], np.asarray(o_r)[:, other]) < TOL
+    assert rel_err(np.asarray(ht)[[0, 2]], np.asarray(ht_r)[[0, 2]]) < TOL
+    for name in clean:
+        assert rel_err(np.asarray(g[name])[:, other], np.asarray(g_r[name])[:, other]) < TOL, name
+    assert rel_err(np.asarray(g_h0)[[0, 2]], np.asarray(g_h0_r)[[0, 2]]) < TOL
 
 
 # -- context parallelism --------------------------------------------------------------------------
