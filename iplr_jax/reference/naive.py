@@ -61,7 +61,7 @@ def naive(
 
     Returns:
       `o` [B, T, H, V] in v's dtype, and the final state [N, H, K, V] (float32, float64 for
-      float64 inputs) or None. NaN / inf inputs poison only later tokens of their sequence
+      float64 inputs) or None. A NaN / inf input makes o NaN from its token on, never before
       (docs/numerics.md "Non-finite inputs").
     """
     x = Inputs(q, k, v, a, b, gk)
