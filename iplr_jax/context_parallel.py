@@ -56,6 +56,13 @@ carried through the fold by the middle devices' M. A sequence's final state come
 device holding its last token (an empty sequence: the device its offset clips into, where it
 keeps `initial_state[n]`).
 
+Non-finite inputs (docs/numerics.md): each device's `chunk` returns NaN for a sequence from its
+first bad token on (and for its final state). The folds turn a non-finite summary into a flag
+and fold zeros in its place. The flag passes a device only if that device's summary carries its
+entering state (`cont`). The combines then select NaN into the tokens and final state of the
+sequence the bad state enters. Multiplying the NaN itself would reach other packed sequences
+(`0 * NaN` at a restart, M = 0) and, in the backward, earlier tokens.
+
 Cost
 ----
 Per device, one `chunk` forward over its T / P tokens with V + K value columns instead of V
@@ -83,6 +90,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import iplr_jax
+from iplr_jax.layout import sequence_ids
 
 __all__ = ["chunk_cp", "entering_state"]
 
@@ -106,28 +114,50 @@ def _axis_size(axis_name) -> int:
     return jax.lax.psum(1, axis_name)  # a Python int inside shard_map
 
 
-def _fold_allgather(summary, axis_name, P, d, V):
-    """The state entering device d: fold of all-gathered summaries [h | M] of devices < d."""
+def _split_bad(x):
+    """(x with every non-finite [K, W] state zeroed, [...] True where one was): a summary or an
+    entering state marked bad by the NaN `chunk` gives a sequence with a non-finite input
+    (docs/numerics.md "Non-finite inputs"). The folds carry it as a flag and compute on zeros:
+    a NaN times a zero M (a sequence that restarts) would reach the next sequence, and the
+    transposed products would send NaN gradients to earlier tokens."""
+    bad = ~jnp.all(jnp.isfinite(x), axis=(-2, -1))
+    return jnp.where(bad[..., None, None], 0, x), bad
+
+
+def _fold_allgather(summary, axis_name, P, d, V, cont):
+    """(the state entering device d, whether it is bad): the fold of the all-gathered
+    summaries [h | M] of devices < d. cont[j]: device j's summary carries the state entering
+    it (its M is the product of its transitions, not a restart)."""
     g = jax.lax.all_gather(summary, axis_name)  # [P, R, H, K, V + K]
     c = jnp.zeros_like(summary[..., :V])
+    c_bad = jnp.zeros(summary.shape[:-2], bool)
     for j in range(P - 1):
-        nxt = _apply(g[j, ..., V:], c) + g[j, ..., :V]
+        gj, gj_bad = _split_bad(g[j])
+        nxt = _apply(gj[..., V:], c) + gj[..., :V]
         c = jnp.where(j < d, nxt, c)
-    return c
+        c_bad = jnp.where(j < d, gj_bad | (cont[j] & c_bad), c_bad)
+    return c, c_bad
 
 
-def _fold_scan(summary, axis_name, P, d, V):
-    """The same through a log-depth (Hillis-Steele) inclusive scan with ppermute, then a shift."""
+def _fold_scan(summary, axis_name, P, d, V, cont):
+    """The same through a log-depth (Hillis-Steele) inclusive scan with ppermute, then a shift;
+    a bad composition travels as NaN and is split off (`_split_bad`) where it is received."""
     x = summary  # [h | M] of the composition e_d o ... o e_{d - off + 1}
+    dev = jnp.arange(P)
     off = 1
     while off < P:
         r = jax.lax.ppermute(x, axis_name, [(i, i + off) for i in range(P - off)])
-        # (M, h) o (Mr, hr) = (M Mr, M hr + h); devices d < off receive nothing (zeros)
-        y = _apply(x[..., V:], r) + jnp.concatenate([x[..., :V], jnp.zeros_like(x[..., V:])], -1)
+        xs, x_bad = _split_bad(x)
+        r, r_bad = _split_bad(r)
+        # (M, h) o (Mr, hr) = (M Mr, M hr + h); devices d < off receive nothing (zeros). The
+        # composition is bad where x is, or r is and x carries r's state through all its devices
+        x_cont = jnp.all(jnp.where((dev > d - off) & (dev <= d), cont, True))
+        y = _apply(xs[..., V:], r) + jnp.concatenate([xs[..., :V], jnp.zeros_like(xs[..., V:])], -1)
+        y = jnp.where((x_bad | (x_cont & r_bad))[..., None, None], jnp.nan, y)
         x = jnp.where(d >= off, y, x)
         off *= 2
     # the inclusive prefix applied to a zero start is its h part; shift it by one device
-    return jax.lax.ppermute(x[..., :V], axis_name, [(i, i + 1) for i in range(P - 1)])
+    return _split_bad(jax.lax.ppermute(x[..., :V], axis_name, [(i, i + 1) for i in range(P - 1)]))
 
 
 def entering_state(q, k, v, a, b, h0, *, axis_name, scale, chunk_size, implementation, config=None):
@@ -258,27 +288,47 @@ def chunk_cp(
         q, k, v_aug, a, b, gk, initial_state=s0_aug, output_final_state=True, cu_seqlens=lcu, **kw
     )
     f_aug = f_aug.astype(acc)  # [N, H, K, V + K] = [h | M] per sequence
+    # a sequence with a non-finite input comes back NaN from its first bad token on (and its
+    # final state): keep that as flags and compute on zeros, selecting NaN back in at the end
+    # (docs/numerics.md "Non-finite inputs")
+    o_bad = ~jnp.all(jnp.isfinite(o_aug), axis=-1)  # [B, Tl, H]
+    o_aug = jnp.where(o_bad[..., None], 0, o_aug)
+    f_safe, f_bad = _split_bad(f_aug)  # [N, H]
 
     # the summary passed to the next device: per row (non-packed), or the straddling sequence
+    # (NaN if bad, `_split_bad`); cont[j]: device j's summary carries its entering state
     if cu_seqlens is None:
         summary = f_aug  # [B, H, K, V + K]
+        cont = [j > 0 for j in range(P)]  # device 0 starts from initial_state: M = 0
+        seq_in = jnp.ones((B, Tl), bool)  # tokens of the sequence entering from the left (d > 0)
     else:
         t1 = t0 + Tl
         out = (cu[:-1] < t1) & (cu[1:] > t1)
         summary = jnp.sum(jnp.where(out[:, None, None, None], f_aug, 0), axis=0, keepdims=True)
+        cont = [jnp.any((cu[:-1] < j * Tl) & (cu[1:] > (j + 1) * Tl)) for j in range(P)]
+        seq_in = straddle_in[sequence_ids(lcu, jnp.arange(Tl), N)][None]
     fold = _fold_allgather if exchange == "allgather" else _fold_scan
-    c_in = fold(summary, axis_name, P, d, V)  # [R, H, K, V], R = B or 1
+    c_in, c_bad = fold(summary, axis_name, P, d, V, jnp.asarray(cont))  # [R, H, K, V], [R, H]
+    # a bad entering state (never on device 0): NaN for the tokens and final state it enters
+    tok_bad = seq_in[..., None] & c_bad[:, None]  # [B, Tl, H]
+    fin_bad = straddle_in[:, None] & c_bad  # [N, H]
 
+    nan = jnp.asarray(jnp.nan, v.dtype)
     if combine == "linear":
         corr = jnp.einsum("bthk,bhkv->bthv", o_aug[..., V:].astype(acc), c_in, precision=_HI)
         o = (o_aug[..., :V].astype(acc) + corr).astype(v.dtype)
-        final = f_aug[..., :V] + _apply(f_aug[..., V:], c_in)  # c_in broadcasts over N if packed
+        o = jnp.where((o_bad | tok_bad)[..., None], nan, o)
+        final = f_safe[..., :V] + _apply(f_safe[..., V:], c_in)  # c_in broadcasts over N if packed
+        final = jnp.where((f_bad | fin_bad)[..., None, None], jnp.nan, final)
     else:
         s0 = jnp.where(sel, c_in, h0)
         o, final = iplr_jax.chunk(
             q, k, v, a, b, gk, initial_state=s0, output_final_state=output_final_state,
             cu_seqlens=lcu, **kw,
         )
+        o = jnp.where(tok_bad[..., None], nan, o)
+        if output_final_state:
+            final = jnp.where(fin_bad[..., None, None], jnp.nan, final)
     if not output_final_state:
         return o, None
 

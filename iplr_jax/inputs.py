@@ -6,6 +6,7 @@ that names the argument, what it got and what it needs (docs/operator.md).
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -221,3 +222,55 @@ def poison(bad, *arrays):
     if bad is None:
         return arrays
     return tuple(None if y is None else jnp.where(bad, jnp.asarray(jnp.nan, y.dtype), y) for y in arrays)
+
+
+class NonFinite(NamedTuple):
+    """Where non-finite inputs poison the results (`guard_nonfinite`, docs/numerics.md
+    "Non-finite inputs"): `tokens` [B, T, H] marks the outputs to set to NaN, `sequences`
+    [N, H] the final states."""
+
+    tokens: jax.Array
+    sequences: jax.Array
+
+    def poison(self, o, final):
+        """(o, final) with NaN selected in where the flags say (select, not multiply: the
+        cotangents of the poisoned entries are dropped, never multiplied by NaN)."""
+        o = jnp.where(self.tokens[..., None], jnp.asarray(jnp.nan, o.dtype), o)
+        final = jnp.where(self.sequences[..., None, None], jnp.asarray(jnp.nan, final.dtype), final)
+        return o, final
+
+
+def _nonfinite_rows(y) -> jax.Array:
+    """[B, T, H]: True where a token's row (last dim) holds a NaN or inf."""
+    return ~jnp.all(jnp.isfinite(y), axis=-1)
+
+
+def guard_nonfinite(x: Inputs, cu_seqlens, dims: Dims) -> tuple[Inputs, NonFinite]:
+    """Causality of non-finite inputs for every op and implementation (docs/numerics.md).
+
+    A NaN / inf multiplied by a zero mask entry or a zero cotangent is NaN, so the chunked
+    form's masked products (and every backward) would carry it to earlier tokens. Instead the
+    op runs on inputs with the non-finite entries selected to 0, and `NonFinite.poison` selects
+    NaN into the output of every token at or after a token whose k, v, a, b or gk holds one (in
+    its own sequence and head; q only poisons its own token), and into the final state of such
+    a sequence. `cu_seqlens`: the safe offsets of `malformed_offsets` (may be traced).
+
+    Cost: an elementwise select per input (XLA fuses it into the producer), a reduction over
+    the last dim and a cumulative sum over T of [B, T, H] flags.
+    """
+    finite = lambda _, y: jnp.where(jnp.isfinite(y), y, 0)  # a weak 0 keeps y's dtype
+    state = functools.reduce(
+        jnp.logical_or, (_nonfinite_rows(y) for name, y in x.named() if name != "q")
+    )
+    count = jnp.cumsum(state.astype(jnp.int32), axis=1)  # [B, T, H] state-bad tokens so far
+    if cu_seqlens is None:
+        tokens, sequences = count > 0, count[:, -1] > 0
+    else:  # B = 1: count only the tokens of the token's own sequence
+        from iplr_jax.layout import sequence_ids  # layout imports this module
+
+        cu = jnp.asarray(cu_seqlens, jnp.int32)
+        upto = jnp.concatenate([jnp.zeros_like(count[0, :1]), count[0]])  # [T + 1, H], exclusive
+        seq = sequence_ids(cu, jnp.arange(dims.T), dims.N)
+        tokens = (count[0] - upto[cu[seq]] > 0)[None]
+        sequences = upto[cu[1:]] - upto[cu[:-1]] > 0
+    return x.map(finite), NonFinite(tokens | _nonfinite_rows(x.q), sequences)

@@ -22,6 +22,7 @@ from iplr_jax.inputs import (
     accum_dtype,
     check_inputs,
     default_scale,
+    guard_nonfinite,
     initial_state_or_zeros,
     malformed_offsets,
     poison,
@@ -253,7 +254,9 @@ def chunk(
         "default" (or "tf32") the fast path (docs/numerics.md).
 
     Returns:
-      `o` [B, T, H, V] in v's dtype and the final state [N, H, K, V] float32 (or None).
+      `o` [B, T, H, V] in v's dtype and the final state [N, H, K, V] float32 (or None). A NaN
+      or inf in an input makes o NaN from that token of its sequence on (q: that token only),
+      never before, and gradients stay finite (docs/numerics.md "Non-finite inputs").
     """
     if precision is not None:
         if precision not in PRECISIONS:
@@ -281,6 +284,7 @@ def chunk(
     if config is not None and not isinstance(config, ChunkConfig):
         raise ValueError(f"config must be an iplr_jax.ChunkConfig or None, got {config!r}")
     bad, cu_seqlens = malformed_offsets(cu_seqlens, dims.T)
+    x, nonfinite = guard_nonfinite(x, cu_seqlens, dims)  # NaN / inf stay causal (docs/numerics.md)
     scale = default_scale(scale, dims.K)
     # inside shard_map a zero state must vary over the mesh axes like the inputs it meets
     h0 = like_inputs(initial_state_or_zeros(initial_state, dims, accum_dtype(x)), *x.arrays(), scale)
@@ -291,5 +295,5 @@ def chunk(
             x, scale=scale, h0=h0, cu_seqlens=cu_seqlens, chunk_size=chunk_size, config=config,
             interpret=impl == "interpret",
         )
-    o, final = poison(bad, o.astype(v.dtype), final)
+    o, final = poison(bad, *nonfinite.poison(o.astype(v.dtype), final))
     return o, (final if output_final_state else None)

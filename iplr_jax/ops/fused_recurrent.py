@@ -18,6 +18,7 @@ from iplr_jax.inputs import (
     Inputs,
     check_inputs,
     default_scale,
+    guard_nonfinite,
     initial_state_or_zeros,
     malformed_offsets,
     poison,
@@ -143,7 +144,8 @@ def fused_recurrent(
         None follow the tuned rules); ignored by "xla".
 
     Returns:
-      `o` [B, T, H, V] in v's dtype and the final state [N, H, K, V] float32 (or None).
+      `o` [B, T, H, V] in v's dtype and the final state [N, H, K, V] float32 (or None); a NaN /
+      inf input makes o NaN from its token on, never before (docs/numerics.md "Non-finite inputs").
     """
     x = Inputs(q, k, v, a, b, gk)
     impl = resolve_implementation(implementation, x)
@@ -158,10 +160,11 @@ def fused_recurrent(
             output_final_state=output_final_state, cu_seqlens=cu_seqlens,
         )
     bad, cu_seqlens = malformed_offsets(cu_seqlens, dims.T)
+    x, nonfinite = guard_nonfinite(x, cu_seqlens, dims)  # NaN / inf stay causal (docs/numerics.md)
     h0 = like_inputs(initial_state_or_zeros(initial_state, dims, jnp.float32), *x.arrays(), scale)
     o, ht = _fused_recurrent_pallas(
         x, scale=default_scale(scale, dims.K), h0=h0, cu_seqlens=cu_seqlens, config=config,
         interpret=impl == "interpret",
     )
-    o, ht = poison(bad, o, ht)
+    o, ht = poison(bad, *nonfinite.poison(o, ht))
     return o, (ht if output_final_state else None)

@@ -10,6 +10,7 @@ from iplr_jax.inputs import (
     accum_dtype,
     check_inputs,
     default_scale,
+    guard_nonfinite,
     initial_state_or_zeros,
     malformed_offsets,
     poison,
@@ -60,11 +61,15 @@ def naive(
 
     Returns:
       `o` [B, T, H, V] in v's dtype, and the final state [N, H, K, V] (float32, float64 for
-      float64 inputs) or None.
+      float64 inputs) or None. A NaN / inf input makes o NaN from its token on, never before
+      (docs/numerics.md "Non-finite inputs").
     """
     x = Inputs(q, k, v, a, b, gk)
     dims = check_inputs(x, scale=scale, initial_state=initial_state, cu_seqlens=cu_seqlens)
     B, T, H, K, V, N = dims
+    bad, cu_seqlens = malformed_offsets(cu_seqlens, T)
+    # even the scan's autodiff would send 0 * NaN to earlier tokens: select (docs/numerics.md)
+    x, nonfinite = guard_nonfinite(x, cu_seqlens, dims)
     acc = accum_dtype(x)
     scale = default_scale(scale, K)
     # inside shard_map the scan carry must vary over the mesh axes like the inputs it meets
@@ -72,7 +77,6 @@ def naive(
     # time-major [T, B, H, D]
     xs = tuple(jnp.moveaxis(jnp.asarray(y, acc), 1, 0) for y in x.arrays())
 
-    bad = None
     if cu_seqlens is None:
         def body(S, xt):
             return _step(S, *xt, scale=scale)
@@ -80,7 +84,6 @@ def naive(
         S, o = jax.lax.scan(body, h0, xs)
         final = S
     else:
-        bad, cu_seqlens = malformed_offsets(cu_seqlens, T)
         cu = jnp.asarray(cu_seqlens, jnp.int32)
         t = jnp.arange(T)
         seq = sequence_ids(cu, t, N)
@@ -96,5 +99,5 @@ def naive(
 
         (_, final), o = jax.lax.scan(body, (h0[0], h0), (seq, start, xs))
     o = jnp.moveaxis(o, 0, 1).astype(v.dtype)
-    o, final = poison(bad, o, final)
+    o, final = poison(bad, *nonfinite.poison(o, final))
     return o, (final if output_final_state else None)
