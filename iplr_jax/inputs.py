@@ -256,18 +256,22 @@ def guard_nonfinite(x: Inputs, cu_seqlens, dims: Dims) -> tuple[Inputs, NonFinit
     a sequence. `cu_seqlens`: the safe offsets of `malformed_offsets` (may be traced).
 
     Cost: an elementwise select per input (XLA fuses it into the producer), a reduction over
-    the last dim and a cumulative sum over T of [B, T, H] flags.
+    the last dim, and a reduction over T of [B, T, H] flags (packed: a cumulative sum).
     """
     finite = lambda _, y: jnp.where(jnp.isfinite(y), y, 0)  # a weak 0 keeps y's dtype
     state = functools.reduce(
         jnp.logical_or, (_nonfinite_rows(y) for name, y in x.named() if name != "q")
     )
-    count = jnp.cumsum(state.astype(jnp.int32), axis=1)  # [B, T, H] state-bad tokens so far
     if cu_seqlens is None:
-        tokens, sequences = count > 0, count[:, -1] > 0
+        # the first bad token per row and head: a reduction over T, which partitions with T
+        # sharded (context parallelism) where a cumulative sum over T would be gathered
+        t = jnp.arange(dims.T, dtype=jnp.int32)[None, :, None]
+        first = jnp.min(jnp.where(state, t, dims.T), axis=1)  # [B, H]
+        tokens, sequences = t >= first[:, None], first < dims.T
     else:  # B = 1: count only the tokens of the token's own sequence
         from iplr_jax.layout import sequence_ids  # layout imports this module
 
+        count = jnp.cumsum(state.astype(jnp.int32), axis=1)  # [1, T, H] state-bad tokens so far
         cu = jnp.asarray(cu_seqlens, jnp.int32)
         upto = jnp.concatenate([jnp.zeros_like(count[0, :1]), count[0]])  # [T + 1, H], exclusive
         seq = sequence_ids(cu, jnp.arange(dims.T), dims.N)

@@ -90,7 +90,10 @@ def _shapes(text, op):
 
 
 def _check_collectives(text, n_seq, b_loc, h_loc, what):
-    allowed = {(n_seq, b_loc, h_loc, K, V + K), (1, b_loc, h_loc, K, V + K), (b_loc, h_loc, K, V)}
+    # the summaries, their fold's result, the final state; and the [B, H] first non-finite
+    # token of the op's guard (a min over T: docs/numerics.md "Non-finite inputs")
+    allowed = {(n_seq, b_loc, h_loc, K, V + K), (1, b_loc, h_loc, K, V + K), (b_loc, h_loc, K, V),
+               (b_loc, h_loc)}
     for op in COLLECTIVES:
         for shape in _shapes(text, op):
             assert shape in allowed, f"{what}: {op} of {shape} (allowed: {sorted(allowed)})"
