@@ -171,28 +171,33 @@ def test_chunk(impl, kind, rng):
     check(_op("chunk", impl), inputs, h0)
 
 
+@pytest.mark.parametrize("impl", CHUNK_IMPLS)
 @pytest.mark.parametrize("chunk_size", [16, 32, 64])
-def test_chunk_all_strong_finite(chunk_size, rng):
+def test_chunk_all_strong_finite(impl, chunk_size, rng):
     """gk = -20 per step at every chunk size: float32, no inf or NaN, every gradient accurate."""
     inputs, h0 = gated_inputs(rng, 1, 70, 1, 16, 16, "all_strong")
-    check(_op("chunk", "xla", chunk_size=chunk_size), inputs, h0)
+    check(_op("chunk", impl, chunk_size=chunk_size), inputs, h0)
 
 
-def test_chunk_k60(rng):
+@pytest.mark.parametrize("impl", CHUNK_IMPLS)
+def test_chunk_k60(impl, rng):
+    """K = 60 (padded to 64 in the kernels), K != V, odd T, chunk 32, delta-rule inputs."""
     inputs, h0 = gated_inputs(rng, 1, 77, 1, 60, 20, "logsigmoid", delta=True)
-    check(_op("chunk", "xla"), inputs, h0)
+    check(_op("chunk", impl, chunk_size=32), inputs, h0)
 
 
-def test_chunk_packed(rng):
+@pytest.mark.parametrize("impl", CHUNK_IMPLS)
+def test_chunk_packed(impl, rng):
     lens = [40, 0, 70, 1, 9]
     cu = jnp.asarray(np.cumsum([0, *lens]), jnp.int32)
     inputs, h0 = gated_inputs(rng, 1, sum(lens), 2, 16, 16, "strong", N=len(lens))
-    check(_op("chunk", "xla", cu=cu, jit=True), inputs, h0, cu=cu)
+    check(_op("chunk", impl, cu=cu, jit=True), inputs, h0, cu=cu)
 
 
-def test_chunk_bf16(rng):
+@pytest.mark.parametrize("impl", CHUNK_IMPLS)
+def test_chunk_bf16(impl, rng):
     inputs, h0 = gated_inputs(rng, 1, 80, 2, 32, 16, "softplus", dtype=jnp.bfloat16)
-    check(_op("chunk", "xla"), inputs, h0)
+    check(_op("chunk", impl), inputs, h0)
 
 
 # -- zero gate = IPLR, None compiles as before ---------------------------------------------------

@@ -46,7 +46,7 @@ PRECISIONS = {"highest": "highest", "float32": "highest", "default": "default", 
 RESIDUALS = ("b c h kp vp", "b l h vp", "b c h i j", "b l h kp")  # h, v_new, X, W
 
 
-def _local(q, v, cu, chunk_size, config, interpret, dtype):
+def _local(q, v, cu, chunk_size, config, interpret, dtype, gated=False):
     B, T, H, K = q.shape
     V = v.shape[-1]
     dims = Dims(B, T, H, K, V, B if cu is None else cu.shape[0] - 1)
@@ -54,17 +54,57 @@ def _local(q, v, cu, chunk_size, config, interpret, dtype):
     Kp, Vp = lay.next_pow2(K), lay.next_pow2(V)
     config = chunk_config(
         config, N=dims.N, H=H, Kp=Kp, Vp=Vp, num_chunks=layout.num_chunks, dtype=dtype,
-        interpret=interpret,
+        interpret=interpret, **({"gated": True} if gated else {}),
     )
     return dims, layout, Kp, Vp, config
 
 
-def _fwd_shard(q, k, v, a, b, h0, *cu, scale, chunk_size, config, interpret, residuals):
+def _gated_fwd_shard(q, k, v, a, b, gk, h0, *cu, **kw):
+    """(o, ht) of one shard with the gate: the gated kernels (docs/gate.md)."""
+    return _fwd_shard(q, k, v, a, b, h0, *cu, gk=gk, residuals=False, **kw)
+
+
+def _gated_bwd_shard(q, k, v, a, b, gk, h0, *rest, scale, chunk_size, config, interpret):
+    """Gradients of q, k, v, a, b, gk, h0 of one shard: for now the VJP of the jnp chunked form
+    (`chunk_xla`, recomputed; numerically safe for any gate), not kernels."""
+    del config, interpret
+    cu, (do, dht) = (rest[0], rest[1:]) if len(rest) == 3 else (None, rest)
+    B, T, H, K = q.shape
+    dims = Dims(B, T, H, K, v.shape[-1], B if cu is None else cu.shape[0] - 1)
+
+    def f(*xs):
+        x = Inputs(*xs[:6])
+        return chunk_xla(x, scale=scale, h0=xs[6], cu_seqlens=cu, chunk_size=chunk_size, dims=dims)
+
+    (o, ht), vjp = jax.vjp(f, q, k, v, a, b, gk, h0)
+    return vjp((do.astype(o.dtype), dht.astype(ht.dtype)))
+
+
+def _chunk_pallas_gated(x: Inputs, *, scale, h0, cu_seqlens, chunk_size, config, interpret):
+    """With the gate: the gated kernels forward, the jnp form's VJP backward, on every batch /
+    head shard (`sharding.partitioned_vjp`, no residuals: the backward recomputes)."""
+    q, scale = static_scale(x.q, scale)
+    kw = dict(scale=scale, chunk_size=chunk_size, config=config, interpret=interpret)
+    packed = cu_seqlens is not None
+    state = ("n" if packed else "b") + " h k v"
+    fwd = functools.partial(_gated_fwd_shard, **kw)
+    op = partitioned_vjp(
+        fwd, fwd, functools.partial(_gated_bwd_shard, **kw),
+        in_specs=[TOKENS, TOKENS, VALUES, TOKENS, TOKENS, TOKENS, state] + (["m"] if packed else []),
+        out_specs=[VALUES, state],
+        res_specs=(),
+        num_diff=7,
+    )
+    cu = (jnp.asarray(cu_seqlens, jnp.int32),) if packed else ()
+    return op(*match_vma(*x._replace(q=q).arrays(), h0, *cu))
+
+
+def _fwd_shard(q, k, v, a, b, h0, *cu, scale, chunk_size, config, interpret, residuals, gk=None):
     """(o, ht) of one shard and, with `residuals`, (h, v_new, X, W) with the batch leading."""
-    x = Inputs(q, k, v, a, b)
+    x = Inputs(q, k, v, a, b, gk)
     cu = cu[0] if cu else None
     dt = jnp.result_type(q, k, v, a, b)
-    dims, layout, Kp, Vp, config = _local(q, v, cu, chunk_size, config, interpret, dt)
+    dims, layout, Kp, Vp, config = _local(q, v, cu, chunk_size, config, interpret, dt, x.gated)
     o, ht, res = triton_fwd.chunk_fwd(
         lay.align(x, layout, Kp, Vp), lay.pad_state(h0.astype(jnp.float32), Kp, Vp),
         layout.cu_chunks, scale=scale, chunk_size=chunk_size, config=config, interpret=interpret,
@@ -199,8 +239,13 @@ def chunk(
     scale = default_scale(scale, dims.K)
     # inside shard_map a zero state must vary over the mesh axes like the inputs it meets
     h0 = like_inputs(initial_state_or_zeros(initial_state, dims, accum_dtype(x)), *x.arrays(), scale)
-    if impl == "xla" or x.gated:  # the chunk kernels have no gate yet: the jnp form (docs/gate.md)
+    if impl == "xla":
         o, final = chunk_xla(x, scale=scale, h0=h0, cu_seqlens=cu_seqlens, chunk_size=chunk_size, dims=dims)
+    elif x.gated:  # the gated kernels; their backward is the jnp form's VJP for now (docs/gate.md)
+        o, final = _chunk_pallas_gated(
+            x, scale=scale, h0=h0, cu_seqlens=cu_seqlens, chunk_size=chunk_size, config=config,
+            interpret=impl == "interpret",
+        )
     else:
         o, final = _chunk_pallas(
             x, scale=scale, h0=h0, cu_seqlens=cu_seqlens, chunk_size=chunk_size, config=config,
