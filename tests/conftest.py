@@ -70,7 +70,7 @@ HEAVY = [
     r"test_sharding\.py::test_shard_map\[chunk-xla-",
     r"test_layer_sharding\.py::test_layer_context_parallel\[interpret\]",
     r"test_gate\.py::test_chunk\[((zero|logsigmoid)-|strong-interpret)",
-    r"test_gate\.py::test_chunk_(bf16|k60|packed|all_strong_finite\[(16|32)-)",
+    r"test_gate\.py::test_chunk_(bf16|k60|packed|jit_sharded|shard_map\[|all_strong_finite\[(16|32)-)",
     r"test_gate\.py::test_context_parallel\[",
     r"test_gate\.py::test_fused_recurrent\[((zero|logsigmoid)-|\w+-xla)",
     r"test_gate\.py::test_fused_recurrent_(jit_sharded|bf16|all_strong|k60\[xla|packed\[xla|shard_map\[xla)",

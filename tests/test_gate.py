@@ -204,8 +204,8 @@ def test_chunk_bf16(impl, rng):
 
 
 @pytest.mark.parametrize(
-    "name,impl", [("naive", None), ("chunk", "xla"), ("fused_recurrent", "xla"),
-                  ("fused_recurrent", "interpret")]
+    "name,impl", [("naive", None), ("chunk", "xla"), ("chunk", "interpret"),
+                  ("fused_recurrent", "xla"), ("fused_recurrent", "interpret")]
 )
 def test_zero_gate_is_iplr(name, impl, rng):
     inputs, h0 = gated_inputs(rng, 1, 37, 1, 16, 16, "zero")
@@ -247,6 +247,20 @@ def test_fused_recurrent_shard_map(impl, rng):
     check(sharded, inputs, h0)
 
 
+@pytest.mark.parametrize("impl", ["xla", "interpret"])
+def test_chunk_shard_map(impl, rng):
+    """Heads sharded inside shard_map (check_vma=True), packed sequences: the gated chunk kernels
+    with gk sharded like k."""
+    lens = [20, 0, 13]
+    cu = jnp.asarray(np.cumsum([0, *lens]), jnp.int32)
+    inputs, h0 = gated_inputs(rng, 1, sum(lens), 2, 16, 16, "logsigmoid", N=len(lens))
+    mesh = _mesh(2, "x")
+    tok, st = P(None, None, "x"), P(None, "x")
+    call = _op("chunk", impl, chunk_size=16, cu=cu)
+    sharded = jax.shard_map(call, mesh=mesh, in_specs=(tok,) * 6 + (st,), out_specs=(tok, st))
+    check(sharded, inputs, h0, cu=cu)
+
+
 @pytest.mark.parametrize("exchange", ["allgather", "scan"])
 def test_context_parallel(exchange, rng):
     """T sharded over 4 devices with a gate: the widened run's final state is [h | M] with M the
@@ -269,16 +283,25 @@ def test_context_parallel(exchange, rng):
 def test_fused_recurrent_jit_sharded(rng):
     """Under plain jit with batch- and head-sharded inputs: the gated kernels run per shard
     (custom_partitioning with gk as "b t h k"), no collective, results as on one device."""
+    _jit_sharded("fused_recurrent", gated_inputs(rng, 2, 9, 2, 16, 16, "softplus"))
+
+
+def test_chunk_jit_sharded(rng):
+    """The gated chunk kernels and their (jnp) backward per batch / head shard under jit."""
+    _jit_sharded("chunk", gated_inputs(rng, 2, 40, 2, 16, 16, "strong"))
+
+
+def _jit_sharded(name, case):
     from helpers import cpu_mesh
     from jax.sharding import AxisType, NamedSharding
 
     if len(jax.devices("cpu")) < 4:
         pytest.skip("needs 4 devices")
-    inputs, h0 = gated_inputs(rng, 2, 9, 2, 16, 16, "softplus")
+    inputs, h0 = case
     mesh = cpu_mesh((2, 2), ("x", "y"), axis_types=(AxisType.Auto,) * 2)
     tok, st = NamedSharding(mesh, P("x", None, "y", None)), NamedSharding(mesh, P("x", "y"))
     xs = [jax.device_put(x, tok) for x in inputs] + [jax.device_put(h0, st)]
-    call = _op("fused_recurrent", "interpret")
+    call = _op(name, "interpret", chunk_size=16)
     f = jax.jit(lambda *xs: (call(*xs), grads7(call, xs[:6], xs[6])))
     text = f.lower(*xs).compile().as_text()
     assert "all-gather" not in text and "all-to-all" not in text
@@ -295,9 +318,10 @@ def test_fused_recurrent_jit_sharded(rng):
     "K, V, dtype", [(64, 64, jnp.bfloat16), (100, 60, jnp.float32), (200, 130, jnp.float32)]
 )
 def test_gated_fused_recurrent_lowers_for_cuda(K, V, dtype, monkeypatch):
-    """The gated fused kernels (forward and both backward sweeps) lower through the Triton
-    backend; the gated chunk op (jnp fallback for now) lowers with no Triton kernel."""
-    from test_lowering import FUSED, FUSED_BWD, triton_kernels
+    """The gated fused kernels (forward and both backward sweeps) and the gated chunk kernels
+    (WY, sweep, output; the backward is the jnp form's VJP for now) lower through the Triton
+    backend."""
+    from test_lowering import FUSED, FUSED_BWD, OUT, STATE, WY, triton_kernels
 
     import iplr_jax.inputs as inputs_module
 
@@ -318,5 +342,19 @@ def test_gated_fused_recurrent_lowers_for_cuda(K, V, dtype, monkeypatch):
 
     assert triton_kernels(fwd, *x) == FUSED
     assert triton_kernels(step, *x, h0) == FUSED_BWD
-    chunk = lambda *a: iplr_jax.chunk(*a, implementation="pallas")[0]  # noqa: E731
-    assert triton_kernels(chunk, *x) == []
+    for C in (16, 64):
+        chunk = lambda *a, C=C: iplr_jax.chunk(*a, implementation="pallas", chunk_size=C)[0]  # noqa: E731
+        assert triton_kernels(chunk, *x) == [WY, STATE, OUT]
+
+    def chunk_step(*a):
+        def loss(*d):
+            o, ht = iplr_jax.chunk(
+                *d[:6], initial_state=d[6], output_final_state=True, implementation="pallas"
+            )
+            return o.astype(jnp.float32).sum() + ht.sum()
+
+        # value and gradients: the backward needs no residual of the forward kernels, so under
+        # plain grad they are dead code
+        return jax.value_and_grad(loss, argnums=tuple(range(7)))(*a)
+
+    assert triton_kernels(chunk_step, *x, h0) == [WY, STATE, OUT]
