@@ -154,12 +154,10 @@ def _gated_output_kernel(
     mm = functools.partial(dot_as, dt=dt, f32_precision=prec)
     mm_v2 = functools.partial(dot_as, dt=dt if low_v2 else F32, f32_precision=prec)
     f32_rows = lambda ref, i: ref[pl.ds(i * SUB, SUB), :].astype(F32)  # noqa: E731
-    gates = [gate.block_gate(g_ref, i) for i in range(nb)]
-    tot = gate.totals(gates)
-    to_end = [gate.to_block_end(gates, tot, j) for j in range(nb)]
+    tot = gate.totals(g_ref, nb)
     s0 = h_ref[...]
     for i in range(nb):
-        q_i = f32_rows(q_ref, i) * jnp.exp(gates[i][0])  # from the boundary before block i
+        q_i = f32_rows(q_ref, i) * jnp.exp(gate.block_gate(g_ref, i)[0])  # from the boundary before i
         before = gate.between(tot, -1, i)
         q0 = q_i if before is None else q_i * jnp.exp(before)[None, :]  # from the chunk start
         qk, qb = gate.diag_products(q_ref, (k_ref, b_ref), g_ref, i, strict=False)
@@ -167,8 +165,9 @@ def _gated_output_kernel(
         for j in range(i):
             mid = gate.between(tot, j, i)
             q_ij = q_i if mid is None else q_i * jnp.exp(mid)[None, :]
-            qk = mm(q_ij, f32_rows(k_ref, j) * to_end[j], tb=True)
-            qb = mm(q_ij, f32_rows(b_ref, j) * to_end[j], tb=True)
+            to_end = gate.to_block_end(g_ref, tot, j)
+            qk = mm(q_ij, f32_rows(k_ref, j) * to_end, tb=True)
+            qb = mm(q_ij, f32_rows(b_ref, j) * to_end, tb=True)
             rows_j = pl.ds(j * SUB, SUB)
             o = o + mm(qk, v_ref[rows_j, :]) + mm_v2(qb, vn_ref[rows_j, :])
         o_ref[pl.ds(i * SUB, SUB), :] = (scale * o).astype(o_ref.dtype)

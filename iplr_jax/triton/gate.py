@@ -42,9 +42,11 @@ def last_row(x):
     return jnp.sum(mask(rows == SUB - 1, x), axis=0)
 
 
-def totals(gates) -> list:
-    """Each block's whole decay (the last row of its local G), [Kp] each."""
-    return [last_row(G) for G, _ in gates]
+def totals(g_ref, nb: int) -> list:
+    """Each block's whole decay (the last row of its local G), [Kp] each. The kernels keep only
+    these across the chunk and recompute a block's [16, Kp] cumulative gate where it is used
+    (a load and a 16-row scan), so no [C, Kp] float32 tile stays live in registers."""
+    return [last_row(block_gate(g_ref, i)[0]) for i in range(nb)]
 
 
 def between(tot, j: int, i: int):
@@ -58,9 +60,9 @@ def between(tot, j: int, i: int):
     return s
 
 
-def to_block_end(gates, tot, j: int):
+def to_block_end(g_ref, tot, j: int):
     """e^{G_{r_j} - G_s} for the rows s of block j: decay from after s to the end of its block."""
-    return jnp.exp(tot[j][None, :] - gates[j][0])
+    return jnp.exp(tot[j][None, :] - block_gate(g_ref, j)[0])
 
 
 def diag_products(x_ref, y_refs, g_ref, i: int, *, strict: bool):

@@ -90,33 +90,31 @@ def _gated_products(a_ref, b_ref, k_ref, g_ref, kd_ref, bd_ref, gc_ref, nb: int,
     The decayed operands are float32, so the off-diagonal products run at the inverse's
     precision (`precision`), not on the inputs' 16-bit matrix units: they feed X."""
     f32_rows = lambda ref, i: ref[pl.ds(i * SUB, SUB), :].astype(F32)  # noqa: E731
-    gates = [gate.block_gate(g_ref, i) for i in range(nb)]
-    tot = gate.totals(gates)
-    to_end = [gate.to_block_end(gates, tot, j) for j in range(nb)]
-    bdec = [f32_rows(b_ref, j) * to_end[j] for j in range(nb)]
-    kdec = [f32_rows(k_ref, j) * to_end[j] for j in range(nb)]
+    tot = gate.totals(g_ref, nb)
     m, lak = {}, {}
     for i in range(nb):
         m[i, i], lak[i, i] = gate.diag_products(a_ref, (b_ref, k_ref), g_ref, i, strict=True)
-        a_i = f32_rows(a_ref, i) * jnp.exp(gates[i][1])  # from the boundary before block i
+        if i == 0:
+            continue
+        a_i = f32_rows(a_ref, i) * jnp.exp(gate.block_gate(g_ref, i)[1])  # from the boundary before i
         for j in range(i):
             mid = gate.between(tot, j, i)
             a_ij = a_i if mid is None else a_i * jnp.exp(mid)[None, :]
-            m[i, j] = dot(a_ij, bdec[j], NT, precision)
-            lak[i, j] = dot(a_ij, kdec[j], NT, precision)
-    for j in range(nb):  # decayed on to the chunk's end
-        after, kd, bd = gate.between(tot, j, nb), kdec[j], bdec[j]
+            to_end = gate.to_block_end(g_ref, tot, j)
+            m[i, j] = dot(a_ij, f32_rows(b_ref, j) * to_end, NT, precision)
+            lak[i, j] = dot(a_ij, f32_rows(k_ref, j) * to_end, NT, precision)
+    for j in range(nb):  # K and B decayed to the chunk's end
+        after = gate.between(tot, j, nb)
+        to_end = gate.to_block_end(g_ref, tot, j)
         if after is not None:
-            kd, bd = kd * jnp.exp(after)[None, :], bd * jnp.exp(after)[None, :]
-        kd_ref[pl.ds(j * SUB, SUB), :] = kd.astype(kd_ref.dtype)
-        bd_ref[pl.ds(j * SUB, SUB), :] = bd.astype(bd_ref.dtype)
-    whole = gate.between(tot, -1, nb)
-    gc_ref[...] = jnp.exp(whole)
+            to_end = to_end * jnp.exp(after)[None, :]
+        kd_ref[pl.ds(j * SUB, SUB), :] = (f32_rows(k_ref, j) * to_end).astype(kd_ref.dtype)
+        bd_ref[pl.ds(j * SUB, SUB), :] = (f32_rows(b_ref, j) * to_end).astype(bd_ref.dtype)
+    gc_ref[...] = jnp.exp(gate.between(tot, -1, nb))
 
     def a_rows(j):
-        before = gate.between(tot, -1, j)
-        gx = gates[j][1] if before is None else gates[j][1] + before[None, :]
-        return f32_rows(a_ref, j) * jnp.exp(gx)
+        before, gx = gate.between(tot, -1, j), gate.block_gate(g_ref, j)[1]
+        return f32_rows(a_ref, j) * jnp.exp(gx if before is None else gx + before[None, :])
 
     return m, lak, a_rows
 
