@@ -200,6 +200,39 @@ def test_chunk_bf16(impl, rng):
     check(_op("chunk", impl), inputs, h0)
 
 
+@pytest.mark.parametrize("kind", ["strong", "all_strong"])
+@pytest.mark.parametrize("C", [16, 64])
+def test_wy_kernel_gated(C, kind, rng):
+    """The gated WY kernel's X, W, U and the sweep's decayed operands K e^{G_C - G},
+    B e^{G_C - G}, e^{G_C} against float64 numpy with the decays formed pairwise (docs/gate.md)."""
+    from test_chunk import _config
+
+    from iplr_jax.triton.wy_fast import wy_fwd
+
+    L, H, Kp, Vp = 2 * C, 2, 32, 32
+    (_, k, v, a, b), _ = make_inputs(rng, 1, L, H, Kp, Vp, dtype=jnp.float64)
+    g = draw_gate(rng, (1, L, H, Kp), kind)
+    f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
+    w, u, x, kd, bd, gc = wy_fwd(
+        *map(f32, (a, b, k, v)), chunk_size=C, config=_config(Kp=Kp, Vp=Vp), with_x=True,
+        interpret=True, gk=f32(g),
+    )
+    split = lambda y: np.asarray(y, np.float64)[0].reshape(L // C, C, H, -1).transpose(0, 2, 1, 3)  # noqa: E731
+    A, B, K, Vc, g = map(split, (f32(a), f32(b), f32(k), f32(v), f32(g)))
+    G = np.cumsum(g, axis=-2)
+    Gx = G - g
+    lower = np.tri(C, k=-1, dtype=bool)[:, :, None]
+    E = np.exp(np.where(lower, Gx[..., :, None, :] - G[..., None, :, :], -np.inf))  # [.., t, s, K]
+    gram = lambda x, y: np.einsum("...tk,...sk,...tsk->...ts", x, y, E)  # noqa: E731
+    X = np.linalg.inv(np.eye(C) - gram(A, B))
+    tail = np.exp(G[..., -1:, :] - G)
+    assert rel_err(x, X) < 1e-5
+    assert rel_err(split(w), X @ (A * np.exp(Gx))) < 1e-5
+    assert rel_err(split(u), X @ gram(A, K) @ Vc) < 1e-5
+    assert rel_err(split(kd), K * tail) < 1e-5 and rel_err(split(bd), B * tail) < 1e-5
+    assert rel_err(gc, np.exp(G[..., -1, :])) < 1e-5
+
+
 # -- zero gate = IPLR, None compiles as before ---------------------------------------------------
 
 
