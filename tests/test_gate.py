@@ -233,6 +233,42 @@ def test_wy_kernel_gated(C, kind, rng):
     assert rel_err(gc, np.exp(G[..., -1, :])) < 1e-5
 
 
+BWD_CASES = [
+    # B, T, H, K, V, cu_seqlens, chunk_size, gate
+    (2, 37, 2, 16, 12, None, 16, "softplus"),
+    (1, 53, 2, 16, 32, [0, 17, 17, 40, 53], 16, "strong"),  # uneven, one empty
+    (1, 70, 1, 20, 12, [0, 30, 70], 32, "logsigmoid"),
+    (1, 90, 1, 16, 16, [0, 5, 90], 64, "strong"),
+]
+
+
+@pytest.mark.parametrize("case", BWD_CASES)
+def test_gated_backward_equations(case, rng):
+    """The gated backward equations on the aligned layout (`chunk_bwd_aligned` with the gate,
+    docs/gate.md "Backward"; dgk from the identity) equal float64 autodiff of the recurrence."""
+    from helpers import prepare_aligned
+    from test_chunk_bwd import bwd_reference, cotangents, unalign
+
+    from iplr_jax import layout as lay
+
+    B, T, H, K, V, cu, C, kind = case
+    N = None if cu is None else len(cu) - 1
+    inputs, h0 = gated_inputs(rng, B, T, H, K, V, kind, dtype=jnp.float64, N=N)
+    h0 = up(h0)
+    cu = None if cu is None else jnp.asarray(cu, jnp.int32)
+    dims, layout, al, (o, ht, h, v_new), scale = prepare_aligned(inputs, h0, cu, C)
+    ro, rht = iplr_jax.naive(*inputs, initial_state=h0, output_final_state=True, cu_seqlens=cu)
+    assert rel_err(lay.from_chunks(o, layout)[..., :V], ro) < 1e-12  # the gated residuals
+    assert rel_err(ht[:, :, :K, :V], rht) < 1e-12
+    do, dht, doa, dhta = cotangents(rng, dims, layout)
+    g = bwd_reference(al, h, v_new, layout.cu_chunks, doa, dhta, scale=scale, chunk_size=C)
+    mine = unalign(g, dims, layout)
+    f = lambda *xs: iplr_jax.naive(*xs[:6], initial_state=xs[6], output_final_state=True, cu_seqlens=cu)  # noqa: E731
+    want = jax.jit(lambda xs, ct: jax.vjp(f, *xs)[1](ct))((*inputs, h0), (do, dht))
+    for name, x, y in zip(NAMES, mine, want, strict=True):
+        assert rel_err(x, y) < 1e-10, (name, rel_err(x, y))
+
+
 # -- zero gate = IPLR, None compiles as before ---------------------------------------------------
 
 
