@@ -269,6 +269,56 @@ def test_gated_backward_equations(case, rng):
         assert rel_err(x, y) < 1e-10, (name, rel_err(x, y))
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("case", BWD_CASES)
+def test_gated_backward_kernels(case, dtype, rng):
+    """The gated backward kernels (interpreted, `ChunkConfig(bwd_kernels=True)`) against the
+    gated backward equations in jnp on the same residuals (from the gated WY kernel)."""
+    _gated_kernels_vs_equations(case, dtype, rng)
+
+
+def test_gated_backward_kernels_v_blocks(rng):
+    """Several V-blocks in the intra kernel: float32 partials of the K-side gradients and dG_C."""
+    _gated_kernels_vs_equations(BWD_CASES[1], jnp.float32, rng, bwd_intra_block_v=16)
+
+
+def _gated_kernels_vs_equations(case, dtype, rng, **fields):
+    import functools
+
+    from helpers import prepare_aligned
+    from test_chunk_bwd import bwd_reference, cotangents
+
+    from iplr_jax.triton.chunk import Residuals
+    from iplr_jax.triton.chunk_bwd import chunk_bwd
+    from iplr_jax.triton.config import ChunkConfig, chunk_config
+    from iplr_jax.triton.wy_fast import wy_fwd
+
+    B, T, H, K, V, cu, C, kind = case
+    N = None if cu is None else len(cu) - 1
+    inputs, h0 = gated_inputs(rng, B, T, H, K, V, kind, dtype=dtype, N=N)
+    cu = None if cu is None else jnp.asarray(cu, jnp.int32)
+    dims, layout, al, (o, ht, h, v_new), scale = prepare_aligned(inputs, h0, cu, C, acc=jnp.float32)
+    _, _, doa, dhta = cotangents(rng, dims, layout)
+    doa, dhta = doa.astype(dtype), dhta.astype(jnp.float32)
+    Kp, Vp = al.q.shape[-1], al.v.shape[-1]
+    cfg = chunk_config(
+        ChunkConfig(bwd_kernels=True, **fields), N=dims.N, H=H, Kp=Kp, Vp=Vp,
+        num_chunks=layout.num_chunks, dtype=dtype, interpret=True, gated=True,
+    )
+    w, _, x, *_ = wy_fwd(al.a, al.b, al.k, al.v, chunk_size=C, config=cfg, out_dtype=dtype,
+                         with_x=True, interpret=True, gk=al.gk)
+    res = Residuals(h.astype(dtype), v_new.astype(jnp.float32), x, w)
+    dx, dh0 = jax.jit(functools.partial(chunk_bwd, scale=scale, chunk_size=C, config=cfg, interpret=True))(
+        al, res, layout.cu_chunks, doa, dhta
+    )
+    ref = bwd_reference(al, h.astype(dtype), v_new.astype(jnp.float32), layout.cu_chunks, doa, dhta,
+                        scale=scale, chunk_size=C)
+    for name, g, r, like in zip(NAMES, (*dx.arrays(), dh0), ref, (*al.arrays(), dhta), strict=True):
+        assert g.shape == r.shape and g.dtype == like.dtype, (name, g.shape, g.dtype)
+        assert np.all(np.isfinite(np.asarray(g, np.float32))), name  # padding chunks too
+        assert rel_err(g, r) < (1e-4 if dtype == jnp.float32 else 1e-2), (name, rel_err(g, r))
+
+
 # -- zero gate = IPLR, None compiles as before ---------------------------------------------------
 
 

@@ -60,6 +60,12 @@ def between(tot, j: int, i: int):
     return s
 
 
+def span(tot, j: int, i: int):
+    """`between` as a [1, Kp] row, zero when no block lies between."""
+    mid = between(tot, j, i)
+    return jnp.zeros_like(tot[0])[None, :] if mid is None else mid[None, :]
+
+
 def to_block_end(g_ref, tot, j: int):
     """e^{G_{r_j} - G_s} for the rows s of block j: decay from after s to the end of its block."""
     return jnp.exp(tot[j][None, :] - block_gate(g_ref, j)[0])
@@ -95,3 +101,53 @@ def diag_products(x_ref, y_refs, g_ref, i: int, *, strict: bool):
     init = tuple(jnp.zeros((SUB, SUB), F32) for _ in y_refs)
     accs = lax.fori_loop(jnp.int32(0), jnp.int32(Kp // bk), body, init)
     return tuple(mask(keep, acc) for acc in accs)
+
+
+def row_of(x, r):
+    """Row r (may be traced) of a [16, D] tile as [1, D] (a masked sum)."""
+    rows = lax.broadcasted_iota(jnp.int32, x.shape, 0)
+    return jnp.sum(mask(rows == r, x), axis=0)[None, :]
+
+
+def col_of(x, c):
+    """Column c (may be traced) of a [16, 16] tile as [16, 1]."""
+    cols = lax.broadcasted_iota(jnp.int32, x.shape, 1)
+    return jnp.sum(mask(cols == c, x), axis=1)[:, None]
+
+
+def diag_row_grads(pairs, g_ref, i: int):
+    """Row gradients of the diagonal block i of decayed products: for each (dM, y_ref, strict)
+    of `pairs`, sum_s dM[t, s] y_s e^{GX_t - G_s} ([16, Kp] float32, GX = Gx if strict else G),
+    all summed. A loop over the 16 columns s with full-width rows (the K-sliced pairwise form
+    could not be assembled into one [16, Kp] tile in registers); exponents outside the kept
+    triangle are 0 before exp and their terms are masked."""
+    G, Gx = block_gate(g_ref, i)
+    t = lax.broadcasted_iota(jnp.int32, G.shape, 0)
+
+    def body(s, acc):
+        Gs = row_of(G, s)
+        for dM, y_ref, strict in pairs:
+            keep = t > s if strict else t >= s
+            e = jnp.exp(mask(keep, (Gx if strict else G) - Gs))
+            y = y_ref[pl.ds(i * SUB + s, 1), :].astype(F32)
+            acc = acc + mask(keep, col_of(dM, s) * y * e)
+        return acc
+
+    return lax.fori_loop(jnp.int32(0), jnp.int32(SUB), body, jnp.zeros(G.shape, F32))
+
+
+def diag_col_grads(pairs, g_ref, i: int):
+    """Column gradients of the diagonal block i: for each (dM, x_ref, strict) of `pairs`,
+    sum_t dM[t, s] x_t e^{GX_t - G_s} ([16, Kp] float32), all summed; a loop over the rows t."""
+    G, Gx = block_gate(g_ref, i)
+    s = lax.broadcasted_iota(jnp.int32, G.shape, 0)
+
+    def body(t, acc):
+        for dM, x_ref, strict in pairs:
+            keep = s < t if strict else s <= t
+            e = jnp.exp(mask(keep, row_of(Gx if strict else G, t) - G))
+            x = x_ref[pl.ds(i * SUB + t, 1), :].astype(F32)
+            acc = acc + mask(keep, row_of(dM, t).reshape(SUB, 1) * x * e)
+        return acc
+
+    return lax.fori_loop(jnp.int32(0), jnp.int32(SUB), body, jnp.zeros(G.shape, F32))
