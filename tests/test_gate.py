@@ -8,6 +8,8 @@ rounding), and all -20 at chunk 64 (no inf / NaN anywhere).
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,6 +23,7 @@ import iplr_jax
 from iplr_jax.context_parallel import chunk_cp
 
 NAMES = ("dq", "dk", "dv", "da", "db", "dgk", "dh0")
+DV2_GATED = "iplr_chunk_bwd_dv2_gated"
 # XLA's CPU backend at -O0 compiles these small programs about twice as fast (compile-bound tests)
 FAST = {"xla_backend_optimization_level": 0}
 
@@ -46,11 +49,13 @@ def gated_inputs(rng, B, T, H, K, V, kind, *, dtype=jnp.float32, N=None, delta=F
     return (*inputs, gk), h0
 
 
-def _op(name, impl, *, chunk_size=64, cu=None, jit=False):
+def _op(name, impl, *, chunk_size=64, cu=None, jit=False, config=None):
     fn = getattr(iplr_jax, name)
     kw = dict(implementation=impl) if name != "naive" else {}
     if name == "chunk":
         kw["chunk_size"] = chunk_size
+    if config is not None:
+        kw["config"] = config
 
     def call(q, k, v, a, b, gk, h0, final=True):
         return fn(q, k, v, a, b, gk, initial_state=h0, output_final_state=final, cu_seqlens=cu, **kw)
@@ -233,6 +238,48 @@ def test_wy_kernel_gated(C, kind, rng):
     assert rel_err(gc, np.exp(G[..., -1, :])) < 1e-5
 
 
+KERNEL_IMPLS = [i for i in CHUNK_IMPLS if i != "xla"]
+BWD_KERNELS = iplr_jax.ChunkConfig(bwd_kernels=True)
+E2E_BWD = {
+    # name: (B, T, H, K, V, gate, chunk_size, dtype, cu_seqlens)
+    "softplus": (2, 100, 2, 16, 24, "softplus", 64, jnp.float32, None),  # odd T, K != V
+    "logsigmoid_c32_k60": (1, 77, 1, 60, 20, "logsigmoid", 32, jnp.float32, None),
+    "strong_packed_c16": (1, 120, 2, 16, 16, "strong", 16, jnp.float32, [0, 40, 40, 110, 111, 120]),
+    "zero": (1, 50, 1, 16, 16, "zero", 32, jnp.float32, None),
+    "bf16": (1, 80, 2, 32, 16, "softplus", 64, jnp.bfloat16, None),
+}
+
+
+@pytest.mark.parametrize("impl", KERNEL_IMPLS)
+@pytest.mark.parametrize("case", list(E2E_BWD))
+def test_chunk_backward_kernels(case, impl, rng):
+    """`chunk` with the gated backward kernels (`ChunkConfig(bwd_kernels=True)`): outputs, final
+    states and all seven gradients against the float64 recurrence."""
+    B, T, H, K, V, kind, C, dtype, cu = E2E_BWD[case]
+    N = None if cu is None else len(cu) - 1
+    cu = None if cu is None else jnp.asarray(cu, jnp.int32)
+    inputs, h0 = gated_inputs(rng, B, T, H, K, V, kind, dtype=dtype, N=N)
+    check(_op("chunk", impl, chunk_size=C, cu=cu, config=BWD_KERNELS), inputs, h0, cu=cu)
+
+
+@pytest.mark.parametrize("impl", KERNEL_IMPLS)
+def test_chunk_backward_kernels_all_strong(impl, rng):
+    """gk = -20 everywhere through the gated backward kernels: six gradients to float32
+    rounding; dgk (tiny: it carries e^-20) from the identity has an absolute error at the
+    rounding of the others, as for the fused kernels (docs/gate.md)."""
+    inputs, h0 = gated_inputs(rng, 1, 70, 1, 16, 16, "all_strong")
+    call = _op("chunk", impl, config=BWD_KERNELS)
+    check(call, inputs, h0, grads=False)
+    got = jax.jit(lambda *xs: grads7(call, xs[:6], xs[6]))(*inputs, h0)
+    want = grads7(_ref(), inputs, h0)
+    for name, g, w in zip(NAMES, got, want, strict=True):
+        if name == "dgk":
+            scale = max(float(jnp.linalg.norm(up(x))) for x in got[:5])
+            assert float(jnp.linalg.norm(up(g) - w)) < 1e-5 * scale, name
+        else:
+            assert rel_err(g, w) < tol(jnp.float32), (name, rel_err(g, w))
+
+
 BWD_CASES = [
     # B, T, H, K, V, cu_seqlens, chunk_size, gate
     (2, 37, 2, 16, 12, None, 16, "softplus"),
@@ -283,8 +330,6 @@ def test_gated_backward_kernels_v_blocks(rng):
 
 
 def _gated_kernels_vs_equations(case, dtype, rng, **fields):
-    import functools
-
     from helpers import prepare_aligned
     from test_chunk_bwd import bwd_reference, cotangents
 
@@ -438,9 +483,9 @@ def _jit_sharded(name, case):
 )
 def test_gated_fused_recurrent_lowers_for_cuda(K, V, dtype, monkeypatch):
     """The gated fused kernels (forward and both backward sweeps) and the gated chunk kernels
-    (WY, sweep, output; the backward is the jnp form's VJP for now) lower through the Triton
-    backend."""
-    from test_lowering import FUSED, FUSED_BWD, OUT, STATE, WY, triton_kernels
+    (WY, sweep, output; backward by default the jnp form's VJP, with `bwd_kernels=True` the
+    gated backward kernels) lower through the Triton backend."""
+    from test_lowering import FUSED, FUSED_BWD, INTRA, OUT, STATE, SWEEP, WY, triton_kernels
 
     import iplr_jax.inputs as inputs_module
 
@@ -465,15 +510,18 @@ def test_gated_fused_recurrent_lowers_for_cuda(K, V, dtype, monkeypatch):
         chunk = lambda *a, C=C: iplr_jax.chunk(*a, implementation="pallas", chunk_size=C)[0]  # noqa: E731
         assert triton_kernels(chunk, *x) == [WY, STATE, OUT]
 
-    def chunk_step(*a):
+    def chunk_step(*a, config=None):
         def loss(*d):
             o, ht = iplr_jax.chunk(
-                *d[:6], initial_state=d[6], output_final_state=True, implementation="pallas"
+                *d[:6], initial_state=d[6], output_final_state=True, implementation="pallas",
+                config=config,
             )
             return o.astype(jnp.float32).sum() + ht.sum()
 
-        # value and gradients: the backward needs no residual of the forward kernels, so under
-        # plain grad they are dead code
+        # value and gradients: the jnp backward needs no residual of the forward kernels, so
+        # under plain grad they are dead code
         return jax.value_and_grad(loss, argnums=tuple(range(7)))(*a)
 
     assert triton_kernels(chunk_step, *x, h0) == [WY, STATE, OUT]
+    with_kernels = functools.partial(chunk_step, config=BWD_KERNELS)
+    assert triton_kernels(with_kernels, *x, h0) == [WY, STATE, OUT, DV2_GATED, SWEEP, INTRA]

@@ -59,9 +59,14 @@ def _local(q, v, cu, chunk_size, config, interpret, dtype, gated=False):
     return dims, layout, Kp, Vp, config
 
 
-def _gated_fwd_shard(q, k, v, a, b, gk, h0, *cu, **kw):
-    """(o, ht) of one shard with the gate: the gated kernels (docs/gate.md)."""
-    return _fwd_shard(q, k, v, a, b, h0, *cu, gk=gk, residuals=False, **kw)
+def _gated_fwd_shard(q, k, v, a, b, gk, h0, *cu, residuals=False, **kw):
+    """`_fwd_shard` with the gate: the gated kernels (docs/gate.md)."""
+    return _fwd_shard(q, k, v, a, b, h0, *cu, gk=gk, residuals=residuals, **kw)
+
+
+def _gated_kernels_bwd_shard(q, k, v, a, b, gk, h0, *rest, **kw):
+    """`_bwd_shard` with the gate: the gated backward kernels (`ChunkConfig(bwd_kernels=True)`)."""
+    return _bwd_shard(q, k, v, a, b, h0, *rest, gk=gk, **kw)
 
 
 def _gated_bwd_shard(q, k, v, a, b, gk, h0, *rest, scale, chunk_size, config, interpret):
@@ -81,18 +86,30 @@ def _gated_bwd_shard(q, k, v, a, b, gk, h0, *rest, scale, chunk_size, config, in
 
 
 def _chunk_pallas_gated(x: Inputs, *, scale, h0, cu_seqlens, chunk_size, config, interpret):
-    """With the gate: the gated kernels forward, the jnp form's VJP backward, on every batch /
-    head shard (`sharding.partitioned_vjp`, no residuals: the backward recomputes)."""
+    """With the gate: the gated kernels forward on every batch / head shard
+    (`sharding.partitioned_vjp`); backward, by the config's `bwd_kernels` (off by default for
+    the gate until the kernels are checked on a GPU), the gated backward kernels from the
+    forward's residuals or the jnp form's VJP (no residuals: it recomputes)."""
     q, scale = static_scale(x.q, scale)
     kw = dict(scale=scale, chunk_size=chunk_size, config=config, interpret=interpret)
     packed = cu_seqlens is not None
     state = ("n" if packed else "b") + " h k v"
-    fwd = functools.partial(_gated_fwd_shard, **kw)
+    primal = functools.partial(_gated_fwd_shard, **kw)
+    Kp, Vp = lay.next_pow2(x.q.shape[-1]), lay.next_pow2(x.v.shape[-1])
+    rule = chunk_config(  # only bwd_kernels is read: a rule of Kp and the gate
+        config, N=1, H=1, Kp=Kp, Vp=Vp, num_chunks=1, dtype=x.q.dtype, interpret=interpret,
+        gated=True,
+    )
+    if rule.bwd_kernels:
+        fwd = functools.partial(_gated_fwd_shard, residuals=True, **kw)
+        bwd, res = functools.partial(_gated_kernels_bwd_shard, **kw), RESIDUALS
+    else:
+        fwd, bwd, res = primal, functools.partial(_gated_bwd_shard, **kw), ()
     op = partitioned_vjp(
-        fwd, fwd, functools.partial(_gated_bwd_shard, **kw),
+        primal, fwd, bwd,
         in_specs=[TOKENS, TOKENS, VALUES, TOKENS, TOKENS, TOKENS, state] + (["m"] if packed else []),
         out_specs=[VALUES, state],
-        res_specs=(),
+        res_specs=res,
         num_diff=7,
     )
     cu = (jnp.asarray(cu_seqlens, jnp.int32),) if packed else ()
@@ -118,13 +135,13 @@ def _fwd_shard(q, k, v, a, b, h0, *cu, scale, chunk_size, config, interpret, res
     return o, ht, per_chunk(res.h), per_row(res.v_new), per_chunk(res.x), per_row(res.w)
 
 
-def _bwd_shard(q, k, v, a, b, h0, *rest, scale, chunk_size, config, interpret):
-    """Gradients of q, k, v, a, b, h0 from one shard's inputs, residuals and (do, dht)."""
+def _bwd_shard(q, k, v, a, b, h0, *rest, scale, chunk_size, config, interpret, gk=None):
+    """Gradients of q, k, v, a, b (gk), h0 from one shard's inputs, residuals and (do, dht)."""
     del h0  # the residuals hold the states
     cu, (h, v_new, xinv, w, do, dht) = (rest[0], rest[1:]) if len(rest) == 7 else (None, rest)
-    x = Inputs(q, k, v, a, b)
+    x = Inputs(q, k, v, a, b, gk)
     dt = jnp.result_type(q, k, v, a, b)
-    dims, layout, Kp, Vp, config = _local(q, v, cu, chunk_size, config, interpret, dt)
+    dims, layout, Kp, Vp, config = _local(q, v, cu, chunk_size, config, interpret, dt, x.gated)
     flat = lambda y: y.reshape(-1, *y.shape[2:])  # [B, NC / B, ...] -> [NC, ...]
     row = lambda y: y.reshape(1, -1, *y.shape[2:])  # [B, L / B, ...] -> [1, L, ...]
     res = triton_fwd.Residuals(flat(h), row(v_new), flat(xinv), row(w))

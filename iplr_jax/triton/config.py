@@ -33,7 +33,8 @@ class ChunkConfig:
     the gate `gk`, whatever the field says),
     `output_block_v`, `output_warps`; `low_precision_v2`: the output's incl(Q B^T) V2 in the
     inputs' 16-bit dtype.
-    Backward (`chunk_bwd`): `bwd_kernels` (False: the same equations in jnp), the reverse sweep's
+    Backward (`chunk_bwd`): `bwd_kernels` (False: the same equations in jnp; with the gate
+    `gk`: the VJP of the jnp chunked form, and off unless set), the reverse sweep's
     `bwd_sweep_block_v`, `bwd_sweep_warps`, `bwd_sweep_stages`, the intra-chunk kernel's
     `bwd_intra_block_v`, `bwd_intra_warps`.
     `f32_dots`: the precision of the products whose operands are float32 (all of them for
@@ -139,8 +140,9 @@ def chunk_config(
         output_block_v=lambda: min(Vp, 128, 16384 // Kp),
         output_warps=lambda: 4 if Kp <= 128 else 8,
         # Kp = 256: the kernels' [C, Kp] dot operands exceed shared memory (K = 200, float32:
-        # 384 KB requested, 227 KB available), so the backward runs in jnp there.
-        bwd_kernels=lambda: Kp <= 128,
+        # 384 KB requested, 227 KB available), so the backward runs in jnp there. With the gate
+        # off until its kernels have run on a GPU: the VJP of the jnp form (docs/gate.md).
+        bwd_kernels=lambda: Kp <= 128 and not gated,
         bwd_sweep_block_v=lambda: _sweep_block_v(N, H, Kp, Vp),
     )
     return _fill(
