@@ -425,8 +425,9 @@ def test_chunk_shard_map(impl, rng):
     check(sharded, inputs, h0, cu=cu)
 
 
+@pytest.mark.parametrize("impl", ["xla", "interpret"])
 @pytest.mark.parametrize("exchange", ["allgather", "scan"])
-def test_context_parallel(exchange, rng):
+def test_context_parallel(exchange, impl, rng):
     """T sharded over 4 devices with a gate: the widened run's final state is [h | M] with M the
     product of the gated transitions; packed sequences straddling device boundaries."""
     cu = jnp.asarray([0, 5, 30, 30, 64], jnp.int32)
@@ -437,7 +438,7 @@ def test_context_parallel(exchange, rng):
     def local(q, k, v, a, b, gk, h0, final=True):
         return chunk_cp(
             q, k, v, a, b, gk, axis_name="sp", initial_state=h0, output_final_state=final,
-            cu_seqlens=cu, chunk_size=16, implementation="xla", exchange=exchange,
+            cu_seqlens=cu, chunk_size=16, implementation=impl, exchange=exchange,
         )
 
     sharded = jax.shard_map(local, mesh=mesh, in_specs=(tok,) * 6 + (P(),), out_specs=(tok, P()))
