@@ -4,16 +4,18 @@
 
 Rows: `chunk` forward and forward+backward (value and gradients) with gk=None (the IPLR kernels)
 and with a real gate (gk = -softplus(N(0, 1))): the default implementation (on a GPU the gated
-chunk kernels forward, the jnp form's VJP backward) and "xla" (the jnp chunked form, autodiff)
-side by side; and `fused_recurrent` (decode S4: B = 64, T = 1) with and without the gate (the
-gated Triton kernels). Prints milliseconds (median of `reps` x 5 calls) and the ratio gated /
-IPLR. `--config` sets `iplr_jax.ChunkConfig` fields for the gated kernels (tuning). Not a
-replacement for `python -m iplr_jax bench`, whose rows against fla are issue 17's targets.
+chunk kernels forward, the jnp form's VJP backward), "bwd-kernels" (the gated backward kernels,
+`ChunkConfig(bwd_kernels=True)`) and "xla" (the jnp chunked form, autodiff) side by side; and
+`fused_recurrent` (decode S4: B = 64, T = 1) with and without the gate (the gated Triton
+kernels). Prints milliseconds (median of `reps` x 5 calls) and the ratio gated / IPLR.
+`--config` sets `iplr_jax.ChunkConfig` fields for the gated kernels (tuning). Not a replacement
+for `python -m iplr_jax bench`, whose rows against fla are issue 17's targets.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import time
 
@@ -81,14 +83,18 @@ def main() -> None:
         x, gk, h0 = inputs(B, T, H, K)
         decode = T == 1
         base = iplr_jax.fused_recurrent if decode else iplr_jax.chunk
+        with_bwd = dataclasses.replace(config or iplr_jax.ChunkConfig(), bwd_kernels=True)
         gated_ops = [("gated", base)] if decode else [
             ("gated", functools.partial(base, config=config)),
+            ("gated bwd-kernels", functools.partial(base, config=with_bwd)),
             ("gated xla", functools.partial(base, implementation="xla")),
         ]
         for mode in ("fwd",) if decode else ("fwd", "fwd+bwd"):
             t_iplr = median_ms(_timed(base, h0, mode, 5), *x, reps=args.reps)
             line = f"{name} {base.__name__:16s} {mode:8s} IPLR {t_iplr:8.3f} ms"
             for label, op in gated_ops:
+                if mode == "fwd" and label == "gated bwd-kernels":
+                    continue  # the same forward as "gated"
                 t = median_ms(_timed(op, h0, mode, 6), *x, gk, reps=args.reps)
                 line += f"   {label} {t:8.3f} ms ({t / t_iplr:5.2f}x)"
             print(line, flush=True)
