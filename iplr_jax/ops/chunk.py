@@ -204,8 +204,9 @@ def chunk(
       gk: optional log-decay [B, T, H, K] on the K rows of the state (<= 0; any value down to
         -20 per step and below is safe at every chunk size); None: IPLR, compiled exactly as
         without a gate. NOTE: with `gk`, "pallas" and "interpret" run the gated chunk kernels
-        forward, but the backward is for now the VJP of the jnp chunked form (recomputed from
-        the inputs; numerically safe, not kernel-fast) (docs/gate.md).
+        forward, but the backward is by default the VJP of the jnp chunked form (recomputed
+        from the inputs; numerically safe, not kernel-fast); `config=ChunkConfig(
+        bwd_kernels=True)` runs the gated backward kernels instead (docs/gate.md).
       scale: output scale, default `K ** -0.5`; a number or a scalar array (may be traced).
       initial_state: [N, H, K, V] state before the first token of each sequence.
       output_final_state: also return the state after each sequence's last token.

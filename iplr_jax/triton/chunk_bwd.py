@@ -31,6 +31,9 @@ When Vp is larger than one intra block (`config.bwd_intra_block_v`: 128), each V
 float32 partial K-side gradients (dq, dk, da, db) and XLA sums them; for Vp <= 128 there is one
 block and the kernel writes them directly in the inputs' dtypes. Kp = 256 does not reach the
 kernels (`config.bwd_kernels`; the same equations run in jnp there).
+
+With the gate (docs/gate.md, "Backward of the gated chunked form") three kernels of their own
+run instead (`_gated_bwd`, opt-in through `bwd_kernels`), and dgk follows from the identity.
 """
 
 from __future__ import annotations

@@ -9,6 +9,9 @@ Per chunk of C rows with `A, B, K` ([C, Kp]) and `V` ([C, Vp]):
 Chunks are independent, so the grid is (chunks, heads) and the kernel never leaves the chunk.
 The forward needs W and U; the backward needs X and W, so a forward that keeps residuals
 writes X too (4 C bytes per token and head) instead of the backward recomputing them.
+
+With the gate gk (a static mode, docs/gate.md) the products are the decayed ones, built on the
+16-row blocks (`triton/gate.py`), and the kernel also writes the sweep's decayed K and B.
 """
 
 from __future__ import annotations
