@@ -54,7 +54,7 @@ def _local(q, v, cu, chunk_size, config, interpret, dtype, gated=False):
     Kp, Vp = lay.next_pow2(K), lay.next_pow2(V)
     config = chunk_config(
         config, N=dims.N, H=H, Kp=Kp, Vp=Vp, num_chunks=layout.num_chunks, dtype=dtype,
-        interpret=interpret, **({"gated": True} if gated else {}),
+        interpret=interpret, gated=gated,
     )
     return dims, layout, Kp, Vp, config
 
@@ -70,8 +70,8 @@ def _gated_kernels_bwd_shard(q, k, v, a, b, gk, h0, *rest, **kw):
 
 
 def _gated_bwd_shard(q, k, v, a, b, gk, h0, *rest, scale, chunk_size, config, interpret):
-    """Gradients of q, k, v, a, b, gk, h0 of one shard: for now the VJP of the jnp chunked form
-    (`chunk_xla`, recomputed; numerically safe for any gate), not kernels."""
+    """Gradients of q, k, v, a, b, gk, h0 of one shard, the gate's default backward for now: the
+    VJP of the jnp chunked form (`chunk_xla`, recomputed; numerically safe for any gate)."""
     del config, interpret
     cu, (do, dht) = (rest[0], rest[1:]) if len(rest) == 3 else (None, rest)
     B, T, H, K = q.shape
@@ -259,7 +259,7 @@ def chunk(
     h0 = like_inputs(initial_state_or_zeros(initial_state, dims, accum_dtype(x)), *x.arrays(), scale)
     if impl == "xla":
         o, final = chunk_xla(x, scale=scale, h0=h0, cu_seqlens=cu_seqlens, chunk_size=chunk_size, dims=dims)
-    elif x.gated:  # the gated kernels; their backward is the jnp form's VJP for now (docs/gate.md)
+    elif x.gated:  # the gated kernels; backward: the jnp form's VJP or, opted in, kernels (docs/gate.md)
         o, final = _chunk_pallas_gated(
             x, scale=scale, h0=h0, cu_seqlens=cu_seqlens, chunk_size=chunk_size, config=config,
             interpret=impl == "interpret",
