@@ -72,7 +72,7 @@ HEAVY = [
     r"test_gate\.py::test_chunk\[((zero|logsigmoid)-|strong-interpret)",
     r"test_gate\.py::test_chunk_(bf16|k60|packed|jit_sharded|shard_map\[|all_strong_finite\[(16|32)-)",
     r"test_gate\.py::test_context_parallel\[",
-    r"test_gate\.py::test_chunk_backward_kernels(\[(softplus|logsigmoid|zero|bf16)|_all_strong)",
+    r"test_gate\.py::test_chunk_backward_kernels(\[(softplus|logsigmoid|zero|bf16|k200)|_all_strong)",
     r"test_gate\.py::test_gated_backward_(equations\[case[023]|kernels)",
     r"test_gate\.py::test_(wy_kernel_gated\[16-|zero_gate_is_iplr\[chunk-interpret)",
     r"test_gate\.py::test_fused_recurrent\[((zero|logsigmoid)-|\w+-xla)",

@@ -247,6 +247,7 @@ E2E_BWD = {
     "strong_packed_c16": (1, 120, 2, 16, 16, "strong", 16, jnp.float32, [0, 40, 40, 110, 111, 120]),
     "zero": (1, 50, 1, 16, 16, "zero", 32, jnp.float32, None),
     "bf16": (1, 80, 2, 32, 16, "softplus", 64, jnp.bfloat16, None),
+    "k200_v130": (1, 70, 1, 200, 130, "strong", 64, jnp.float32, None),  # Kp = Vp = 256, V-blocks
 }
 
 
