@@ -452,12 +452,15 @@ def test_fused_recurrent_jit_sharded(rng):
     _jit_sharded("fused_recurrent", gated_inputs(rng, 2, 9, 2, 16, 16, "softplus"))
 
 
-def test_chunk_jit_sharded(rng):
-    """The gated chunk kernels and their (jnp) backward per batch / head shard under jit."""
-    _jit_sharded("chunk", gated_inputs(rng, 2, 40, 2, 16, 16, "strong"))
+@pytest.mark.parametrize("bwd", ["jnp", "kernels"])
+def test_chunk_jit_sharded(bwd, rng):
+    """The gated chunk kernels and their backward (the jnp VJP, or the gated backward kernels
+    from residuals sharded with the batch) per batch / head shard under jit."""
+    config = BWD_KERNELS if bwd == "kernels" else None
+    _jit_sharded("chunk", gated_inputs(rng, 2, 40, 2, 16, 16, "strong"), config=config)
 
 
-def _jit_sharded(name, case):
+def _jit_sharded(name, case, config=None):
     from helpers import cpu_mesh
     from jax.sharding import AxisType, NamedSharding
 
@@ -467,7 +470,7 @@ def _jit_sharded(name, case):
     mesh = cpu_mesh((2, 2), ("x", "y"), axis_types=(AxisType.Auto,) * 2)
     tok, st = NamedSharding(mesh, P("x", None, "y", None)), NamedSharding(mesh, P("x", "y"))
     xs = [jax.device_put(x, tok) for x in inputs] + [jax.device_put(h0, st)]
-    call = _op(name, "interpret", chunk_size=16)
+    call = _op(name, "interpret", chunk_size=16, config=config)
     f = jax.jit(lambda *xs: (call(*xs), grads7(call, xs[:6], xs[6])))
     text = f.lower(*xs).compile().as_text()
     assert "all-gather" not in text and "all-to-all" not in text
