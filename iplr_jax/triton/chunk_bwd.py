@@ -278,14 +278,15 @@ def _gated_intra_kernel(
     s0 = h_ref[...]
     tot = gate.totals(g_ref, nb)
     to_chunk_end = lambda j: gate.to_block_end(g_ref, tot, j) * jnp.exp(gate.span(tot, j, nb))  # noqa: E731
+    dv2 = [rows32(p_ref, i) + mm(rows32(b_ref, i) * to_chunk_end(i), ds) for i in range(nb)]
     dz = []
     for j in range(nb):  # dZ_j = sum_{i >= j} X_ij^T dV2_i
         acc = None
         for i in range(j, nb):
-            dv2 = rows32(p_ref, i) + mm(rows32(b_ref, i) * to_chunk_end(i), ds)
-            term = mm(x_ref[pl.ds(i * SUB, SUB), pl.ds(j * SUB, SUB)], dv2, ta=True)
+            term = mm(x_ref[pl.ds(i * SUB, SUB), pl.ds(j * SUB, SUB)], dv2[i], ta=True)
             acc = term if acc is None else acc + term
         dz.append(acc)
+    del dv2
 
     def dms(i, j):  # the cotangents of M_qk, M_qb, M_ak, M_ab in block (i, j)
         do, v, v2 = _rows(do_ref, i), _rows(v_ref, j), _rows(v2_ref, j)
