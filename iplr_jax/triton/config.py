@@ -114,7 +114,9 @@ def chunk_config(
     # interpreter has no tf32.
     c = _fill(
         c,
-        wy_warps=lambda: 2 if Kp <= 128 else 4,
+        # gated: the pairwise diagonal blocks hold several [16, 16, 16] float32 tiles (4096
+        # elements each: 64 registers a thread at 2 warps), so 4 warps (arithmetic, not measured)
+        wy_warps=lambda: 2 if Kp <= 128 and not gated else 4,
         wy_block_v=lambda: min(Vp, 64),
         wy_precision=lambda: "tf32x3" if low and Kp <= 128 and not interpret else "highest",
         state_block_v=lambda: _sweep_block_v(N, H, Kp, Vp),
