@@ -1,17 +1,22 @@
 """Times of the gated ops (DPLR, docs/gate.md) against IPLR on a GPU, same process, bf16:
 
-    python benchmarks/gate_timing.py [--sizes S1,S2,S4] [--reps 20]
+    python benchmarks/gate_timing.py [--sizes S1,S2,S4] [--reps 20] [--config wy_warps=4,...]
 
-Rows: `chunk` forward and forward+backward with gk=None (the IPLR kernels) and with a real gate
-(gk = -softplus(N(0, 1)); today the jnp chunked form, docs/gate.md), and `fused_recurrent`
-(decode S4: B = 64, T = 1) with and without the gate (the gated Triton kernels). Prints
-milliseconds (median of `reps` x 5 calls) and the ratio gated / IPLR. Not a replacement for
-`python -m iplr_jax bench`, whose rows against fla are issue 17's targets.
+Rows: `chunk` forward and forward+backward (value and gradients) with gk=None (the IPLR kernels)
+and with a real gate (gk = -softplus(N(0, 1))): the default implementation (on a GPU the gated
+chunk kernels forward, the jnp form's VJP backward), "bwd-kernels" (the gated backward kernels,
+`ChunkConfig(bwd_kernels=True)`) and "xla" (the jnp chunked form, autodiff) side by side; and
+`fused_recurrent` (decode S4: B = 64, T = 1) with and without the gate (the gated Triton
+kernels). Prints milliseconds (median of `reps` x 5 calls) and the ratio gated / IPLR.
+`--config` sets `iplr_jax.ChunkConfig` fields for the gated kernels (tuning). Not a replacement
+for `python -m iplr_jax bench`, whose rows against fla are issue 17's targets.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import time
 
 import jax
@@ -53,32 +58,64 @@ def inputs(B, T, H, K, seed=0):
     return [cast(x) for x in (q, k, v, a, b)], cast(gk), h0
 
 
+def parse_config(text: str) -> iplr_jax.ChunkConfig | None:
+    """"wy_warps=4,fuse_output=false" -> ChunkConfig(wy_warps=4, fuse_output=False)."""
+    if not text:
+        return None
+    fields = {}
+    for item in text.split(","):
+        key, value = item.split("=")
+        low = value.strip().lower()
+        fields[key.strip()] = {"true": True, "false": False}.get(low, int(low) if low.isdigit() else value)
+    return iplr_jax.ChunkConfig(**fields)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--sizes", default="S1,S2,S4")
     p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--config", default="", help="ChunkConfig fields for the gated chunk kernels")
     args = p.parse_args()
-    print(jax.devices()[0].device_kind)
+    config = parse_config(args.config)
+    print(jax.devices()[0].device_kind, "" if config is None else config)
     for name in args.sizes.split(","):
         B, T, H, K = SIZES[name]
         x, gk, h0 = inputs(B, T, H, K)
-        op = iplr_jax.fused_recurrent if T == 1 else iplr_jax.chunk
-        fwd = jax.jit(lambda *a, op=op, h0=h0: op(*a, initial_state=h0, output_final_state=True))
-
-        def loss(*a, op=op, h0=h0):
-            o, ht = op(*a, initial_state=h0, output_final_state=True)
-            return o.astype(jnp.float32).sum() + ht.sum()
-
-        rows = [("fwd", fwd)]
-        if T > 1:
-            rows.append(("fwd+bwd", jax.jit(jax.grad(loss, argnums=tuple(range(5))))))
-        for mode, f in rows:
-            t_iplr = median_ms(f, *x, reps=args.reps)
-            grad_gated = jax.jit(jax.grad(loss, argnums=tuple(range(6)))) if mode == "fwd+bwd" else f
-            t_gated = median_ms(grad_gated, *x, gk, reps=args.reps)
-            print(f"{name} {op.__name__:16s} {mode:8s} IPLR {t_iplr:8.3f} ms   gated {t_gated:8.3f} ms"
-                  f"   ratio {t_gated / t_iplr:5.2f}", flush=True)
+        decode = T == 1
+        base = iplr_jax.fused_recurrent if decode else iplr_jax.chunk
+        with_bwd = dataclasses.replace(config or iplr_jax.ChunkConfig(), bwd_kernels=True)
+        gated_ops = [("gated", base)] if decode else [
+            ("gated", functools.partial(base, config=config)),
+            ("gated bwd-kernels", functools.partial(base, config=with_bwd)),
+            ("gated xla", functools.partial(base, implementation="xla")),
+        ]
+        for mode in ("fwd",) if decode else ("fwd", "fwd+bwd"):
+            t_iplr = median_ms(_timed(base, h0, mode, 5), *x, reps=args.reps)
+            line = f"{name} {base.__name__:16s} {mode:8s} IPLR {t_iplr:8.3f} ms"
+            for label, op in gated_ops:
+                if mode == "fwd" and label == "gated bwd-kernels":
+                    continue  # the same forward as "gated"
+                t = median_ms(_timed(op, h0, mode, 6), *x, gk, reps=args.reps)
+                line += f"   {label} {t:8.3f} ms ({t / t_iplr:5.2f}x)"
+            print(line, flush=True)
         fla_row(name, x, gk, h0, T, args.reps)
+
+
+def _timed(op, h0, mode, n):
+    """The jitted forward, or value and gradients of a loss on (o, final state) w.r.t. the n
+    inputs (value too: with the gate the backward needs no forward residual, so a plain grad
+    would skip the forward kernels)."""
+    def fwd(*a):
+        return op(*a, initial_state=h0, output_final_state=True)
+
+    if mode == "fwd":
+        return jax.jit(fwd)
+
+    def loss(*a):
+        o, ht = fwd(*a)
+        return o.astype(jnp.float32).sum() + ht.sum()
+
+    return jax.jit(jax.value_and_grad(loss, argnums=tuple(range(n))))
 
 
 def fla_row(name, x, gk, h0, T, reps):

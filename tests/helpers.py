@@ -102,23 +102,26 @@ def assert_grads(got, want, eps, what=""):
 
 @functools.partial(jax.jit, static_argnames=("scale", "chunk_size"))
 def aligned_reference(x: Inputs, h0, cu_chunks, *, scale, chunk_size):
-    """The recurrence token by token on the aligned layout (in h0's dtype, HIGHEST precision),
-    with the residuals the forward kernels write: o [1, L, H, Vp], ht [N, H, Kp, Vp], h
-    [NC, H, Kp, Vp] (state before each chunk, zero past cu_chunks[-1]) and v_new [1, L, H, Vp]."""
+    """The recurrence token by token on the aligned layout (in h0's dtype, HIGHEST precision;
+    with the gate when `x` has one), with the residuals the forward kernels write: o
+    [1, L, H, Vp], ht [N, H, Kp, Vp], h [NC, H, Kp, Vp] (state before each chunk, zero past
+    cu_chunks[-1]) and v_new [1, L, H, Vp]."""
     C = chunk_size
     _, L, H, _ = x.q.shape
     NC, N = L // C, h0.shape[0]
     acc = h0.dtype
     split = lambda y: y[0].reshape(NC, C, H, -1).astype(acc)  # [NC, C, H, D]
-    Q, K, Vc, A, B = (split(y) for y in x.arrays())
+    xs = tuple(split(y) for y in x.arrays())  # q, k, v, a, b (, gk)
     cu = jnp.asarray(cu_chunks, jnp.int32)
     c = jnp.arange(NC)
     seq = lay.sequence_ids(cu, c, N)
     start, valid = c == cu[seq], c < cu[-1]
 
     def step(S, xt):
-        q_t, k_t, v_t, a_t, b_t = xt
+        q_t, k_t, v_t, a_t, b_t, *g_t = xt
         v2 = jnp.einsum("hk,hkv->hv", a_t, S, precision=_HI)
+        if g_t:
+            S = jnp.exp(g_t[0])[..., None] * S
         S = S + k_t[..., None] * v_t[:, None] + b_t[..., None] * v2[:, None]
         return S, (scale * jnp.einsum("hk,hkv->hv", q_t, S, precision=_HI), v2)
 
@@ -131,7 +134,7 @@ def aligned_reference(x: Inputs, h0, cu_chunks, *, scale, chunk_size):
         zero = lambda y: jnp.where(valid_c, y, 0)
         return (jnp.where(valid_c, S_next, S), final), (zero(o), zero(S), zero(v2))
 
-    (_, ht), (o, h, v2) = jax.lax.scan(chunk_body, (h0[0], h0), (Q, K, Vc, A, B, seq, start, valid))
+    (_, ht), (o, h, v2) = jax.lax.scan(chunk_body, (h0[0], h0), (*xs, seq, start, valid))
     merge = lambda y: y.reshape(1, L, H, -1)
     return merge(o), ht, h, merge(v2)
 

@@ -8,6 +8,8 @@ rounding), and all -20 at chunk 64 (no inf / NaN anywhere).
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,6 +23,7 @@ import iplr_jax
 from iplr_jax.context_parallel import chunk_cp
 
 NAMES = ("dq", "dk", "dv", "da", "db", "dgk", "dh0")
+DV2_GATED = "iplr_chunk_bwd_dv2_gated"
 # XLA's CPU backend at -O0 compiles these small programs about twice as fast (compile-bound tests)
 FAST = {"xla_backend_optimization_level": 0}
 
@@ -46,11 +49,13 @@ def gated_inputs(rng, B, T, H, K, V, kind, *, dtype=jnp.float32, N=None, delta=F
     return (*inputs, gk), h0
 
 
-def _op(name, impl, *, chunk_size=64, cu=None, jit=False):
+def _op(name, impl, *, chunk_size=64, cu=None, jit=False, config=None):
     fn = getattr(iplr_jax, name)
     kw = dict(implementation=impl) if name != "naive" else {}
     if name == "chunk":
         kw["chunk_size"] = chunk_size
+    if config is not None:
+        kw["config"] = config
 
     def call(q, k, v, a, b, gk, h0, final=True):
         return fn(q, k, v, a, b, gk, initial_state=h0, output_final_state=final, cu_seqlens=cu, **kw)
@@ -171,36 +176,201 @@ def test_chunk(impl, kind, rng):
     check(_op("chunk", impl), inputs, h0)
 
 
+@pytest.mark.parametrize("impl", CHUNK_IMPLS)
 @pytest.mark.parametrize("chunk_size", [16, 32, 64])
-def test_chunk_all_strong_finite(chunk_size, rng):
+def test_chunk_all_strong_finite(impl, chunk_size, rng):
     """gk = -20 per step at every chunk size: float32, no inf or NaN, every gradient accurate."""
     inputs, h0 = gated_inputs(rng, 1, 70, 1, 16, 16, "all_strong")
-    check(_op("chunk", "xla", chunk_size=chunk_size), inputs, h0)
+    check(_op("chunk", impl, chunk_size=chunk_size), inputs, h0)
 
 
-def test_chunk_k60(rng):
+@pytest.mark.parametrize("impl", CHUNK_IMPLS)
+def test_chunk_k60(impl, rng):
+    """K = 60 (padded to 64 in the kernels), K != V, odd T, chunk 32, delta-rule inputs."""
     inputs, h0 = gated_inputs(rng, 1, 77, 1, 60, 20, "logsigmoid", delta=True)
-    check(_op("chunk", "xla"), inputs, h0)
+    check(_op("chunk", impl, chunk_size=32), inputs, h0)
 
 
-def test_chunk_packed(rng):
+@pytest.mark.parametrize("impl", CHUNK_IMPLS)
+def test_chunk_packed(impl, rng):
     lens = [40, 0, 70, 1, 9]
     cu = jnp.asarray(np.cumsum([0, *lens]), jnp.int32)
     inputs, h0 = gated_inputs(rng, 1, sum(lens), 2, 16, 16, "strong", N=len(lens))
-    check(_op("chunk", "xla", cu=cu, jit=True), inputs, h0, cu=cu)
+    check(_op("chunk", impl, cu=cu, jit=True), inputs, h0, cu=cu)
 
 
-def test_chunk_bf16(rng):
+@pytest.mark.parametrize("impl", CHUNK_IMPLS)
+def test_chunk_bf16(impl, rng):
     inputs, h0 = gated_inputs(rng, 1, 80, 2, 32, 16, "softplus", dtype=jnp.bfloat16)
-    check(_op("chunk", "xla"), inputs, h0)
+    check(_op("chunk", impl), inputs, h0)
+
+
+@pytest.mark.parametrize("kind", ["strong", "all_strong"])
+@pytest.mark.parametrize("C", [16, 64])
+def test_wy_kernel_gated(C, kind, rng):
+    """The gated WY kernel's X, W, U and the sweep's decayed operands K e^{G_C - G},
+    B e^{G_C - G}, e^{G_C} against float64 numpy with the decays formed pairwise (docs/gate.md)."""
+    from test_chunk import _config
+
+    from iplr_jax.triton.wy_fast import wy_fwd
+
+    L, H, Kp, Vp = 2 * C, 2, 32, 32
+    (_, k, v, a, b), _ = make_inputs(rng, 1, L, H, Kp, Vp, dtype=jnp.float64)
+    g = draw_gate(rng, (1, L, H, Kp), kind)
+    f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
+    w, u, x, kd, bd, gc = wy_fwd(
+        *map(f32, (a, b, k, v)), chunk_size=C, config=_config(Kp=Kp, Vp=Vp), with_x=True,
+        interpret=True, gk=f32(g),
+    )
+    split = lambda y: np.asarray(y, np.float64)[0].reshape(L // C, C, H, -1).transpose(0, 2, 1, 3)  # noqa: E731
+    A, B, K, Vc, g = map(split, (f32(a), f32(b), f32(k), f32(v), f32(g)))
+    G = np.cumsum(g, axis=-2)
+    Gx = G - g
+    lower = np.tri(C, k=-1, dtype=bool)[:, :, None]
+    E = np.exp(np.where(lower, Gx[..., :, None, :] - G[..., None, :, :], -np.inf))  # [.., t, s, K]
+    gram = lambda x, y: np.einsum("...tk,...sk,...tsk->...ts", x, y, E)  # noqa: E731
+    X = np.linalg.inv(np.eye(C) - gram(A, B))
+    tail = np.exp(G[..., -1:, :] - G)
+    assert rel_err(x, X) < 1e-5
+    assert rel_err(split(w), X @ (A * np.exp(Gx))) < 1e-5
+    assert rel_err(split(u), X @ gram(A, K) @ Vc) < 1e-5
+    assert rel_err(split(kd), K * tail) < 1e-5 and rel_err(split(bd), B * tail) < 1e-5
+    assert rel_err(gc, np.exp(G[..., -1, :])) < 1e-5
+
+
+KERNEL_IMPLS = [i for i in CHUNK_IMPLS if i != "xla"]
+BWD_KERNELS = iplr_jax.ChunkConfig(bwd_kernels=True)
+E2E_BWD = {
+    # name: (B, T, H, K, V, gate, chunk_size, dtype, cu_seqlens)
+    "softplus": (2, 100, 2, 16, 24, "softplus", 64, jnp.float32, None),  # odd T, K != V
+    "logsigmoid_c32_k60": (1, 77, 1, 60, 20, "logsigmoid", 32, jnp.float32, None),
+    "strong_packed_c16": (1, 120, 2, 16, 16, "strong", 16, jnp.float32, [0, 40, 40, 110, 111, 120]),
+    "zero": (1, 50, 1, 16, 16, "zero", 32, jnp.float32, None),
+    "bf16": (1, 80, 2, 32, 16, "softplus", 64, jnp.bfloat16, None),
+    "k200_v130": (1, 70, 1, 200, 130, "strong", 64, jnp.float32, None),  # Kp = Vp = 256, V-blocks
+}
+
+
+@pytest.mark.parametrize("impl", KERNEL_IMPLS)
+@pytest.mark.parametrize("case", list(E2E_BWD))
+def test_chunk_backward_kernels(case, impl, rng):
+    """`chunk` with the gated backward kernels (`ChunkConfig(bwd_kernels=True)`): outputs, final
+    states and all seven gradients against the float64 recurrence."""
+    B, T, H, K, V, kind, C, dtype, cu = E2E_BWD[case]
+    N = None if cu is None else len(cu) - 1
+    cu = None if cu is None else jnp.asarray(cu, jnp.int32)
+    inputs, h0 = gated_inputs(rng, B, T, H, K, V, kind, dtype=dtype, N=N)
+    check(_op("chunk", impl, chunk_size=C, cu=cu, config=BWD_KERNELS), inputs, h0, cu=cu)
+
+
+@pytest.mark.parametrize("impl", KERNEL_IMPLS)
+def test_chunk_backward_kernels_all_strong(impl, rng):
+    """gk = -20 everywhere through the gated backward kernels: six gradients to float32
+    rounding; dgk (tiny: it carries e^-20) from the identity has an absolute error at the
+    rounding of the others, as for the fused kernels (docs/gate.md)."""
+    inputs, h0 = gated_inputs(rng, 1, 70, 1, 16, 16, "all_strong")
+    call = _op("chunk", impl, config=BWD_KERNELS)
+    check(call, inputs, h0, grads=False)
+    got = jax.jit(lambda *xs: grads7(call, xs[:6], xs[6]))(*inputs, h0)
+    want = grads7(_ref(), inputs, h0)
+    for name, g, w in zip(NAMES, got, want, strict=True):
+        if name == "dgk":
+            scale = max(float(jnp.linalg.norm(up(x))) for x in got[:5])
+            assert float(jnp.linalg.norm(up(g) - w)) < 1e-5 * scale, name
+        else:
+            assert rel_err(g, w) < tol(jnp.float32), (name, rel_err(g, w))
+
+
+BWD_CASES = [
+    # B, T, H, K, V, cu_seqlens, chunk_size, gate
+    (2, 37, 2, 16, 12, None, 16, "softplus"),
+    (1, 53, 2, 16, 32, [0, 17, 17, 40, 53], 16, "strong"),  # uneven, one empty
+    (1, 70, 1, 20, 12, [0, 30, 70], 32, "logsigmoid"),
+    (1, 90, 1, 16, 16, [0, 5, 90], 64, "strong"),
+]
+
+
+@pytest.mark.parametrize("case", BWD_CASES)
+def test_gated_backward_equations(case, rng):
+    """The gated backward equations on the aligned layout (`chunk_bwd_aligned` with the gate,
+    docs/gate.md "Backward"; dgk from the identity) equal float64 autodiff of the recurrence."""
+    from helpers import prepare_aligned
+    from test_chunk_bwd import bwd_reference, cotangents, unalign
+
+    from iplr_jax import layout as lay
+
+    B, T, H, K, V, cu, C, kind = case
+    N = None if cu is None else len(cu) - 1
+    inputs, h0 = gated_inputs(rng, B, T, H, K, V, kind, dtype=jnp.float64, N=N)
+    h0 = up(h0)
+    cu = None if cu is None else jnp.asarray(cu, jnp.int32)
+    dims, layout, al, (o, ht, h, v_new), scale = prepare_aligned(inputs, h0, cu, C)
+    ro, rht = iplr_jax.naive(*inputs, initial_state=h0, output_final_state=True, cu_seqlens=cu)
+    assert rel_err(lay.from_chunks(o, layout)[..., :V], ro) < 1e-12  # the gated residuals
+    assert rel_err(ht[:, :, :K, :V], rht) < 1e-12
+    do, dht, doa, dhta = cotangents(rng, dims, layout)
+    g = bwd_reference(al, h, v_new, layout.cu_chunks, doa, dhta, scale=scale, chunk_size=C)
+    mine = unalign(g, dims, layout)
+    f = lambda *xs: iplr_jax.naive(*xs[:6], initial_state=xs[6], output_final_state=True, cu_seqlens=cu)  # noqa: E731
+    want = jax.jit(lambda xs, ct: jax.vjp(f, *xs)[1](ct))((*inputs, h0), (do, dht))
+    for name, x, y in zip(NAMES, mine, want, strict=True):
+        assert rel_err(x, y) < 1e-10, (name, rel_err(x, y))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("case", BWD_CASES)
+def test_gated_backward_kernels(case, dtype, rng):
+    """The gated backward kernels (interpreted, `ChunkConfig(bwd_kernels=True)`) against the
+    gated backward equations in jnp on the same residuals (from the gated WY kernel)."""
+    _gated_kernels_vs_equations(case, dtype, rng)
+
+
+def test_gated_backward_kernels_v_blocks(rng):
+    """Several V-blocks in the intra kernel: float32 partials of the K-side gradients and dG_C."""
+    _gated_kernels_vs_equations(BWD_CASES[1], jnp.float32, rng, bwd_intra_block_v=16)
+
+
+def _gated_kernels_vs_equations(case, dtype, rng, **fields):
+    from helpers import prepare_aligned
+    from test_chunk_bwd import bwd_reference, cotangents
+
+    from iplr_jax.triton.chunk import Residuals
+    from iplr_jax.triton.chunk_bwd import chunk_bwd
+    from iplr_jax.triton.config import ChunkConfig, chunk_config
+    from iplr_jax.triton.wy_fast import wy_fwd
+
+    B, T, H, K, V, cu, C, kind = case
+    N = None if cu is None else len(cu) - 1
+    inputs, h0 = gated_inputs(rng, B, T, H, K, V, kind, dtype=dtype, N=N)
+    cu = None if cu is None else jnp.asarray(cu, jnp.int32)
+    dims, layout, al, (o, ht, h, v_new), scale = prepare_aligned(inputs, h0, cu, C, acc=jnp.float32)
+    _, _, doa, dhta = cotangents(rng, dims, layout)
+    doa, dhta = doa.astype(dtype), dhta.astype(jnp.float32)
+    Kp, Vp = al.q.shape[-1], al.v.shape[-1]
+    cfg = chunk_config(
+        ChunkConfig(bwd_kernels=True, **fields), N=dims.N, H=H, Kp=Kp, Vp=Vp,
+        num_chunks=layout.num_chunks, dtype=dtype, interpret=True, gated=True,
+    )
+    w, _, x, *_ = wy_fwd(al.a, al.b, al.k, al.v, chunk_size=C, config=cfg, out_dtype=dtype,
+                         with_x=True, interpret=True, gk=al.gk)
+    res = Residuals(h.astype(dtype), v_new.astype(jnp.float32), x, w)
+    dx, dh0 = jax.jit(functools.partial(chunk_bwd, scale=scale, chunk_size=C, config=cfg, interpret=True))(
+        al, res, layout.cu_chunks, doa, dhta
+    )
+    ref = bwd_reference(al, h.astype(dtype), v_new.astype(jnp.float32), layout.cu_chunks, doa, dhta,
+                        scale=scale, chunk_size=C)
+    for name, g, r, like in zip(NAMES, (*dx.arrays(), dh0), ref, (*al.arrays(), dhta), strict=True):
+        assert g.shape == r.shape and g.dtype == like.dtype, (name, g.shape, g.dtype)
+        assert np.all(np.isfinite(np.asarray(g, np.float32))), name  # padding chunks too
+        assert rel_err(g, r) < (1e-4 if dtype == jnp.float32 else 1e-2), (name, rel_err(g, r))
 
 
 # -- zero gate = IPLR, None compiles as before ---------------------------------------------------
 
 
 @pytest.mark.parametrize(
-    "name,impl", [("naive", None), ("chunk", "xla"), ("fused_recurrent", "xla"),
-                  ("fused_recurrent", "interpret")]
+    "name,impl", [("naive", None), ("chunk", "xla"), ("chunk", "interpret"),
+                  ("fused_recurrent", "xla"), ("fused_recurrent", "interpret")]
 )
 def test_zero_gate_is_iplr(name, impl, rng):
     inputs, h0 = gated_inputs(rng, 1, 37, 1, 16, 16, "zero")
@@ -242,8 +412,23 @@ def test_fused_recurrent_shard_map(impl, rng):
     check(sharded, inputs, h0)
 
 
+@pytest.mark.parametrize("impl", ["xla", "interpret"])
+def test_chunk_shard_map(impl, rng):
+    """Heads sharded inside shard_map (check_vma=True), packed sequences: the gated chunk kernels
+    with gk sharded like k."""
+    lens = [20, 0, 13]
+    cu = jnp.asarray(np.cumsum([0, *lens]), jnp.int32)
+    inputs, h0 = gated_inputs(rng, 1, sum(lens), 2, 16, 16, "logsigmoid", N=len(lens))
+    mesh = _mesh(2, "x")
+    tok, st = P(None, None, "x"), P(None, "x")
+    call = _op("chunk", impl, chunk_size=16, cu=cu)
+    sharded = jax.shard_map(call, mesh=mesh, in_specs=(tok,) * 6 + (st,), out_specs=(tok, st))
+    check(sharded, inputs, h0, cu=cu)
+
+
+@pytest.mark.parametrize("impl", ["xla", "interpret"])
 @pytest.mark.parametrize("exchange", ["allgather", "scan"])
-def test_context_parallel(exchange, rng):
+def test_context_parallel(exchange, impl, rng):
     """T sharded over 4 devices with a gate: the widened run's final state is [h | M] with M the
     product of the gated transitions; packed sequences straddling device boundaries."""
     cu = jnp.asarray([0, 5, 30, 30, 64], jnp.int32)
@@ -254,7 +439,7 @@ def test_context_parallel(exchange, rng):
     def local(q, k, v, a, b, gk, h0, final=True):
         return chunk_cp(
             q, k, v, a, b, gk, axis_name="sp", initial_state=h0, output_final_state=final,
-            cu_seqlens=cu, chunk_size=16, implementation="xla", exchange=exchange,
+            cu_seqlens=cu, chunk_size=16, implementation=impl, exchange=exchange,
         )
 
     sharded = jax.shard_map(local, mesh=mesh, in_specs=(tok,) * 6 + (P(),), out_specs=(tok, P()))
@@ -264,16 +449,28 @@ def test_context_parallel(exchange, rng):
 def test_fused_recurrent_jit_sharded(rng):
     """Under plain jit with batch- and head-sharded inputs: the gated kernels run per shard
     (custom_partitioning with gk as "b t h k"), no collective, results as on one device."""
+    _jit_sharded("fused_recurrent", gated_inputs(rng, 2, 9, 2, 16, 16, "softplus"))
+
+
+@pytest.mark.parametrize("bwd", ["jnp", "kernels"])
+def test_chunk_jit_sharded(bwd, rng):
+    """The gated chunk kernels and their backward (the jnp VJP, or the gated backward kernels
+    from residuals sharded with the batch) per batch / head shard under jit."""
+    config = BWD_KERNELS if bwd == "kernels" else None
+    _jit_sharded("chunk", gated_inputs(rng, 2, 40, 2, 16, 16, "strong"), config=config)
+
+
+def _jit_sharded(name, case, config=None):
     from helpers import cpu_mesh
     from jax.sharding import AxisType, NamedSharding
 
     if len(jax.devices("cpu")) < 4:
         pytest.skip("needs 4 devices")
-    inputs, h0 = gated_inputs(rng, 2, 9, 2, 16, 16, "softplus")
+    inputs, h0 = case
     mesh = cpu_mesh((2, 2), ("x", "y"), axis_types=(AxisType.Auto,) * 2)
     tok, st = NamedSharding(mesh, P("x", None, "y", None)), NamedSharding(mesh, P("x", "y"))
     xs = [jax.device_put(x, tok) for x in inputs] + [jax.device_put(h0, st)]
-    call = _op("fused_recurrent", "interpret")
+    call = _op(name, "interpret", chunk_size=16, config=config)
     f = jax.jit(lambda *xs: (call(*xs), grads7(call, xs[:6], xs[6])))
     text = f.lower(*xs).compile().as_text()
     assert "all-gather" not in text and "all-to-all" not in text
@@ -290,9 +487,10 @@ def test_fused_recurrent_jit_sharded(rng):
     "K, V, dtype", [(64, 64, jnp.bfloat16), (100, 60, jnp.float32), (200, 130, jnp.float32)]
 )
 def test_gated_fused_recurrent_lowers_for_cuda(K, V, dtype, monkeypatch):
-    """The gated fused kernels (forward and both backward sweeps) lower through the Triton
-    backend; the gated chunk op (jnp fallback for now) lowers with no Triton kernel."""
-    from test_lowering import FUSED, FUSED_BWD, triton_kernels
+    """The gated fused kernels (forward and both backward sweeps) and the gated chunk kernels
+    (WY, sweep, output; backward by default the jnp form's VJP, with `bwd_kernels=True` the
+    gated backward kernels) lower through the Triton backend."""
+    from test_lowering import FUSED, FUSED_BWD, INTRA, OUT, STATE, SWEEP, WY, triton_kernels
 
     import iplr_jax.inputs as inputs_module
 
@@ -313,5 +511,22 @@ def test_gated_fused_recurrent_lowers_for_cuda(K, V, dtype, monkeypatch):
 
     assert triton_kernels(fwd, *x) == FUSED
     assert triton_kernels(step, *x, h0) == FUSED_BWD
-    chunk = lambda *a: iplr_jax.chunk(*a, implementation="pallas")[0]  # noqa: E731
-    assert triton_kernels(chunk, *x) == []
+    for C in (16, 64):
+        chunk = lambda *a, C=C: iplr_jax.chunk(*a, implementation="pallas", chunk_size=C)[0]  # noqa: E731
+        assert triton_kernels(chunk, *x) == [WY, STATE, OUT]
+
+    def chunk_step(*a, config=None):
+        def loss(*d):
+            o, ht = iplr_jax.chunk(
+                *d[:6], initial_state=d[6], output_final_state=True, implementation="pallas",
+                config=config,
+            )
+            return o.astype(jnp.float32).sum() + ht.sum()
+
+        # value and gradients: the jnp backward needs no residual of the forward kernels, so
+        # under plain grad they are dead code
+        return jax.value_and_grad(loss, argnums=tuple(range(7)))(*a)
+
+    assert triton_kernels(chunk_step, *x, h0) == [WY, STATE, OUT]
+    with_kernels = functools.partial(chunk_step, config=BWD_KERNELS)
+    assert triton_kernels(with_kernels, *x, h0) == [WY, STATE, OUT, DV2_GATED, SWEEP, INTRA]

@@ -122,7 +122,7 @@ def test_prefill_then_decode_matches_full_forward():
     vf = jax.random.normal(jax.random.PRNGKey(5), (2, 24, D), jnp.float32)
     full, _ = layer(x, vf)
     layer.init_cache(2)
-    outs = [layer(x[:, :13], vf[:, :13], decode=True)[0]]  # prefill (chunk, gated: jnp form)
+    outs = [layer(x[:, :13], vf[:, :13], decode=True)[0]]  # prefill (the gated chunk kernels)
     for t in range(13, 16):  # single steps (the gated fused kernels)
         outs.append(layer(x[:, t : t + 1], vf[:, t : t + 1], decode=True)[0])
     outs.append(layer(x[:, 16:], vf[:, 16:], decode=True)[0])  # chunk from the cached state

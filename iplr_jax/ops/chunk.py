@@ -50,7 +50,7 @@ TOKENS_CP, VALUES_CP = "b (c s) h k", "b (c s) h v"  # T = c chunks of s tokens,
 RESIDUALS_CP = ("b c h kp vp", "b (c s) h vp", "b c h i j", "b (c s) h kp")
 
 
-def _local(q, v, cu, chunk_size, config, interpret, dtype):
+def _local(q, v, cu, chunk_size, config, interpret, dtype, gated=False):
     B, T, H, K = q.shape
     V = v.shape[-1]
     dims = Dims(B, T, H, K, V, B if cu is None else cu.shape[0] - 1)
@@ -58,22 +58,89 @@ def _local(q, v, cu, chunk_size, config, interpret, dtype):
     Kp, Vp = lay.next_pow2(K), lay.next_pow2(V)
     config = chunk_config(
         config, N=dims.N, H=H, Kp=Kp, Vp=Vp, num_chunks=layout.num_chunks, dtype=dtype,
-        interpret=interpret,
+        interpret=interpret, gated=gated,
     )
     return dims, layout, Kp, Vp, config
 
 
-def _fwd_shard(q, k, v, a, b, h0, *cu, scale, chunk_size, config, interpret, residuals,
+def _gated_fwd_shard(q, k, v, a, b, gk, h0, *cu, residuals=False, **kw):
+    """`_fwd_shard` with the gate: the gated kernels (docs/gate.md)."""
+    return _fwd_shard(q, k, v, a, b, h0, *cu, gk=gk, residuals=residuals, **kw)
+
+
+def _gated_kernels_bwd_shard(q, k, v, a, b, gk, h0, *rest, **kw):
+    """`_bwd_shard` with the gate: the gated backward kernels (`ChunkConfig(bwd_kernels=True)`)."""
+    return _bwd_shard(q, k, v, a, b, h0, *rest, gk=gk, **kw)
+
+
+def _gated_bwd_shard(q, k, v, a, b, gk, h0, *rest, scale, chunk_size, config, interpret):
+    """Gradients of q, k, v, a, b, gk, h0 of one shard, the gate's default backward for now: the
+    VJP of the jnp chunked form (`chunk_xla`, recomputed; numerically safe for any gate)."""
+    del config, interpret
+    cu, (do, dht) = (rest[0], rest[1:]) if len(rest) == 3 else (None, rest)
+    B, T, H, K = q.shape
+    dims = Dims(B, T, H, K, v.shape[-1], B if cu is None else cu.shape[0] - 1)
+
+    def f(*xs):
+        x = Inputs(*xs[:6])
+        return chunk_xla(x, scale=scale, h0=xs[6], cu_seqlens=cu, chunk_size=chunk_size, dims=dims)
+
+    (o, ht), vjp = jax.vjp(f, q, k, v, a, b, gk, h0)
+    return vjp((do.astype(o.dtype), dht.astype(ht.dtype)))
+
+
+def _precision_now(config: ChunkConfig | None) -> ChunkConfig:
+    """The config with the f32 dot precision read now: the per-shard functions are traced again
+    when XLA partitions, outside the caller's `jax.default_matmul_precision` context."""
+    config = config or ChunkConfig()
+    if config.f32_dots is None:
+        config = dataclasses.replace(config, f32_dots=default_f32_dots())
+    return config
+
+
+def _chunk_pallas_gated(x: Inputs, *, scale, h0, cu_seqlens, chunk_size, config, interpret):
+    """With the gate: the gated kernels forward on every batch / head shard
+    (`sharding.partitioned_vjp`); backward, by the config's `bwd_kernels` (off by default for
+    the gate until the kernels are checked on a GPU), the gated backward kernels from the
+    forward's residuals or the jnp form's VJP (no residuals: it recomputes)."""
+    q, scale = static_scale(x.q, scale)
+    config = _precision_now(config)
+    kw = dict(scale=scale, chunk_size=chunk_size, config=config, interpret=interpret)
+    packed = cu_seqlens is not None
+    state = ("n" if packed else "b") + " h k v"
+    primal = functools.partial(_gated_fwd_shard, **kw)
+    Kp, Vp = lay.next_pow2(x.q.shape[-1]), lay.next_pow2(x.v.shape[-1])
+    rule = chunk_config(  # only bwd_kernels is read: a rule of Kp and the gate
+        config, N=1, H=1, Kp=Kp, Vp=Vp, num_chunks=1, dtype=x.q.dtype, interpret=interpret,
+        gated=True,
+    )
+    if rule.bwd_kernels:
+        fwd = functools.partial(_gated_fwd_shard, residuals=True, **kw)
+        bwd, res = functools.partial(_gated_kernels_bwd_shard, **kw), RESIDUALS
+    else:
+        fwd, bwd, res = primal, functools.partial(_gated_bwd_shard, **kw), ()
+    op = partitioned_vjp(
+        primal, fwd, bwd,
+        in_specs=[TOKENS, TOKENS, VALUES, TOKENS, TOKENS, TOKENS, state] + (["m"] if packed else []),
+        out_specs=[VALUES, state],
+        res_specs=res,
+        num_diff=7,
+    )
+    cu = (jnp.asarray(cu_seqlens, jnp.int32),) if packed else ()
+    return op(*match_vma(*x._replace(q=q).arrays(), h0, *cu))
+
+
+def _fwd_shard(q, k, v, a, b, h0, *cu, scale, chunk_size, config, interpret, residuals, gk=None,
                sequence_axes=None):
     """(o, ht) of one shard and, with `residuals`, (h, v_new, X, W) with the batch leading."""
     if sequence_axes is not None:
         return _fwd_shard_cp(q, k, v, a, b, h0, sequence_axes=sequence_axes, scale=scale,
                              chunk_size=chunk_size, config=config, interpret=interpret,
                              residuals=residuals)
-    x = Inputs(q, k, v, a, b)
+    x = Inputs(q, k, v, a, b, gk)
     cu = cu[0] if cu else None
     dt = jnp.result_type(q, k, v, a, b)
-    dims, layout, Kp, Vp, config = _local(q, v, cu, chunk_size, config, interpret, dt)
+    dims, layout, Kp, Vp, config = _local(q, v, cu, chunk_size, config, interpret, dt, x.gated)
     o, ht, res = triton_fwd.chunk_fwd(
         lay.align(x, layout, Kp, Vp), lay.pad_state(h0.astype(jnp.float32), Kp, Vp),
         layout.cu_chunks, scale=scale, chunk_size=chunk_size, config=config, interpret=interpret,
@@ -87,16 +154,17 @@ def _fwd_shard(q, k, v, a, b, h0, *cu, scale, chunk_size, config, interpret, res
     return o, ht, per_chunk(res.h), per_row(res.v_new), per_chunk(res.x), per_row(res.w)
 
 
-def _bwd_shard(q, k, v, a, b, h0, *rest, scale, chunk_size, config, interpret, sequence_axes=None):
-    """Gradients of q, k, v, a, b, h0 from one shard's inputs, residuals and (do, dht)."""
+def _bwd_shard(q, k, v, a, b, h0, *rest, scale, chunk_size, config, interpret, gk=None,
+               sequence_axes=None):
+    """Gradients of q, k, v, a, b (gk), h0 from one shard's inputs, residuals and (do, dht)."""
     if sequence_axes is not None:
         return _bwd_shard_cp(q, k, v, a, b, h0, *rest, sequence_axes=sequence_axes, scale=scale,
                              chunk_size=chunk_size, config=config, interpret=interpret)
     del h0  # the residuals hold the states
     cu, (h, v_new, xinv, w, do, dht) = (rest[0], rest[1:]) if len(rest) == 7 else (None, rest)
-    x = Inputs(q, k, v, a, b)
+    x = Inputs(q, k, v, a, b, gk)
     dt = jnp.result_type(q, k, v, a, b)
-    dims, layout, Kp, Vp, config = _local(q, v, cu, chunk_size, config, interpret, dt)
+    dims, layout, Kp, Vp, config = _local(q, v, cu, chunk_size, config, interpret, dt, x.gated)
     flat = lambda y: y.reshape(-1, *y.shape[2:])  # [B, NC / B, ...] -> [NC, ...]
     row = lambda y: y.reshape(1, -1, *y.shape[2:])  # [B, L / B, ...] -> [1, L, ...]
     res = triton_fwd.Residuals(flat(h), row(v_new), flat(xinv), row(w))
@@ -154,11 +222,7 @@ def _bwd_shard_cp(q, k, v, a, b, h0, *rest, sequence_axes, **kw):
 def _chunk_pallas(x: Inputs, *, scale, h0, cu_seqlens, chunk_size, config, interpret):
     """The kernels on every batch / head shard, tied by a custom_vjp (`sharding.partitioned_vjp`)."""
     q, scale = static_scale(x.q, scale)
-    # the matmul precision is read now: the per-shard functions are traced again when XLA
-    # partitions, outside a `jax.default_matmul_precision` context of the caller
-    config = config or ChunkConfig()
-    if config.f32_dots is None:
-        config = dataclasses.replace(config, f32_dots=default_f32_dots())
+    config = _precision_now(config)
     kw = dict(scale=scale, chunk_size=chunk_size, config=config, interpret=interpret)
     packed = cu_seqlens is not None
     state = ("n" if packed else "b") + " h k v"  # packed: one row, heads shard, offsets replicated
@@ -232,9 +296,10 @@ def chunk(
       v: [B, T, H, V].
       gk: optional log-decay [B, T, H, K] on the K rows of the state (<= 0; any value down to
         -20 per step and below is safe at every chunk size); None: IPLR, compiled exactly as
-        without a gate. NOTE: the chunked Pallas kernels have no gate yet: with `gk`,
-        "pallas" and "interpret" run the jnp chunked form ("xla", numerically safe, gradients
-        by autodiff) instead, so results are correct but not kernel-fast (docs/gate.md).
+        without a gate. NOTE: with `gk`, "pallas" and "interpret" run the gated chunk kernels
+        forward, but the backward is by default the VJP of the jnp chunked form (recomputed
+        from the inputs; numerically safe, not kernel-fast); `config=ChunkConfig(
+        bwd_kernels=True)` runs the gated backward kernels instead (docs/gate.md).
       scale: output scale, default `K ** -0.5`; a number or a scalar array (may be traced).
       initial_state: [N, H, K, V] state before the first token of each sequence.
       output_final_state: also return the state after each sequence's last token.
@@ -288,8 +353,13 @@ def chunk(
     scale = default_scale(scale, dims.K)
     # inside shard_map a zero state must vary over the mesh axes like the inputs it meets
     h0 = like_inputs(initial_state_or_zeros(initial_state, dims, accum_dtype(x)), *x.arrays(), scale)
-    if impl == "xla" or x.gated:  # the chunk kernels have no gate yet: the jnp form (docs/gate.md)
+    if impl == "xla":
         o, final = _chunk_jnp(x, scale=scale, h0=h0, cu_seqlens=cu_seqlens, chunk_size=chunk_size)
+    elif x.gated:  # the gated kernels; backward: the jnp form's VJP or, opted in, kernels (docs/gate.md)
+        o, final = _chunk_pallas_gated(
+            x, scale=scale, h0=h0, cu_seqlens=cu_seqlens, chunk_size=chunk_size, config=config,
+            interpret=impl == "interpret",
+        )
     else:
         o, final = _chunk_pallas(
             x, scale=scale, h0=h0, cu_seqlens=cu_seqlens, chunk_size=chunk_size, config=config,

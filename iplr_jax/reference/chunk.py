@@ -235,7 +235,9 @@ def chunk_bwd_aligned(x: Inputs, h, v_new, cu_chunks, do, dht, *, scale, chunk_s
       dq, dk, dv, da, db in the inputs' dtypes and dh0 [N, H, Kp, Vp] (at least float32).
     """
     if x.gated:
-        raise NotImplementedError("chunk_bwd_aligned has no gate; gated chunks use chunk_xla")
+        return chunk_bwd_aligned_gated(
+            x, h, v_new, cu_chunks, do, dht, scale=scale, chunk_size=chunk_size
+        )
     q, k, v, a, b = x[:5]
     C = chunk_size
     _, L, H, _ = q.shape
@@ -285,5 +287,100 @@ def chunk_bwd_aligned(x: Inputs, h, v_new, cu_chunks, do, dht, *, scale, chunk_s
     merge = lambda g, like: g.transpose(0, 2, 1, 3).reshape(1, L, H, -1).astype(like.dtype)
     return (
         merge(dQ, q), merge(dK, k), merge(dV, v), merge(dA, a), merge(dB, b),
+        dh0.astype(jnp.promote_types(acc, jnp.float32)),
+    )
+
+
+def chunk_bwd_aligned_gated(x: Inputs, h, v_new, cu_chunks, do, dht, *, scale, chunk_size):
+    """The backward of the gated chunked form (docs/gate.md, "Backward") on the aligned layout,
+    in jnp: the oracle of gated backward kernels, written as they would compute it. Per chunk,
+    with Qb = Q e^G, Ab = A e^{Gx}, Kh = K e^{G_C - G}, Bh = B e^{G_C - G}, gam = e^{G_C} and the
+    decayed products M_qk, M_qb (scale inside), M_ak, M_ab:
+
+        dV2 = M_qb^T dO + Bh dS_C,   dZ = X^T dV2,   dS0 = gam dS_C + scale Qb^T dO + W^T dV2
+        dV  = M_qk^T dO + Kh dS_C + M_ak^T dZ
+        dQ, dK, dA, dB: the IPLR terms with every product decayed pairwise (`pairs`)
+        dgk = dG_C + sum_{t >= u} (q dq - k dk - b db)_t + sum_{t > u} (a da)_t,
+        dG_C = sum_v dS_C * S_C   (per chunk, every row)
+
+    The decays are formed pairwise ([.., C, C, K]: small shapes only). Same arguments as
+    `chunk_bwd_aligned` with the gate gk in `x`; returns dq, dk, dv, da, db, dgk, dh0.
+    """
+    q, k, v, a, b, gk = x
+    C = chunk_size
+    _, L, H, _ = q.shape
+    NC, N = L // C, dht.shape[0]
+    arrays = (q, k, v, a, b, gk, h, v_new, do)
+    acc = jnp.float64 if any(y.dtype == jnp.float64 for y in arrays) else jnp.float32
+    split = lambda x: x[0].reshape(NC, C, H, -1).transpose(0, 2, 1, 3).astype(acc)  # [NC, H, C, D]
+    Q, Kc, Vc, A, B, g, V2, dO = (split(y) for y in (q, k, v, a, b, gk, v_new, do))
+    S0 = h.astype(acc)
+    mm = lambda x, y: jnp.einsum("...ij,...jk->...ik", x, y, precision=_HI)
+    mmT = lambda x, y: jnp.einsum("...ij,...kj->...ik", x, y, precision=_HI)  # x y^T
+    Tm = lambda x, y: jnp.einsum("...ji,...jk->...ik", x, y, precision=_HI)  # x^T y
+    G = jnp.cumsum(g, axis=-2)
+    Gx = G - g
+    GC = G[..., -1:, :]
+
+    def decays(F, strict):  # E[t, s, k] = e^{F_t - G_s} on the kept pairs, else 0
+        keep = jnp.tri(C, k=-1 if strict else 0, dtype=bool)[:, :, None]
+        return jnp.exp(jnp.where(keep, F[..., :, None, :] - G[..., None, :, :], -jnp.inf))
+
+    E_in, E_st = decays(G, False), decays(Gx, True)
+    gram = lambda x, y, E: jnp.einsum("...tk,...sk,...tsk->...ts", x, y, E, precision=_HI)
+    # the gradients of a decayed product M = [x_t . e^{F_t - G_s} y_s] w.r.t. x and y, given dM
+    d_rows = lambda dM, y, E: jnp.einsum("...ts,...sk,...tsk->...tk", dM, y, E, precision=_HI)
+    d_cols = lambda dM, x, E: jnp.einsum("...ts,...tk,...tsk->...sk", dM, x, E, precision=_HI)
+    Mqk, Mqb = scale * gram(Q, Kc, E_in), scale * gram(Q, B, E_in)
+    Mak = gram(A, Kc, E_st)
+    X = unit_lower_inverse(gram(A, B, E_st))
+    Qb, Ab = Q * jnp.exp(G), A * jnp.exp(Gx)
+    tail = jnp.exp(GC - G)
+    Kh, Bh, gam = Kc * tail, B * tail, jnp.exp(GC)[..., 0, :, None]  # gam [NC, H, K, 1]
+    W = mm(X, Ab)
+
+    cu = jnp.asarray(cu_chunks, jnp.int32)
+    c = jnp.arange(NC)
+    seq = sequence_ids(cu, c, N)
+    last = c == cu[seq + 1] - 1
+    valid = c < cu[-1]
+    dht = dht.astype(acc)
+
+    def body(ds, xs):
+        dO_c, Qb_c, Bh_c, W_c, Mqb_c, gam_c, seq_c, last_c, valid_c = xs
+        ds = jnp.where(valid_c, jnp.where(last_c, dht[seq_c], ds), 0)
+        dv2 = Tm(Mqb_c, dO_c) + mm(Bh_c, ds)
+        ds0 = gam_c * ds + scale * Tm(Qb_c, dO_c) + Tm(W_c, dv2)
+        return ds0, (ds, ds0)
+
+    _, (dSC, dS0) = jax.lax.scan(
+        body, jnp.zeros_like(dht[0]), (dO, Qb, Bh, W, Mqb, gam, seq, last, valid), reverse=True
+    )
+    nonempty = (cu[1:] > cu[:-1])[:, None, None, None]
+    dh0 = jnp.where(nonempty, dS0[jnp.clip(cu[:-1], 0, NC - 1)], dht)
+
+    dV2 = Tm(Mqb, dO) + mm(Bh, dSC)
+    dZ = Tm(X, dV2)
+    dV = Tm(Mqk, dO) + mm(Kh, dSC) + Tm(Mak, dZ)
+    incl = lambda x: jnp.where(jnp.tri(C, k=0, dtype=bool), x, 0)
+    strict = lambda x: jnp.where(jnp.tri(C, k=-1, dtype=bool), x, 0)
+    dOV, dOV2 = incl(mmT(dO, Vc)), incl(mmT(dO, V2))
+    dZV, dZV2 = strict(mmT(dZ, Vc)), strict(mmT(dZ, V2))
+    dQ = scale * (mmT(dO, S0) * jnp.exp(G) + d_rows(dOV, Kc, E_in) + d_rows(dOV2, B, E_in))
+    dK = scale * d_cols(dOV, Q, E_in) + d_cols(dZV, A, E_st) + mmT(Vc, dSC) * tail
+    dB = scale * d_cols(dOV2, Q, E_in) + d_cols(dZV2, A, E_st) + mmT(V2, dSC) * tail
+    dA = mmT(dZ, S0) * jnp.exp(Gx) + d_rows(dZV, Kc, E_st) + d_rows(dZV2, B, E_st)
+    # the gate: every q_t appears as q_t e^{G_t}, a_t as a_t e^{Gx_t}, k_s and b_s as
+    # k_s e^{-G_s} (inside sums that are finite), the state after the chunk as e^{G_C} (...)
+    SC = gam * S0 + Tm(Kh, Vc) + Tm(Bh, V2)
+    dGC = jnp.sum(dSC * SC, axis=-1)[..., None, :]  # [NC, H, 1, K]
+    dG = Q * dQ - Kc * dK - B * dB
+    rev_incl = jnp.flip(jnp.cumsum(jnp.flip(dG, -2), -2), -2)  # sum over t >= u
+    aa = A * dA
+    rev_excl = jnp.flip(jnp.cumsum(jnp.flip(aa, -2), -2), -2) - aa  # sum over t > u
+    dg = dGC + rev_incl + rev_excl
+    merge = lambda g, like: g.transpose(0, 2, 1, 3).reshape(1, L, H, -1).astype(like.dtype)
+    return (
+        merge(dQ, q), merge(dK, k), merge(dV, v), merge(dA, a), merge(dB, b), merge(dg, gk),
         dh0.astype(jnp.promote_types(acc, jnp.float32)),
     )

@@ -29,8 +29,10 @@ from jax.experimental.pallas import triton as pltr
 
 from iplr_jax.inputs import Inputs
 from iplr_jax.sharding import shape_dtype, vma_of
+from iplr_jax.triton import gate
 from iplr_jax.triton.config import ChunkConfig
-from iplr_jax.triton.helpers import F32, NT, TN, dot, f32_precision, is_low, mask, tri
+from iplr_jax.triton.gate import SUB
+from iplr_jax.triton.helpers import F32, NT, TN, dot, dot_as, f32_precision, is_low, mask, tri
 from iplr_jax.triton.wy_fast import wy_fwd
 
 
@@ -59,7 +61,7 @@ def _chunk_output(q, k, b, v, v2, s0, dt, scale, low_v2, prec=None):
 
 def _state_kernel(
     cu_ref, w_ref, u_ref, k_ref, b_ref, v_ref, h0_ref, *refs, chunk_size, num_chunks, residuals,
-    fuse, scale, low_v2, prec=None,
+    fuse, scale, low_v2, prec=None, gated=False,
 ):
     """One (sequence n, head, V-block): S [Kp, BV] float32 carried over the sequence's chunks.
 
@@ -69,9 +71,14 @@ def _state_kernel(
     leaves registers between chunks. BV is small (16-64) so that S and the [C, Kp] operand tiles
     fit for Kp up to 256, and so that N * H * (Vp / BV) programs fill the GPU: this sweep is
     latency-bound.
+
+    With `gated`, k_ref and b_ref hold K e^{G_C - G}, B e^{G_C - G} (from the WY kernel) and a
+    ref of e^{G_C} per chunk [NC, Kp] follows h0 (after q): S_C = e^{G_C} S0 + ..., V2 reading
+    the undecayed S0 (docs/gate.md).
     """
     refs = list(refs)
     q_ref = refs.pop(0) if fuse else None
+    gc_ref = refs.pop(0) if gated else None
     ht_ref = refs.pop(0)
     h_ref, vn_ref = (refs.pop(0), refs.pop(0)) if residuals else (None, None)
     o_ref = refs.pop(0) if fuse else None
@@ -91,6 +98,8 @@ def _state_kernel(
             o = _chunk_output(q_ref[r, :], k, b, v, v2, s, dt, scale, low_v2, prec)
             o_ref[r, :] = o.astype(o_ref.dtype)
         kv = dot(k, v, TN, None if is_low(dt) else prec)
+        if gated:
+            s = gc_ref[c][:, None] * s
         return s + kv + dot(b.astype(F32), v2, TN, prec)  # S0 + K^T V + B^T V2
 
     # A plain loop: Triton pipelines these tile loads itself, since they feed dots (loading the
@@ -128,27 +137,69 @@ def _output_kernel(q_ref, k_ref, b_ref, v_ref, vn_ref, h_ref, o_ref, *, scale, l
     o_ref[...] = o.astype(o_ref.dtype)
 
 
-def output_fwd(q, k, b, v, v_new, h, *, scale, chunk_size, config: ChunkConfig, interpret):
-    """The output pass (`_output_kernel`) over every (chunk, head, V-block): o [1, L, H, Vp]."""
+def _gated_output_kernel(
+    q_ref, k_ref, b_ref, v_ref, vn_ref, h_ref, g_ref, o_ref, *, scale, low_v2, prec=None
+):
+    """One (chunk, head, V-block) with the gate (docs/gate.md), by 16-row blocks i:
+
+        O_i = scale ((Q_i e^{G_i}) S0 + sum_{j<=i} A_qk[i, j] V_j + A_qb[i, j] V2_j),
+        A_qk[t, s] = q_t . e^{G_t - G_s} k_s  (s <= t),  A_qb likewise with b.
+
+    Off-diagonal blocks factor through the block boundaries (`gate`), the diagonal ones are
+    pairwise. Dot operands as in `_chunk_output`: the decayed float32 operands are rounded to
+    16-bit inputs' dtype (the output feeds nothing later), else float32 at `prec`.
+    """
+    C = q_ref.shape[0]
+    nb, dt = C // SUB, k_ref.dtype
+    mm = functools.partial(dot_as, dt=dt, f32_precision=prec)
+    mm_v2 = functools.partial(dot_as, dt=dt if low_v2 else F32, f32_precision=prec)
+    f32_rows = lambda ref, i: ref[pl.ds(i * SUB, SUB), :].astype(F32)  # noqa: E731
+    tot = gate.totals(g_ref, nb)
+    s0 = h_ref[...]
+    for i in range(nb):
+        q_i = f32_rows(q_ref, i) * jnp.exp(gate.block_gate(g_ref, i)[0])  # from the boundary before i
+        before = gate.between(tot, -1, i)
+        q0 = q_i if before is None else q_i * jnp.exp(before)[None, :]  # from the chunk start
+        qk, qb = gate.diag_products(q_ref, (k_ref, b_ref), g_ref, i, strict=False)
+        o = mm(q0, s0) + mm(qk, v_ref[pl.ds(i * SUB, SUB), :]) + mm_v2(qb, vn_ref[pl.ds(i * SUB, SUB), :])
+        for j in range(i):
+            mid = gate.between(tot, j, i)
+            q_ij = q_i if mid is None else q_i * jnp.exp(mid)[None, :]
+            to_end = gate.to_block_end(g_ref, tot, j)
+            qk = mm(q_ij, f32_rows(k_ref, j) * to_end, tb=True)
+            qb = mm(q_ij, f32_rows(b_ref, j) * to_end, tb=True)
+            rows_j = pl.ds(j * SUB, SUB)
+            o = o + mm(qk, v_ref[rows_j, :]) + mm_v2(qb, vn_ref[rows_j, :])
+        o_ref[pl.ds(i * SUB, SUB), :] = (scale * o).astype(o_ref.dtype)
+
+
+def output_fwd(
+    q, k, b, v, v_new, h, *, scale, chunk_size, config: ChunkConfig, interpret, gk=None
+):
+    """The output pass (`_output_kernel`, with a gate `gk` `_gated_output_kernel`) over every
+    (chunk, head, V-block): o [1, L, H, Vp]."""
     _, L, H, Kp = q.shape
     Vp = v.shape[-1]
     C, BVo = chunk_size, config.output_block_v
     kc = pl.BlockSpec((None, C, None, Kp), lambda c, h, j: (0, c, h, 0))
     vc = pl.BlockSpec((None, C, None, BVo), lambda c, h, j: (0, c, h, j))
     hc = pl.BlockSpec((None, None, Kp, BVo), lambda c, h, j: (c, h, 0, j))
+    kernel, args, in_specs = _output_kernel, [q, k, b, v, v_new, h], [kc, kc, kc, vc, vc, hc]
+    if gk is not None:
+        kernel, args, in_specs = _gated_output_kernel, args + [gk], in_specs + [kc]
     return pl.pallas_call(
         functools.partial(
-            _output_kernel, scale=scale, low_v2=config.low_precision_v2,
+            kernel, scale=scale, low_v2=config.low_precision_v2,
             prec=f32_precision(config.f32_dots),
         ),
         grid=(L // C, H, Vp // BVo),
-        in_specs=[kc, kc, kc, vc, vc, hc],
+        in_specs=in_specs,
         out_specs=vc,
-        out_shape=shape_dtype((1, L, H, Vp), v.dtype, vma_of(q, k, b, v, v_new, h)),
+        out_shape=shape_dtype((1, L, H, Vp), v.dtype, vma_of(*args)),
         compiler_params=pltr.CompilerParams(num_warps=config.output_warps, num_stages=2),
         interpret=interpret,
         name="iplr_chunk_output_fwd",
-    )(q, k, b, v, v_new, h)
+    )(*args)
 
 
 def chunk_fwd(
@@ -158,7 +209,8 @@ def chunk_fwd(
 
     Args:
       x: q, k, a, b [1, L, H, Kp] and v [1, L, H, Vp] (input dtype), L = NC * chunk_size, Kp and
-        Vp powers of two >= 16.
+        Vp powers of two >= 16; optionally the gate gk [1, L, H, Kp] (docs/gate.md: every kernel
+        then runs its gated form, and the output is never fused into the sweep).
       h0: [N, H, Kp, Vp] float32.
       cu_chunks: int32 [N + 1]; sequence n owns chunks cu_chunks[n] .. cu_chunks[n+1]-1 (may be
         traced). Chunks at or past cu_chunks[-1] are zero padding.
@@ -167,7 +219,8 @@ def chunk_fwd(
         writing it; for the primal without a gradient).
 
     Returns:
-      o [1, L, H, Vp] (v's dtype), ht [N, H, Kp, Vp] float32, and `Residuals` (or None).
+      o [1, L, H, Vp] (v's dtype), ht [N, H, Kp, Vp] float32, and `Residuals` (or None; with a
+      gate X and W are the decayed ones).
     """
     q, k, v, a, b = x[:5]
     _, L, H, Kp = q.shape
@@ -176,23 +229,33 @@ def chunk_fwd(
     C = chunk_size
     NC = L // C
     dt = k.dtype
-    fuse, low_v2 = config.fuse_output, config.low_precision_v2
+    # gated: the output's pairwise diagonal blocks stay off the sequential sweep
+    fuse, low_v2 = config.fuse_output and not x.gated, config.low_precision_v2
+    gated = dict(gk=x.gk) if x.gated else {}
     w, u, *rest = wy_fwd(
-        a, b, k, v, chunk_size=C, config=config, out_dtype=dt, with_x=residuals, interpret=interpret
+        a, b, k, v, chunk_size=C, config=config, out_dtype=dt, with_x=residuals, interpret=interpret,
+        **gated,
     )
+    if x.gated:  # the sweep reads K, B decayed to the chunk's end and e^{G_C}
+        *rest, k_sweep, b_sweep, gc = rest
+    else:
+        k_sweep, b_sweep = k, b
     keep = residuals or not fuse
     BV = config.state_block_v
     kfull = pl.BlockSpec((None, L, None, Kp), lambda n, h, j: (0, 0, h, 0))
     vfull = pl.BlockSpec((None, L, None, BV), lambda n, h, j: (0, 0, h, j))
     state = pl.BlockSpec((None, None, Kp, BV), lambda n, h, j: (n, h, 0, j))
     in_specs = [pl.BlockSpec((N + 1,), lambda n, h, j: (0,)), kfull, vfull, kfull, kfull, vfull, state]
-    args = [cu_chunks.astype(jnp.int32), w, u, k, b, v, h0.astype(F32)]
+    args = [cu_chunks.astype(jnp.int32), w, u, k_sweep, b_sweep, v, h0.astype(F32)]
     out_specs = [state]
     vma = vma_of(*args, q)  # inside shard_map the outputs vary like the inputs
     out_shape = [shape_dtype((N, H, Kp, Vp), F32, vma)]
     if fuse:
         in_specs.append(kfull)
         args.append(q)
+    if x.gated:
+        in_specs.append(pl.BlockSpec((NC, None, Kp), lambda n, h, j: (0, h, 0)))
+        args.append(gc)
     if keep:
         out_specs += [pl.BlockSpec((NC, None, Kp, BV), lambda n, h, j: (0, h, 0, j)), vfull]
         out_shape += [
@@ -206,7 +269,7 @@ def chunk_fwd(
     outs = pl.pallas_call(
         functools.partial(
             _state_kernel, chunk_size=C, num_chunks=NC, residuals=keep, fuse=fuse, scale=scale,
-            low_v2=low_v2, prec=f32_precision(config.f32_dots),
+            low_v2=low_v2, prec=f32_precision(config.f32_dots), **({"gated": True} if x.gated else {}),
         ),
         grid=(N, H, Vp // BV),
         in_specs=in_specs,
@@ -219,6 +282,7 @@ def chunk_fwd(
     ht = outs[0]
     h, v_new = (outs[1], outs[2]) if keep else (None, None)
     o = outs[-1] if fuse else output_fwd(
-        q, k, b, v, v_new, h, scale=scale, chunk_size=C, config=config, interpret=interpret
+        q, k, b, v, v_new, h, scale=scale, chunk_size=C, config=config, interpret=interpret,
+        **gated,
     )
     return o, ht, (Residuals(h, v_new, rest[0], w) if residuals else None)

@@ -31,6 +31,9 @@ When Vp is larger than one intra block (`config.bwd_intra_block_v`: 128), each V
 float32 partial K-side gradients (dq, dk, da, db) and XLA sums them; for Vp <= 128 there is one
 block and the kernel writes them directly in the inputs' dtypes. Kp = 256 does not reach the
 kernels (`config.bwd_kernels`; the same equations run in jnp there).
+
+With the gate (docs/gate.md, "Backward of the gated chunked form") three kernels of their own
+run instead (`_gated_bwd`, opt-in through `bwd_kernels`), and dgk follows from the identity.
 """
 
 from __future__ import annotations
@@ -45,8 +48,10 @@ from jax.experimental.pallas import triton as pltr
 from iplr_jax.inputs import Inputs
 from iplr_jax.reference.chunk import chunk_bwd_aligned
 from iplr_jax.sharding import shape_dtype, vma_of
+from iplr_jax.triton import gate
 from iplr_jax.triton.chunk import Residuals
 from iplr_jax.triton.config import ChunkConfig
+from iplr_jax.triton.gate import SUB
 from iplr_jax.triton.helpers import dot_as, mask, tri
 
 
@@ -194,6 +199,223 @@ def _intra(q, k, v, a, b, h, v_new, do, dsc, x, cu_chunks, *, scale, chunk_size,
     return dq, dk, da, db, dv
 
 
+# -- the gate (docs/gate.md, "Backward of the gated chunked form") -------------------------------
+# Three kernels: `_gated_dv2_kernel` (P = M_qb^T dO per chunk, parallel: the part of dV2 the
+# reverse sweep would otherwise recompute on its sequential path), `_gated_sweep_kernel` (dS with
+# the decays) and `_gated_intra_kernel` (the five input gradients and dG_C per chunk); dgk then
+# follows in jnp from the identity (`_gate_grad`).
+
+
+def _rows(ref, i):
+    return ref[pl.ds(i * SUB, SUB), :]
+
+
+def _gated_dv2_kernel(q_ref, b_ref, g_ref, do_ref, p_ref, *, scale, dt, f32_prec):
+    """One (chunk, head, V-block): P_j = sum_{i >= j} M_qb[i, j]^T dO_i, M_qb the decayed
+    incl(scale Q B^T) (off the diagonal through the block boundaries, pairwise on it)."""
+    nb = q_ref.shape[0] // SUB
+    mm = functools.partial(dot_as, dt=dt, f32_precision=f32_prec)
+    tot = gate.totals(g_ref, nb)
+    for j in range(nb):
+        (qb,) = gate.diag_products(q_ref, (b_ref,), g_ref, j, strict=False)
+        p = mm(scale * qb, _rows(do_ref, j), ta=True)
+        bc = _rows(b_ref, j).astype(jnp.float32) * gate.to_block_end(g_ref, tot, j)
+        for i in range(j + 1, nb):
+            G = gate.block_gate(g_ref, i)[0]
+            qr = _rows(q_ref, i).astype(jnp.float32) * jnp.exp(G + gate.span(tot, j, i))
+            p = p + mm(scale * mm(qr, bc, tb=True), _rows(do_ref, i), ta=True)
+        p_ref[pl.ds(j * SUB, SUB), :] = p
+
+
+def _gated_sweep_kernel(
+    cu_ref, q_ref, b_ref, g_ref, w_ref, p_ref, do_ref, dht_ref, dsc_ref, dh0_ref, *, scale, C, dt,
+    f32_prec=lax.Precision.DEFAULT,
+):
+    """The reverse dS sweep with the gate: dS0 = e^{G_C} dS_C + scale (Q e^G)^T dO + W^T dV2,
+    dV2 = P + (B e^{G_C - G}) dS_C. The decays (a scan over the chunk's rows) are off the chain."""
+    n = pl.program_id(0)
+    c0, c1 = cu_ref[n], cu_ref[n + 1]
+    last = lax.broadcasted_iota(jnp.int32, (C, 1), 0) == C - 1
+
+    def body(i, ds):
+        c = c1 - 1 - i
+        dsc_ref[c] = ds.astype(dsc_ref.dtype)
+        rows = pl.ds(c * C, C)
+        G = jnp.cumsum(g_ref[rows, :].astype(jnp.float32), axis=0)
+        GC = jnp.sum(mask(last, G), axis=0)[None, :]
+        qd = q_ref[rows, :].astype(jnp.float32) * jnp.exp(G)
+        bd = b_ref[rows, :].astype(jnp.float32) * jnp.exp(jnp.minimum(GC - G, 0))
+        mm = functools.partial(dot_as, dt=dt, f32_precision=f32_prec)
+        dv2 = p_ref[rows, :] + mm(bd, ds)
+        return jnp.exp(GC).reshape(-1, 1) * ds + scale * mm(qd, do_ref[rows, :], ta=True) + mm(
+            w_ref[rows, :], dv2, ta=True
+        )
+
+    ds = lax.fori_loop(0, c1 - c0, body, dht_ref[...].astype(jnp.float32))
+    dh0_ref[...] = ds
+
+
+def _gated_intra_kernel(
+    cu_ref, q_ref, k_ref, a_ref, b_ref, g_ref, v_ref, v2_ref, do_ref, p_ref, h_ref, dsc_ref, x_ref,
+    dq_ref, dk_ref, da_ref, db_ref, dv_ref, dgc_ref, *, scale, dt, f32_prec=lax.Precision.DEFAULT,
+):
+    """One (chunk, head, V-block) with the gate, by 16-row blocks: dV2 = P + Bh dS_C,
+    dZ = X^T dV2, then the row gradients (dq, da: blocks j <= i of each row block i) and the
+    column ones (dk, db, dv: blocks i >= j of each column block j), each finished and stored
+    before the next so few [16, Kp] accumulators are live; and dG_C = sum_v dS_C * S_C.
+    Off-diagonal blocks factor through the block boundaries, diagonal ones loop over a row or
+    column (`gate.diag_row_grads`, `gate.diag_col_grads`). K-side outputs are float32 (dgk
+    is formed from them)."""
+    C = q_ref.shape[0]
+    nb = C // SUB
+    n_seq = cu_ref.shape[0] - 1
+    f32 = jnp.float32
+    incl, strict = tri(SUB, strict=False), tri(SUB, strict=True)
+    mm = functools.partial(dot_as, dt=dt, f32_precision=f32_prec)
+    rows32 = lambda ref, i: _rows(ref, i).astype(f32)  # noqa: E731
+    valid = pl.program_id(0) < cu_ref[n_seq]
+    ds = mask(valid, dsc_ref[...].astype(f32))
+    s0 = h_ref[...]
+    tot = gate.totals(g_ref, nb)
+    to_chunk_end = lambda j: gate.to_block_end(g_ref, tot, j) * jnp.exp(gate.span(tot, j, nb))  # noqa: E731
+    dv2 = [rows32(p_ref, i) + mm(rows32(b_ref, i) * to_chunk_end(i), ds) for i in range(nb)]
+    dz = []
+    for j in range(nb):  # dZ_j = sum_{i >= j} X_ij^T dV2_i
+        acc = None
+        for i in range(j, nb):
+            term = mm(x_ref[pl.ds(i * SUB, SUB), pl.ds(j * SUB, SUB)], dv2[i], ta=True)
+            acc = term if acc is None else acc + term
+        dz.append(acc)
+    del dv2
+
+    def dms(i, j):  # the cotangents of M_qk, M_qb, M_ak, M_ab in block (i, j)
+        do, v, v2 = _rows(do_ref, i), _rows(v_ref, j), _rows(v2_ref, j)
+        out = (mm(do, v, tb=True), mm(do, v2, tb=True), mm(dz[i], v, tb=True), mm(dz[i], v2, tb=True))
+        if i == j:
+            out = (mask(incl, out[0]), mask(incl, out[1]), mask(strict, out[2]), mask(strict, out[3]))
+        return out
+
+    for i in range(nb):  # rows: dq_i, da_i
+        G, Gx = gate.block_gate(g_ref, i)
+        pre = gate.span(tot, -1, i)
+        dq = mm(_rows(do_ref, i), s0, tb=True) * jnp.exp(G + pre)
+        da = mm(dz[i], s0, tb=True) * jnp.exp(Gx + pre)
+        dqk, dqb, dak, dab = dms(i, i)
+        dq = dq + gate.diag_row_grads(((dqk, k_ref, False), (dqb, b_ref, False)), g_ref, i)
+        da = da + gate.diag_row_grads(((dak, k_ref, True), (dab, b_ref, True)), g_ref, i)
+        for j in range(i):
+            cy = gate.to_block_end(g_ref, tot, j)
+            kc, bc = rows32(k_ref, j) * cy, rows32(b_ref, j) * cy
+            m = jnp.exp(gate.span(tot, j, i))
+            dqk, dqb, dak, dab = dms(i, j)
+            dq = dq + jnp.exp(G) * m * (mm(dqk, kc) + mm(dqb, bc))
+            da = da + jnp.exp(Gx) * m * (mm(dak, kc) + mm(dab, bc))
+        dq_ref[pl.ds(i * SUB, SUB), :] = scale * dq
+        da_ref[pl.ds(i * SUB, SUB), :] = da
+
+    sc = jnp.exp(gate.span(tot, -1, nb)).reshape(-1, 1) * s0.astype(f32)  # S_C, for dG_C
+    for j in range(nb):  # columns: dk_j, db_j, dv_j
+        cy = gate.to_block_end(g_ref, tot, j)
+        tail = to_chunk_end(j)
+        v, v2 = _rows(v_ref, j), _rows(v2_ref, j)
+        kh, bh = rows32(k_ref, j) * tail, rows32(b_ref, j) * tail
+        sc = sc + mm(kh, v, ta=True) + mm(bh, v2, ta=True)
+        dk = mm(v, ds, tb=True) * tail
+        db = mm(v2, ds, tb=True) * tail
+        (mqk,) = gate.diag_products(q_ref, (k_ref,), g_ref, j, strict=False)
+        (mak,) = gate.diag_products(a_ref, (k_ref,), g_ref, j, strict=True)
+        dv = mm(kh, ds) + mm(scale * mqk, _rows(do_ref, j), ta=True) + mm(mak, dz[j], ta=True)
+        dqk, dqb, dak, dab = dms(j, j)
+        dk = dk + gate.diag_col_grads(((scale * dqk, q_ref, False), (dak, a_ref, True)), g_ref, j)
+        db = db + gate.diag_col_grads(((scale * dqb, q_ref, False), (dab, a_ref, True)), g_ref, j)
+        kc, bc = rows32(k_ref, j) * cy, rows32(b_ref, j) * cy
+        for i in range(j + 1, nb):
+            G, Gx = gate.block_gate(g_ref, i)
+            m = jnp.exp(gate.span(tot, j, i))
+            qr, ar = rows32(q_ref, i) * jnp.exp(G) * m, rows32(a_ref, i) * jnp.exp(Gx) * m
+            dv = dv + mm(scale * mm(qr, kc, tb=True), _rows(do_ref, i), ta=True)
+            dv = dv + mm(mm(ar, kc, tb=True), dz[i], ta=True)
+            dqk, dqb, dak, dab = dms(i, j)
+            dk = dk + cy * (scale * mm(dqk, qr, ta=True) + mm(dak, ar, ta=True))
+            db = db + cy * (scale * mm(dqb, qr, ta=True) + mm(dab, ar, ta=True))
+        dk_ref[pl.ds(j * SUB, SUB), :] = dk
+        db_ref[pl.ds(j * SUB, SUB), :] = db
+        dv_ref[pl.ds(j * SUB, SUB), :] = dv.astype(dv_ref.dtype)
+    dgc_ref[...] = jnp.sum(ds * sc, axis=1)
+
+
+def _gated_bwd(x: Inputs, res: Residuals, cu_chunks, do, dht, *, scale, chunk_size, config, interpret):
+    """The gated backward kernels and dgk (see the section's comment)."""
+    q, k, v, a, b, gk = x
+    _, L, H, Kp = q.shape
+    Vp = v.shape[-1]
+    N, C = dht.shape[0], chunk_size
+    NC = L // C
+    dt = jnp.result_type(q, k, v, a, b)
+    prec = _bwd_precision(config)
+    bv = config.bwd_intra_block_v
+    nv = Vp // bv
+    kc = pl.BlockSpec((None, C, None, Kp), lambda c, h, j: (0, c, h, 0))
+    vc = pl.BlockSpec((None, C, None, bv), lambda c, h, j: (0, c, h, j))
+    sc = pl.BlockSpec((None, None, Kp, bv), lambda c, h, j: (c, h, 0, j))
+    vma = vma_of(cu_chunks, q, k, v, a, b, gk, do, dht, *res)
+    params = pltr.CompilerParams(num_warps=config.bwd_intra_warps, num_stages=1)
+    p = pl.pallas_call(
+        functools.partial(_gated_dv2_kernel, scale=scale, dt=dt, f32_prec=prec),
+        grid=(NC, H, nv), in_specs=[kc, kc, kc, vc], out_specs=vc,
+        out_shape=shape_dtype((1, L, H, Vp), jnp.float32, vma),
+        compiler_params=params, interpret=interpret, name="iplr_chunk_bwd_dv2_gated",
+    )(q, b, gk, do)
+
+    sbv = config.bwd_sweep_block_v
+    kfull = pl.BlockSpec((None, L, None, Kp), lambda n, h, j: (0, 0, h, 0))
+    vfull = pl.BlockSpec((None, L, None, sbv), lambda n, h, j: (0, 0, h, j))
+    sspec = pl.BlockSpec((None, None, Kp, sbv), lambda n, h, j: (n, h, 0, j))
+    dsc, dh0 = pl.pallas_call(
+        functools.partial(_gated_sweep_kernel, scale=scale, C=C, dt=dt, f32_prec=prec),
+        grid=(N, H, Vp // sbv),
+        in_specs=[pl.BlockSpec((N + 1,), lambda n, h, j: (0,)), kfull, kfull, kfull, kfull, vfull,
+                  vfull, sspec],
+        out_specs=[pl.BlockSpec((NC, None, Kp, sbv), lambda n, h, j: (0, h, 0, j)), sspec],
+        out_shape=[shape_dtype((NC, H, Kp, Vp), dt, vma), shape_dtype((N, H, Kp, Vp), jnp.float32, vma)],
+        compiler_params=pltr.CompilerParams(
+            num_warps=config.bwd_sweep_warps, num_stages=config.bwd_sweep_stages
+        ),
+        interpret=interpret, name="iplr_chunk_bwd_sweep",
+    )(cu_chunks, q, b, gk, res.w, p, do, dht)
+
+    kpart = pl.BlockSpec((None, C, None, Kp), lambda c, h, j: (j, c, h, 0))
+    gpart = pl.BlockSpec((None, None, None, Kp), lambda c, h, j: (j, c, h, 0))
+    dq, dk, da, db, dv, dgc = pl.pallas_call(
+        functools.partial(_gated_intra_kernel, scale=scale, dt=dt, f32_prec=prec),
+        grid=(NC, H, nv),
+        in_specs=[pl.BlockSpec((cu_chunks.shape[0],), lambda c, h, j: (0,)), kc, kc, kc, kc, kc,
+                  vc, vc, vc, vc, sc, sc, pl.BlockSpec((None, None, C, C), lambda c, h, j: (c, h, 0, 0))],
+        out_specs=[kpart] * 4 + [vc, gpart],
+        out_shape=[shape_dtype((nv, L, H, Kp), jnp.float32, vma)] * 4
+        + [shape_dtype((1, L, H, Vp), v.dtype, vma), shape_dtype((nv, NC, H, Kp), jnp.float32, vma)],
+        compiler_params=params, interpret=interpret, name="iplr_chunk_bwd_intra",
+    )(cu_chunks, q, k, a, b, gk, v, res.v_new, do, p, res.h, dsc, res.x)
+    dq, dk, da, db, dgc = (y.sum(0) for y in (dq, dk, da, db, dgc))
+    dgk = _gate_grad(x, dq[None], dk[None], da[None], db[None], dgc, C)
+    cast = lambda y, like: y[None].astype(like.dtype) if y.ndim == 3 else y.astype(like.dtype)  # noqa: E731
+    return Inputs(cast(dq, q), cast(dk, k), dv, cast(da, a), cast(db, b), cast(dgk, gk)), dh0
+
+
+def _gate_grad(x: Inputs, dq, dk, da, db, dgc, C):
+    """dgk [1, L, H, Kp] float32 from the other gradients (float32) and dG_C [NC, H, Kp]:
+    dgk_u = dG_C + sum_{t >= u} (q dq - k dk - b db)_t + sum_{t > u} (a da)_t within each chunk
+    (docs/gate.md, "Backward of the gated chunked form")."""
+    q, k, a, b = (y.astype(jnp.float32) for y in (x.q, x.k, x.a, x.b))
+    _, L, H, Kp = q.shape
+    chunks = lambda y: y.reshape(L // C, C, H, Kp)  # noqa: E731
+    dG = chunks(q * dq - k * dk - b * db)
+    aa = chunks(a * da)
+    rev = lambda y: jnp.flip(jnp.cumsum(jnp.flip(y, 1), 1), 1)  # noqa: E731
+    dgk = dgc[:, None] + rev(dG) + rev(aa) - aa
+    return dgk.reshape(1, L, H, Kp)
+
+
 def chunk_bwd(
     x: Inputs, res: Residuals, cu_chunks, do, dht, *, scale, chunk_size, config: ChunkConfig,
     interpret,
@@ -217,6 +439,11 @@ def chunk_bwd(
             x, res.h, res.v_new, cu_chunks, do, dht, scale=scale, chunk_size=chunk_size
         )
         return Inputs(*g), dh0
+    if x.gated:
+        return _gated_bwd(
+            x, res, jnp.asarray(cu_chunks, jnp.int32), do, jnp.asarray(dht, jnp.float32),
+            scale=scale, chunk_size=chunk_size, config=config, interpret=interpret,
+        )
     q, k, v, a, b = x[:5]
     dt = jnp.result_type(q, k, v, a, b)
     cu_chunks = jnp.asarray(cu_chunks, jnp.int32)

@@ -29,10 +29,12 @@ class ChunkConfig:
     WY kernel (`wy_fast`): `wy_warps`, `wy_block_v` (V-block of U = P V inside the kernel),
     `wy_precision` of its float32 16 x 16 block products ("highest" or "tf32x3").
     State sweep (`chunk._state_kernel`): `state_block_v`, `state_warps`, `state_stages`.
-    Output: `fuse_output` (computed in the sweep rather than by `_output_kernel`),
+    Output: `fuse_output` (computed in the sweep rather than by `_output_kernel`; never with
+    the gate `gk`, whatever the field says),
     `output_block_v`, `output_warps`; `low_precision_v2`: the output's incl(Q B^T) V2 in the
     inputs' 16-bit dtype.
-    Backward (`chunk_bwd`): `bwd_kernels` (False: the same equations in jnp), the reverse sweep's
+    Backward (`chunk_bwd`): `bwd_kernels` (False: the same equations in jnp; with the gate
+    `gk`: the VJP of the jnp chunked form, and off unless set), the reverse sweep's
     `bwd_sweep_block_v`, `bwd_sweep_warps`, `bwd_sweep_stages`, the intra-chunk kernel's
     `bwd_intra_block_v`, `bwd_intra_warps`.
     `f32_dots`: the precision of the products whose operands are float32 (all of them for
@@ -99,10 +101,11 @@ def _sweep_block_v(N: int, H: int, Kp: int, Vp: int) -> int:
 
 def chunk_config(
     config: ChunkConfig | None, *, N: int, H: int, Kp: int, Vp: int, num_chunks: int, dtype,
-    interpret: bool,
+    interpret: bool, gated: bool = False,
 ) -> ChunkConfig:
     """The chunked path's config for N sequences of `num_chunks` chunks in all, H heads, padded
-    head sizes Kp, Vp and input dtype `dtype`, with the fields of `config` kept."""
+    head sizes Kp, Vp and input dtype `dtype` (`gated`: with the DPLR gate), with the fields of
+    `config` kept."""
     c = config or ChunkConfig()
     low = is_low(dtype)
     # The substitution's reductions over 16 x 16 tiles want few warps; Kp = 256 tiles more.
@@ -111,7 +114,9 @@ def chunk_config(
     # interpreter has no tf32.
     c = _fill(
         c,
-        wy_warps=lambda: 2 if Kp <= 128 else 4,
+        # gated: the pairwise diagonal blocks hold several [16, 16, 16] float32 tiles (4096
+        # elements each: 64 registers a thread at 2 warps), so 4 warps (arithmetic, not measured)
+        wy_warps=lambda: 2 if Kp <= 128 and not gated else 4,
         wy_block_v=lambda: min(Vp, 64),
         wy_precision=lambda: "tf32x3" if low and Kp <= 128 and not interpret else "highest",
         state_block_v=lambda: _sweep_block_v(N, H, Kp, Vp),
@@ -122,7 +127,8 @@ def chunk_config(
     # Fusing the output adds Q K^T, Q B^T and three more dots to every step of the sequential
     # chain; it pays only when the sweep already fills the SMs, each program walks few chunks
     # and the [C, Kp] products are small: Kp <= 64 (measured at S1-S3).
-    fuse = programs >= NUM_SMS and num_chunks / max(N, 1) <= 64 and Kp <= 64
+    # With the gate the output's pairwise diagonal blocks would lengthen every step: never fused.
+    fuse = programs >= NUM_SMS and num_chunks / max(N, 1) <= 64 and Kp <= 64 and not gated
     c = _fill(c, fuse_output=lambda: fuse)
     c = _fill(
         c,
@@ -136,8 +142,9 @@ def chunk_config(
         output_block_v=lambda: min(Vp, 128, 16384 // Kp),
         output_warps=lambda: 4 if Kp <= 128 else 8,
         # Kp = 256: the kernels' [C, Kp] dot operands exceed shared memory (K = 200, float32:
-        # 384 KB requested, 227 KB available), so the backward runs in jnp there.
-        bwd_kernels=lambda: Kp <= 128,
+        # 384 KB requested, 227 KB available), so the backward runs in jnp there. With the gate
+        # off until its kernels have run on a GPU: the VJP of the jnp form (docs/gate.md).
+        bwd_kernels=lambda: Kp <= 128 and not gated,
         bwd_sweep_block_v=lambda: _sweep_block_v(N, H, Kp, Vp),
     )
     return _fill(

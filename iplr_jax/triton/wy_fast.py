@@ -9,6 +9,9 @@ Per chunk of C rows with `A, B, K` ([C, Kp]) and `V` ([C, Vp]):
 Chunks are independent, so the grid is (chunks, heads) and the kernel never leaves the chunk.
 The forward needs W and U; the backward needs X and W, so a forward that keeps residuals
 writes X too (4 C bytes per token and head) instead of the backward recomputing them.
+
+With the gate gk (a static mode, docs/gate.md) the products are the decayed ones, built on the
+16-row blocks (`triton/gate.py`), and the kernel also writes the sweep's decayed K and B.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
 
 from iplr_jax.sharding import shape_dtype, vma_of
+from iplr_jax.triton import gate
 from iplr_jax.triton.config import ChunkConfig
 from iplr_jax.triton.helpers import F32, HIGHEST, NN, NT, dot, f32_precision, is_low, mask, tri
 
@@ -80,10 +84,48 @@ def _store_lower(ref, x, nb: int):
             ref[pl.ds(i * SUB, SUB), pl.ds(j * SUB, SUB)] = x[i, j] if j <= i else zero
 
 
+def _gated_products(a_ref, b_ref, k_ref, g_ref, kd_ref, bd_ref, gc_ref, nb: int, precision):
+    """The WY kernel's decayed products (docs/gate.md): m[i, j] = [a_t . e^{Gx_t - G_s} b_s] and
+    lak[i, j] likewise with k, for blocks j <= i (s < t on the diagonal blocks, pairwise there).
+    Also writes the sweep's operands K e^{G_C - G}, B e^{G_C - G} and e^{G_C}. Returns
+    (m, lak, a_rows), a_rows(j) = A_j e^{Gx_j} (decayed from the chunk start) for W = X (A e^{Gx}).
+
+    The decayed operands are float32, so the off-diagonal products run at the inverse's
+    precision (`precision`), not on the inputs' 16-bit matrix units: they feed X."""
+    f32_rows = lambda ref, i: ref[pl.ds(i * SUB, SUB), :].astype(F32)  # noqa: E731
+    tot = gate.totals(g_ref, nb)
+    m, lak = {}, {}
+    for i in range(nb):
+        m[i, i], lak[i, i] = gate.diag_products(a_ref, (b_ref, k_ref), g_ref, i, strict=True)
+        if i == 0:
+            continue
+        a_i = f32_rows(a_ref, i) * jnp.exp(gate.block_gate(g_ref, i)[1])  # from the boundary before i
+        for j in range(i):
+            mid = gate.between(tot, j, i)
+            a_ij = a_i if mid is None else a_i * jnp.exp(mid)[None, :]
+            to_end = gate.to_block_end(g_ref, tot, j)
+            m[i, j] = dot(a_ij, f32_rows(b_ref, j) * to_end, NT, precision)
+            lak[i, j] = dot(a_ij, f32_rows(k_ref, j) * to_end, NT, precision)
+    for j in range(nb):  # K and B decayed to the chunk's end
+        after = gate.between(tot, j, nb)
+        to_end = gate.to_block_end(g_ref, tot, j)
+        if after is not None:
+            to_end = to_end * jnp.exp(after)[None, :]
+        kd_ref[pl.ds(j * SUB, SUB), :] = (f32_rows(k_ref, j) * to_end).astype(kd_ref.dtype)
+        bd_ref[pl.ds(j * SUB, SUB), :] = (f32_rows(b_ref, j) * to_end).astype(bd_ref.dtype)
+    gc_ref[...] = jnp.exp(gate.between(tot, -1, nb))
+
+    def a_rows(j):
+        before, gx = gate.between(tot, -1, j), gate.block_gate(g_ref, j)[1]
+        return f32_rows(a_ref, j) * jnp.exp(gx if before is None else gx + before[None, :])
+
+    return m, lak, a_rows
+
+
 def _wy_kernel(
-    a_ref, b_ref, k_ref, v_ref, w_ref, u_ref, x_ref=None, *, block_v: int, precision, f32_prec=None
+    a_ref, b_ref, k_ref, v_ref, *refs, block_v: int, precision, f32_prec=None, gated=False
 ):
-    """One (chunk, head): X blockwise, then W, U (and X, when `x_ref` is given).
+    """One (chunk, head): X blockwise, then W, U (and X, when a ref for it is given).
 
     Bytes: reads A, B, K ([C, Kp]) and V ([C, Vp]) once, writes W [C, Kp] and U [C, Vp] (input
     dtype) and X [C, C] float32. Rows are handled in 16-row blocks loaded straight from the refs
@@ -101,23 +143,33 @@ def _wy_kernel(
     P = X strict(A K^T) take float32 X and P at `f32_prec` (by default tf32 on the GPU, about
     the rounding of W and U to 16 bits; HIGHEST with `ChunkConfig.f32_dots="highest"`).
     """
+    g_ref, refs = (refs[0], refs[1:]) if gated else (None, refs)
+    w_ref, u_ref, *refs = refs
+    if gated:
+        *refs, kd_ref, bd_ref, gc_ref = refs
+    x_ref = refs[0] if refs else None
     C = a_ref.shape[0]
     nb = C // SUB
     Vp = v_ref.shape[-1]
     strict = tri(SUB, strict=True)
+    f32 = lambda t: t.astype(F32)
 
     def rows(ref, i, cols=slice(None)):
         return ref[pl.ds(i * SUB, SUB), cols]
 
-    # M_im = A_i B_m^T and L_im = A_i K_m^T for m <= i (strict on the diagonal)
-    m, lak = {}, {}
-    for i in range(nb):
-        a_i = rows(a_ref, i)
-        for j in range(i + 1):
-            m[i, j] = _input_dot_nt(a_i, rows(b_ref, j))
-            lak[i, j] = _input_dot_nt(a_i, rows(k_ref, j))
-            if j == i:
-                m[i, j], lak[i, j] = mask(strict, m[i, j]), mask(strict, lak[i, j])
+    if gated:
+        m, lak, a_rows = _gated_products(a_ref, b_ref, k_ref, g_ref, kd_ref, bd_ref, gc_ref, nb, precision)
+    else:
+        # M_im = A_i B_m^T and L_im = A_i K_m^T for m <= i (strict on the diagonal)
+        m, lak = {}, {}
+        for i in range(nb):
+            a_i = rows(a_ref, i)
+            for j in range(i + 1):
+                m[i, j] = _input_dot_nt(a_i, rows(b_ref, j))
+                lak[i, j] = _input_dot_nt(a_i, rows(k_ref, j))
+                if j == i:
+                    m[i, j], lak[i, j] = mask(strict, m[i, j]), mask(strict, lak[i, j])
+        a_rows = lambda j: f32(rows(a_ref, j))  # noqa: E731
 
     x = _inverse_blocks(m, nb, precision)
     if x_ref is not None:
@@ -125,10 +177,9 @@ def _wy_kernel(
 
     # W_i = sum_j X_ij A_j (A re-read rather than kept live through the inverse: for Kp = 256
     # the [C, Kp] float32 tile alone would fill the registers);  P = X L, so that
-    # U_i = sum_k P_ik V_k needs no [C, V] temporary.
-    f32 = lambda t: t.astype(F32)
+    # U_i = sum_k P_ik V_k needs no [C, V] temporary. Gated: W = X (A e^{Gx}).
     for i in range(nb):
-        w = sum(_dot(x[i, j], f32(rows(a_ref, j)), f32_prec) for j in range(i + 1))
+        w = sum(_dot(x[i, j], a_rows(j), f32_prec) for j in range(i + 1))
         w_ref[pl.ds(i * SUB, SUB), :] = w.astype(w_ref.dtype)
     p = {
         (i, s): sum(_dot(x[i, j], lak[j, s], precision) for j in range(s, i + 1))
@@ -145,7 +196,7 @@ def _wy_kernel(
 
 def wy_fwd(
     a: jax.Array, b: jax.Array, k: jax.Array, v: jax.Array, *, chunk_size: int, config: ChunkConfig,
-    out_dtype=None, with_x: bool = False, interpret: bool = False,
+    out_dtype=None, with_x: bool = False, interpret: bool = False, gk: jax.Array | None = None,
 ) -> tuple[jax.Array, ...]:
     """W = X A and U = X strict(A K^T) V for every chunk, X = (I - strict(A B^T))^{-1}.
 
@@ -155,10 +206,14 @@ def wy_fwd(
       config: a filled `ChunkConfig` (its `wy_*` fields).
       out_dtype: dtype of W and U (default float32).
       with_x: also return X (for the backward).
+      gk: the gate [1, L, H, Kp] or None. Given, the products are the decayed ones of
+        docs/gate.md (X = (I - [a_t . e^{Gx_t - G_s} b_s]_{s<t})^{-1}, W = X (A e^{Gx}),
+        U = X [a_t . e^{Gx_t - G_s} k_s]_{s<t} V) and the sweep's decayed operands come too.
 
     Returns:
       W [1, L, H, Kp] and U [1, L, H, Vp] in `out_dtype`; with `with_x` also X [NC, H, C, C]
-      float32 (NC = L / chunk_size).
+      float32 (NC = L / chunk_size); with `gk` then K e^{G_C - G}, B e^{G_C - G} [1, L, H, Kp]
+      in `out_dtype` and e^{G_C} [NC, H, Kp] float32.
     """
     _, L, H, Kp = a.shape
     Vp = v.shape[-1]
@@ -169,22 +224,32 @@ def wy_fwd(
     kspec = pl.BlockSpec((None, C, None, Kp), lambda c, h: (0, c, h, 0))
     vspec = pl.BlockSpec((None, C, None, Vp), lambda c, h: (0, c, h, 0))
     out_specs = [kspec, vspec]
-    vma = vma_of(a, b, k, v)  # inside shard_map the outputs vary like the inputs
+    vma = vma_of(a, b, k, v, *([] if gk is None else [gk]))  # outputs vary like the inputs
     out_shape = [shape_dtype((1, L, H, Kp), out_dtype, vma), shape_dtype((1, L, H, Vp), out_dtype, vma)]
     if with_x:
         out_specs.append(pl.BlockSpec((None, None, C, C), lambda c, h: (c, h, 0, 0)))
         out_shape.append(shape_dtype((L // C, H, C, C), F32, vma))
+    in_specs, args, gated = [kspec, kspec, kspec, vspec], [a, b, k, v], {}
+    if gk is not None:  # a static flag: without a gate the kernel is compiled as it always was
+        in_specs.append(kspec)
+        args.append(gk)
+        gated = dict(gated=True)
+        out_specs += [kspec, kspec, pl.BlockSpec((None, None, Kp), lambda c, h: (c, h, 0))]
+        out_shape += [
+            shape_dtype((1, L, H, Kp), out_dtype, vma), shape_dtype((1, L, H, Kp), out_dtype, vma),
+            shape_dtype((L // C, H, Kp), F32, vma),
+        ]
     kernel = functools.partial(
         _wy_kernel, block_v=config.wy_block_v, precision=PRECISIONS[config.wy_precision],
-        f32_prec=f32_precision(config.f32_dots),
+        f32_prec=f32_precision(config.f32_dots), **gated,
     )
     return tuple(pl.pallas_call(
         kernel,
         grid=(L // C, H),
-        in_specs=[kspec, kspec, kspec, vspec],
+        in_specs=in_specs,
         out_specs=out_specs,
         out_shape=out_shape,
         compiler_params=pltr.CompilerParams(num_warps=config.wy_warps, num_stages=1),
         interpret=interpret,
         name="iplr_wy_fwd",
-    )(a, b, k, v))
+    )(*args))
