@@ -100,11 +100,19 @@ def main():
     p.add_argument("--skip-times", action="store_true", help="only the longest-T search")
     p.add_argument("--longest", action="store_true", help="also the longest trainable T")
     p.add_argument("--limit", type=int, default=1 << 24)
+    p.add_argument("--ts", default=None, help="T values to analyse, e.g. 1048576,1572864")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     rows = {}
     if not args.skip_times:
         run_cases(args.T, rows)
+    if args.ts:
+        cap = 0.95 * jax.devices()[0].memory_stats()["bytes_limit"]
+        for n in (1, 2):
+            for T in (int(t) for t in args.ts.split(",")):
+                need = peak_bytes(T, n)
+                rows[f"bytes_n{n}_T{T}"] = need
+                print(f"  n={n} T={T}: {need / 2**30:.1f} GiB per device, fits: {need <= cap}", flush=True)
     if args.longest:
         rows["longest_1gpu"] = longest(1, args.limit)
         rows["longest_2gpu"] = longest(2, args.limit)

@@ -278,3 +278,53 @@ def guard_nonfinite(x: Inputs, cu_seqlens, dims: Dims) -> tuple[Inputs, NonFinit
         tokens = (count[0] - upto[cu[seq]] > 0)[None]
         sequences = upto[cu[1:]] - upto[cu[:-1]] > 0
     return x.map(finite), NonFinite(tokens | _nonfinite_rows(x.q), sequences)
+
+
+def guarded_unless_finite(run, x: Inputs, cu_seqlens, dims: Dims, *extra):
+    """`run(x, cu_seqlens, *extra) -> (o, final)` with `guard_nonfinite`'s semantics at the cost
+    of a finiteness check of the outputs: a non-finite input always makes some output or final
+    state non-finite, so when all of them are finite the plain run was exact and is kept; only
+    otherwise the guarded run (sanitized inputs, poisoned outputs) is computed, under `lax.cond`.
+    The backward follows the branch the forward took: the plain run's own VJP (no copies, no
+    selects: the kernels' speed), or the guarded run's VJP, recomputed. `extra`: further arrays
+    (initial state, a traced scale; None allowed) that `run` is differentiated in.
+    """
+
+    def guarded(x, cu, *extra):
+        x, nonfinite = guard_nonfinite(x, cu, dims)
+        return nonfinite.poison(*run(x, cu, *extra))
+
+    def finite(outs):
+        return functools.reduce(jnp.logical_and, (jnp.all(jnp.isfinite(y)) for y in outs))
+
+    args = (x, cu_seqlens, *extra)
+    leaves, tree = jax.tree.flatten(args)
+    inexact = [jnp.issubdtype(jnp.result_type(y), jnp.inexact) for y in leaves]
+
+    def call(fn, *ls):
+        return fn(*jax.tree.unflatten(tree, ls))
+
+    @jax.custom_vjp
+    def op(*ls):
+        outs = call(run, *ls)
+        return jax.lax.cond(finite(outs), lambda: outs, lambda: call(guarded, *ls))
+
+    def fwd(*ls):
+        outs, pull = jax.vjp(functools.partial(call, run), *ls)
+        ok = finite(outs)
+        return jax.lax.cond(ok, lambda: outs, lambda: call(guarded, *ls)), (ls, pull, ok)
+
+    def bwd(res, cts):
+        ls, pull, ok = res
+
+        def floats(grads):  # the cotangents of the float inputs (integer offsets get none)
+            return [g for g, f in zip(grads, inexact, strict=True) if f]
+
+        def slow():
+            return floats(jax.vjp(functools.partial(call, guarded), *ls)[1](cts))
+
+        grads = iter(jax.lax.cond(ok, lambda: floats(pull(cts)), slow))
+        return tuple(next(grads) if f else None for f in inexact)
+
+    op.defvjp(fwd, bwd)
+    return op(*leaves)

@@ -112,3 +112,18 @@ def rng(request):
     seed = zlib.crc32(f"{base}:{request.node.nodeid}".encode())
     request.node.user_properties.append(("seed", seed))
     return np.random.default_rng(seed)
+
+
+@pytest.fixture
+def unguarded(monkeypatch):
+    """The ops without `inputs.guarded_unless_finite`'s guarded branch (the same kernels again,
+    taken only for non-finite outputs), so a lowered module lists each kernel of the plain path
+    once, in call order."""
+    import iplr_jax.ops.chunk as chunk_module
+    import iplr_jax.ops.fused_recurrent as fused_module
+
+    def plain(run, x, cu_seqlens, dims, *extra):
+        return run(x, cu_seqlens, *extra)
+
+    for module in (chunk_module, fused_module):
+        monkeypatch.setattr(module, "guarded_unless_finite", plain)

@@ -486,7 +486,7 @@ def _jit_sharded(name, case, config=None):
 @pytest.mark.parametrize(
     "K, V, dtype", [(64, 64, jnp.bfloat16), (100, 60, jnp.float32), (200, 130, jnp.float32)]
 )
-def test_gated_fused_recurrent_lowers_for_cuda(K, V, dtype, monkeypatch):
+def test_gated_fused_recurrent_lowers_for_cuda(K, V, dtype, monkeypatch, unguarded):
     """The gated fused kernels (forward and both backward sweeps) and the gated chunk kernels
     (WY, sweep, output; backward by default the jnp form's VJP, with `bwd_kernels=True` the
     gated backward kernels) lower through the Triton backend."""

@@ -33,6 +33,11 @@ def pretend_gpu(monkeypatch):
     monkeypatch.setattr(inputs_module, "has_gpu", lambda: True)
 
 
+@pytest.fixture(autouse=True)
+def _plain_path(unguarded):
+    """Every test here lowers the plain kernels' path (conftest.unguarded)."""
+
+
 def triton_kernels(fn, *args) -> list[str]:
     """Names of the Triton kernels in `fn` lowered for CUDA, in call order."""
     lowered = export.export(

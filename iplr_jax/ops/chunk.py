@@ -23,6 +23,7 @@ from iplr_jax.inputs import (
     check_inputs,
     default_scale,
     guard_nonfinite,
+    guarded_unless_finite,
     initial_state_or_zeros,
     malformed_offsets,
     poison,
@@ -349,21 +350,34 @@ def chunk(
     if config is not None and not isinstance(config, ChunkConfig):
         raise ValueError(f"config must be an iplr_jax.ChunkConfig or None, got {config!r}")
     bad, cu_seqlens = malformed_offsets(cu_seqlens, dims.T)
-    x, nonfinite = guard_nonfinite(x, cu_seqlens, dims)  # NaN / inf stay causal (docs/numerics.md)
     scale = default_scale(scale, dims.K)
-    # inside shard_map a zero state must vary over the mesh axes like the inputs it meets
-    h0 = like_inputs(initial_state_or_zeros(initial_state, dims, accum_dtype(x)), *x.arrays(), scale)
+    traced_scale = not isinstance(scale, (int, float))
+
+    def run(x, cu_seqlens, initial_state=None, *traced):
+        s = traced[0] if traced else scale
+        # inside shard_map a zero state must vary over the mesh axes like the inputs it meets
+        h0 = like_inputs(initial_state_or_zeros(initial_state, dims, accum_dtype(x)), *x.arrays(), s)
+        if impl == "xla":
+            o, final = _chunk_jnp(x, scale=s, h0=h0, cu_seqlens=cu_seqlens, chunk_size=chunk_size)
+        elif x.gated:  # the gated kernels; backward: the jnp form's VJP or, opted in, kernels (docs/gate.md)
+            o, final = _chunk_pallas_gated(
+                x, scale=s, h0=h0, cu_seqlens=cu_seqlens, chunk_size=chunk_size, config=config,
+                interpret=impl == "interpret",
+            )
+        else:
+            o, final = _chunk_pallas(
+                x, scale=s, h0=h0, cu_seqlens=cu_seqlens, chunk_size=chunk_size, config=config,
+                interpret=impl == "interpret",
+            )
+        return o.astype(v.dtype), final
+
+    # NaN / inf stay causal (docs/numerics.md "Non-finite inputs"): the jnp form always guards
+    # (autodiff, any order); the kernels run plain unless an output comes out non-finite
+    extra = (initial_state, scale) if traced_scale else (initial_state,)
     if impl == "xla":
-        o, final = _chunk_jnp(x, scale=scale, h0=h0, cu_seqlens=cu_seqlens, chunk_size=chunk_size)
-    elif x.gated:  # the gated kernels; backward: the jnp form's VJP or, opted in, kernels (docs/gate.md)
-        o, final = _chunk_pallas_gated(
-            x, scale=scale, h0=h0, cu_seqlens=cu_seqlens, chunk_size=chunk_size, config=config,
-            interpret=impl == "interpret",
-        )
+        x, nonfinite = guard_nonfinite(x, cu_seqlens, dims)
+        o, final = nonfinite.poison(*run(x, cu_seqlens, *extra))
     else:
-        o, final = _chunk_pallas(
-            x, scale=scale, h0=h0, cu_seqlens=cu_seqlens, chunk_size=chunk_size, config=config,
-            interpret=impl == "interpret",
-        )
-    o, final = poison(bad, *nonfinite.poison(o.astype(v.dtype), final))
+        o, final = guarded_unless_finite(run, x, cu_seqlens, dims, *extra)
+    o, final = poison(bad, o, final)
     return o, (final if output_final_state else None)

@@ -18,7 +18,7 @@ from iplr_jax.inputs import (
     Inputs,
     check_inputs,
     default_scale,
-    guard_nonfinite,
+    guarded_unless_finite,
     initial_state_or_zeros,
     malformed_offsets,
     poison,
@@ -160,11 +160,19 @@ def fused_recurrent(
             output_final_state=output_final_state, cu_seqlens=cu_seqlens,
         )
     bad, cu_seqlens = malformed_offsets(cu_seqlens, dims.T)
-    x, nonfinite = guard_nonfinite(x, cu_seqlens, dims)  # NaN / inf stay causal (docs/numerics.md)
-    h0 = like_inputs(initial_state_or_zeros(initial_state, dims, jnp.float32), *x.arrays(), scale)
-    o, ht = _fused_recurrent_pallas(
-        x, scale=default_scale(scale, dims.K), h0=h0, cu_seqlens=cu_seqlens, config=config,
-        interpret=impl == "interpret",
-    )
-    o, ht = poison(bad, *nonfinite.poison(o, ht))
+    scale = default_scale(scale, dims.K)
+    traced_scale = not isinstance(scale, (int, float))
+
+    def run(x, cu_seqlens, initial_state=None, *traced):
+        s = traced[0] if traced else scale
+        h0 = like_inputs(initial_state_or_zeros(initial_state, dims, jnp.float32), *x.arrays(), s)
+        return _fused_recurrent_pallas(
+            x, scale=s, h0=h0, cu_seqlens=cu_seqlens, config=config, interpret=impl == "interpret"
+        )
+
+    # NaN / inf stay causal (docs/numerics.md "Non-finite inputs"): the kernels run plain unless
+    # an output comes out non-finite, then on sanitized inputs with poisoned outputs
+    extra = (initial_state, scale) if traced_scale else (initial_state,)
+    o, ht = guarded_unless_finite(run, x, cu_seqlens, dims, *extra)
+    o, ht = poison(bad, o, ht)
     return o, (ht if output_final_state else None)
