@@ -91,7 +91,6 @@ import numpy as np
 
 import iplr_jax
 from iplr_jax.layout import sequence_ids
-from iplr_jax.sharding import match_vma
 
 __all__ = ["chunk_cp", "entering_state"]
 
@@ -159,26 +158,6 @@ def _fold_scan(summary, axis_name, P, d, V, cont):
         off *= 2
     # the inclusive prefix applied to a zero start is its h part; shift it by one device
     return _split_bad(jax.lax.ppermute(x[..., :V], axis_name, [(i, i + 1) for i in range(P - 1)]))
-
-
-def _recompute_late(fn):
-    """`fn` differentiated by running it again in the backward, once its output's cotangent
-    exists (the barrier orders it), so that its residuals are never held at the same time as
-    the rest of the step's: context parallelism's widened run costs memory only transiently."""
-
-    @jax.custom_vjp
-    def f(*args):
-        return fn(*args)
-
-    def fwd(*args):
-        return fn(*args), args
-
-    def bwd(args, ct):
-        args, ct = jax.lax.optimization_barrier((args, ct))
-        return jax.vjp(fn, *args)[1](ct)
-
-    f.defvjp(fwd, bwd)
-    return f
 
 
 def entering_state(q, k, v, a, b, h0, *, axis_name, scale, chunk_size, implementation, config=None):
@@ -299,49 +278,38 @@ def chunk_cp(
         jnp.zeros((N, H, K, V), acc) if initial_state is None else jnp.asarray(initial_state, acc)
     )
 
+    # widened run: [v | 0], start [h0 | 0] (or [0 | I] for the sequence entering from the left)
+    eye = jnp.broadcast_to(jnp.eye(K, dtype=acc), (N, H, K, K))
     sel = straddle_in[:, None, None, None]
+    s0_aug = jnp.concatenate(
+        [jnp.where(sel, 0, h0), jnp.where(sel, eye, 0)], axis=-1
+    ).astype(acc)
+    v_aug = jnp.concatenate([v, jnp.zeros((B, Tl, H, K), v.dtype)], axis=-1)
+    o_aug, f_aug = iplr_jax.chunk(
+        q, k, v_aug, a, b, gk, initial_state=s0_aug, output_final_state=True, cu_seqlens=lcu, **kw
+    )
+    f_aug = f_aug.astype(acc)  # [N, H, K, V + K] = [h | M] per sequence
+    # a sequence with a non-finite input comes back NaN from its first bad token on (and its
+    # final state): keep that as flags and compute on zeros, selecting NaN back in at the end
+    # (docs/numerics.md "Non-finite inputs")
+    o_bad = ~jnp.all(jnp.isfinite(o_aug), axis=-1)  # [B, Tl, H]
+    o_aug = jnp.where(o_bad[..., None], 0, o_aug)
+    f_safe, f_bad = _split_bad(f_aug)  # [N, H]
+
+    # the summary passed to the next device: per row (non-packed), or the straddling sequence
+    # (NaN if bad, `_split_bad`); cont[j]: device j's summary carries its entering state
     if cu_seqlens is None:
-        cont = jnp.arange(P) > 0  # cont[j]: device j's summary carries its entering state
+        summary = f_aug  # [B, H, K, V + K]
+        cont = [j > 0 for j in range(P)]  # device 0 starts from initial_state: M = 0
         seq_in = jnp.ones((B, Tl), bool)  # tokens of the sequence entering from the left (d > 0)
     else:
-        cont = jnp.stack([jnp.any((cu[:-1] < j * Tl) & (cu[1:] > (j + 1) * Tl)) for j in range(P)])
+        t1 = t0 + Tl
+        out = (cu[:-1] < t1) & (cu[1:] > t1)
+        summary = jnp.sum(jnp.where(out[:, None, None, None], f_aug, 0), axis=0, keepdims=True)
+        cont = [jnp.any((cu[:-1] < j * Tl) & (cu[1:] > (j + 1) * Tl)) for j in range(P)]
         seq_in = straddle_in[sequence_ids(lcu, jnp.arange(Tl), N)][None]
-
-    def widened(q, k, v, a, b, gk, h0, sel, lcu, cu, cont):
-        """(c_in with NaN where bad, o_aug, f_aug): the state entering this device and the
-        widened run. Closes over no traced value (`_recompute_late` traces it again)."""
-        # widened run: [v | 0], start [h0 | 0] (or [0 | I] for the sequence entering from the left)
-        eye = jnp.broadcast_to(jnp.eye(K, dtype=acc), (N, H, K, K))
-        s0_aug = jnp.concatenate([jnp.where(sel, 0, h0), jnp.where(sel, eye, 0)], axis=-1).astype(acc)
-        v_aug = jnp.concatenate([v, jnp.zeros((B, Tl, H, K), v.dtype)], axis=-1)
-        o_aug, f_aug = iplr_jax.chunk(
-            q, k, v_aug, a, b, gk, initial_state=s0_aug, output_final_state=True, cu_seqlens=lcu, **kw
-        )
-        f_aug = f_aug.astype(acc)  # [N, H, K, V + K] = [h | M] per sequence
-        # the summary passed to the next device: per row (non-packed), or the straddling
-        # sequence (NaN if bad, `_split_bad`)
-        if cu is None:
-            summary = f_aug  # [B, H, K, V + K]
-        else:
-            t1 = (jax.lax.axis_index(axis_name) + 1) * Tl
-            out = (cu[:-1] < t1) & (cu[1:] > t1)
-            summary = jnp.sum(jnp.where(out[:, None, None, None], f_aug, 0), axis=0, keepdims=True)
-        fold = _fold_allgather if exchange == "allgather" else _fold_scan
-        c_in, c_bad = fold(summary, axis_name, P, jax.lax.axis_index(axis_name), V, cont)
-        return jnp.where(c_bad[..., None, None], jnp.nan, c_in), o_aug, f_aug  # [R, H, K, V]
-
-    extra = (sel, lcu, cu, cont)
-    if combine == "linear":
-        c_in, o_aug, f_aug = widened(q, k, v, a, b, gk, h0, *extra)
-        # a sequence with a non-finite input comes back NaN from its first bad token on (and its
-        # final state): keep that as flags and compute on zeros, selecting NaN back in at the end
-        # (docs/numerics.md "Non-finite inputs")
-        o_bad = ~jnp.all(jnp.isfinite(o_aug), axis=-1)  # [B, Tl, H]
-        o_aug = jnp.where(o_bad[..., None], 0, o_aug)
-        f_safe, f_bad = _split_bad(f_aug)  # [N, H]
-    else:  # only c_in is used: recomputed in the backward, not kept as the widened run's residuals
-        c_in = _recompute_late(lambda *x: widened(*x)[0])(*match_vma(q, k, v, a, b, gk, h0), *extra)
-    c_in, c_bad = _split_bad(c_in)  # [R, H, K, V], [R, H]
+    fold = _fold_allgather if exchange == "allgather" else _fold_scan
+    c_in, c_bad = fold(summary, axis_name, P, d, V, jnp.asarray(cont))  # [R, H, K, V], [R, H]
     # a bad entering state (never on device 0): NaN for the tokens and final state it enters
     tok_bad = seq_in[..., None] & c_bad[:, None]  # [B, Tl, H]
     fin_bad = straddle_in[:, None] & c_bad  # [N, H]

@@ -488,7 +488,7 @@ def _jit_sharded(name, case, config=None):
 )
 def test_gated_fused_recurrent_lowers_for_cuda(K, V, dtype, monkeypatch, unguarded):
     """The gated fused kernels (forward and both backward sweeps) and the gated chunk kernels
-    (WY, sweep, output; backward by default the jnp form's VJP, with `bwd_kernels=True` the
+    (WY, sweep, output; differentiated, by default the jnp form instead; with `bwd_kernels=True` the
     gated backward kernels) lower through the Triton backend."""
     from test_lowering import FUSED, FUSED_BWD, INTRA, OUT, STATE, SWEEP, WY, triton_kernels
 
@@ -523,10 +523,10 @@ def test_gated_fused_recurrent_lowers_for_cuda(K, V, dtype, monkeypatch, unguard
             )
             return o.astype(jnp.float32).sum() + ht.sum()
 
-        # value and gradients: the jnp backward needs no residual of the forward kernels, so
-        # under plain grad they are dead code
         return jax.value_and_grad(loss, argnums=tuple(range(7)))(*a)
 
-    assert triton_kernels(chunk_step, *x, h0) == [WY, STATE, OUT]
+    # differentiated, by default the jnp form runs forward and backward (measured faster to
+    # train, docs/gate.md): no kernel
+    assert triton_kernels(chunk_step, *x, h0) == []
     with_kernels = functools.partial(chunk_step, config=BWD_KERNELS)
     assert triton_kernels(with_kernels, *x, h0) == [WY, STATE, OUT, DV2_GATED, SWEEP, INTRA]

@@ -31,7 +31,7 @@ from iplr_jax.inputs import (
     static_scale,
 )
 from iplr_jax.reference.chunk import chunk_xla
-from iplr_jax.sharding import explicit_shards, like_inputs, match_vma, partitioned_vjp
+from iplr_jax.sharding import explicit_shards, like_inputs, match_vma, partitioned, partitioned_vjp
 from iplr_jax.triton import chunk as triton_fwd
 from iplr_jax.triton import chunk_bwd as triton_bwd
 from iplr_jax.triton.config import ChunkConfig, chunk_config, default_f32_dots
@@ -74,22 +74,6 @@ def _gated_kernels_bwd_shard(q, k, v, a, b, gk, h0, *rest, **kw):
     return _bwd_shard(q, k, v, a, b, h0, *rest, gk=gk, **kw)
 
 
-def _gated_bwd_shard(q, k, v, a, b, gk, h0, *rest, scale, chunk_size, config, interpret):
-    """Gradients of q, k, v, a, b, gk, h0 of one shard, the gate's default backward for now: the
-    VJP of the jnp chunked form (`chunk_xla`, recomputed; numerically safe for any gate)."""
-    del config, interpret
-    cu, (do, dht) = (rest[0], rest[1:]) if len(rest) == 3 else (None, rest)
-    B, T, H, K = q.shape
-    dims = Dims(B, T, H, K, v.shape[-1], B if cu is None else cu.shape[0] - 1)
-
-    def f(*xs):
-        x = Inputs(*xs[:6])
-        return chunk_xla(x, scale=scale, h0=xs[6], cu_seqlens=cu, chunk_size=chunk_size, dims=dims)
-
-    (o, ht), vjp = jax.vjp(f, q, k, v, a, b, gk, h0)
-    return vjp((do.astype(o.dtype), dht.astype(ht.dtype)))
-
-
 def _precision_now(config: ChunkConfig | None) -> ChunkConfig:
     """The config with the f32 dot precision read now: the per-shard functions are traced again
     when XLA partitions, outside the caller's `jax.default_matmul_precision` context."""
@@ -100,10 +84,10 @@ def _precision_now(config: ChunkConfig | None) -> ChunkConfig:
 
 
 def _chunk_pallas_gated(x: Inputs, *, scale, h0, cu_seqlens, chunk_size, config, interpret):
-    """With the gate: the gated kernels forward on every batch / head shard
-    (`sharding.partitioned_vjp`); backward, by the config's `bwd_kernels` (off by default for
-    the gate until the kernels are checked on a GPU), the gated backward kernels from the
-    forward's residuals or the jnp form's VJP (no residuals: it recomputes)."""
+    """With the gate: the gated kernels on every batch / head shard. Differentiated, by the
+    config's `bwd_kernels` (off by default for the gate: not yet run on a GPU), the gated
+    backward kernels from the forward's residuals (`sharding.partitioned_vjp`), or the jnp
+    form's forward and VJP (`_kernels_or_jnp_vjp`)."""
     q, scale = static_scale(x.q, scale)
     config = _precision_now(config)
     kw = dict(scale=scale, chunk_size=chunk_size, config=config, interpret=interpret)
@@ -115,20 +99,45 @@ def _chunk_pallas_gated(x: Inputs, *, scale, h0, cu_seqlens, chunk_size, config,
         config, N=1, H=1, Kp=Kp, Vp=Vp, num_chunks=1, dtype=x.q.dtype, interpret=interpret,
         gated=True,
     )
-    if rule.bwd_kernels:
-        fwd = functools.partial(_gated_fwd_shard, residuals=True, **kw)
-        bwd, res = functools.partial(_gated_kernels_bwd_shard, **kw), RESIDUALS
-    else:
-        fwd, bwd, res = primal, functools.partial(_gated_bwd_shard, **kw), ()
-    op = partitioned_vjp(
-        primal, fwd, bwd,
-        in_specs=[TOKENS, TOKENS, VALUES, TOKENS, TOKENS, TOKENS, state] + (["m"] if packed else []),
-        out_specs=[VALUES, state],
-        res_specs=res,
-        num_diff=7,
-    )
+    in_specs = [TOKENS, TOKENS, VALUES, TOKENS, TOKENS, TOKENS, state] + (["m"] if packed else [])
     cu = (jnp.asarray(cu_seqlens, jnp.int32),) if packed else ()
-    return op(*match_vma(*x._replace(q=q).arrays(), h0, *cu))
+    args = match_vma(*x._replace(q=q).arrays(), h0, *cu)
+    if not rule.bwd_kernels:
+        return _kernels_or_jnp_vjp(partitioned(primal, in_specs, [VALUES, state]), args, scale, chunk_size)
+    op = partitioned_vjp(
+        primal,
+        functools.partial(_gated_fwd_shard, residuals=True, **kw),
+        functools.partial(_gated_kernels_bwd_shard, **kw),
+        in_specs=in_specs, out_specs=[VALUES, state], res_specs=RESIDUALS, num_diff=7,
+    )
+    return op(*args)
+
+
+def _kernels_or_jnp_vjp(kernels, args, scale, chunk_size):
+    """The gated kernels for a plain call; under differentiation the jnp form's forward and VJP
+    instead (autodiff residuals): kernels + the jnp form's recomputed VJP measured slower to
+    train than the jnp form alone (benchmarks/NOTES.md, session 7; docs/gate.md)."""
+    v_dtype = args[2].dtype
+
+    def jnp_form(*a):
+        o, final = _chunk_jnp(Inputs(*a[:6]), scale=scale, h0=a[6], cu_seqlens=a[7] if len(a) > 7 else None,
+                              chunk_size=chunk_size)
+        return o.astype(v_dtype), final.astype(jnp.float32)
+
+    @jax.custom_vjp
+    def op(*a):
+        o, final = kernels(*a)
+        return o.astype(v_dtype), final.astype(jnp.float32)
+
+    def fwd(*a):
+        outs, pull = jax.vjp(lambda *f: jnp_form(*f, *a[7:]), *a[:7])
+        return outs, pull
+
+    def bwd(pull, cts):
+        return (*pull(cts), *([None] * (len(args) - 7)))
+
+    op.defvjp(fwd, bwd)
+    return op(*args)
 
 
 def _fwd_shard(q, k, v, a, b, h0, *cu, scale, chunk_size, config, interpret, residuals, gk=None,
