@@ -22,6 +22,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from timing import median_ms  # benchmarks/ is on sys.path as the script's folder
 
 import iplr_jax
 
@@ -32,18 +33,6 @@ SIZES = {  # B, T, H, K = V
     "S4": (64, 1, 16, 128),
     "tiny": (1, 64, 2, 16),  # a smoke test (CPU)
 }
-
-
-def median_ms(f, *args, reps=20):
-    jax.block_until_ready(f(*args))
-    samples = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        for _ in range(5):
-            out = f(*args)
-        jax.block_until_ready(out)
-        samples.append((time.perf_counter() - t0) / 5 * 1e3)
-    return float(np.median(samples))
 
 
 def inputs(B, T, H, K, seed=0):

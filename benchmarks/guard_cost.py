@@ -10,28 +10,17 @@ and forward + backward, bf16, medians of 20.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from timing import median_ms  # benchmarks/ is on sys.path as the script's folder
 
 import iplr_jax
 from iplr_jax.inputs import Inputs
 from iplr_jax.ops.chunk import _chunk_pallas
 
 SIZES = {"S1": (8, 2048, 16, 64, 64), "S2": (4, 4096, 16, 128, 128), "S3": (1, 32768, 8, 128, 128)}
-
-
-def median_ms(f, *args, reps=20):
-    jax.block_until_ready(f(*args))
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(f(*args))
-        ts.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(ts)
 
 
 def main():

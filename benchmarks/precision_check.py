@@ -11,8 +11,6 @@ medians in ms.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import jax
 
@@ -20,18 +18,9 @@ jax.config.update("jax_enable_x64", True)  # the float64 reference; the ops get 
 
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from timing import median_ms  # noqa: E402  (benchmarks/ is on sys.path: the script's folder)
 
 import iplr_jax  # noqa: E402
-
-
-def median_ms(f, *args, reps=20):
-    jax.block_until_ready(f(*args))
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(f(*args))
-        ts.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(ts)
 
 
 def inputs(B, T, H, K, V, seed=0):

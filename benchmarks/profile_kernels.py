@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import argparse
 import functools
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from timing import median_ms  # benchmarks/ is on sys.path as the script's folder
 
 import iplr_jax
 from iplr_jax.bench import SIZES
@@ -28,18 +28,6 @@ from iplr_jax.triton import chunk_bwd as cb
 from iplr_jax.triton import fused_recurrent as fr
 from iplr_jax.triton.config import ChunkConfig, chunk_config, fused_recurrent_config
 from iplr_jax.triton.wy_fast import wy_fwd
-
-
-def median_ms(f, *args, reps=20):
-    jax.block_until_ready(f(*args))
-    samples = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        for _ in range(5):
-            out = f(*args)
-        jax.block_until_ready(out)
-        samples.append((time.perf_counter() - t0) / 5 * 1e3)
-    return float(np.median(samples))
 
 
 def inputs(B, T, H, K, V, dtype, seed=0):

@@ -25,27 +25,21 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+from timing import median_ms as _median_ms
 
 from iplr_jax.context_parallel import chunk_cp
 
 
 def median_ms(fn, *args, reps=20):
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    """Per-call sync (these calls take tens of ms)."""
+    return _median_ms(fn, *args, reps=reps, back_to_back=1)
 
 
 def cp_inputs(T, H, K, V, dtype, seed=0):
