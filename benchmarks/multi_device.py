@@ -27,13 +27,12 @@ import functools
 import json
 import platform
 import re
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import timing  # benchmarks/ is on sys.path: the script's folder
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -57,20 +56,13 @@ def count_collectives(compiled) -> dict[str, int]:
     return {c: len(re.findall(rf"\b{c}(-start)?\(", text)) for c in COLLECTIVES}
 
 
-def median_ms(f, args, runs: int, warmup: int, back_to_back: int = 5) -> float:
-    """Median per-call time; each sample runs `back_to_back` calls, then syncs, so the host's
+def median_ms(f, args, runs: int, warmup: int) -> float:
+    """Median per-call time of samples of 5 back-to-back calls then a sync, so the host's
     dispatch overlaps the device work as in a training loop (a sync after every call added
     about 0.2 ms per call at S1 on 2 H200s, which made the 2-GPU ratios look worse)."""
-    for _ in range(warmup):
+    for _ in range(warmup - 1):
         jax.block_until_ready(f(*args))
-    samples = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        for _ in range(back_to_back):
-            out = f(*args)
-        jax.block_until_ready(out)
-        samples.append((time.perf_counter() - t0) / back_to_back * 1e3)
-    return statistics.median(samples)
+    return timing.median_ms(f, *args, reps=runs)
 
 
 def rel_err(got, want) -> float:

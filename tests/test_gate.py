@@ -105,6 +105,18 @@ def check(call, inputs, h0, *, cu=None, eps=None, grads=True):
 # -- the convention ------------------------------------------------------------------------------
 
 
+def assert_grads_strong_gate(got, want):
+    """Seven gradients against the float64 reference when every gate is -20: dgk within 1e-5
+    of the other gradients' scale (its error is absolute there, docs/gate.md), the rest as
+    usual."""
+    for name, g, w in zip(NAMES, got, want, strict=True):
+        if name == "dgk":
+            scale = max(float(jnp.linalg.norm(up(x))) for x in got[:5])
+            assert float(jnp.linalg.norm(up(g) - w)) < 1e-5 * scale, name
+        else:
+            assert rel_err(g, w) < tol(jnp.float32), (name, rel_err(g, w))
+
+
 def test_one_step_convention(rng):
     """fla's dplr_recurrence: S_1 = exp(gk) * S_0 + k v^T + b (a^T S_0), with a reading the
     UNdecayed S_0, and o = scale S_1^T q."""
@@ -157,12 +169,7 @@ def test_fused_recurrent_all_strong(rng):
     call = _op("fused_recurrent", "interpret")
     check(call, inputs, h0, grads=False)
     got, want = grads7(call, inputs, h0), grads7(_ref(), inputs, h0)
-    for name, g, w in zip(NAMES, got, want, strict=True):
-        if name == "dgk":
-            scale = max(float(jnp.linalg.norm(up(x))) for x in got[:5])
-            assert float(jnp.linalg.norm(up(g) - w)) < 1e-5 * scale, name
-        else:
-            assert rel_err(g, w) < tol(jnp.float32), (name, rel_err(g, w))
+    assert_grads_strong_gate(got, want)
 
 
 # -- chunk ---------------------------------------------------------------------------------------
@@ -273,12 +280,7 @@ def test_chunk_backward_kernels_all_strong(impl, rng):
     check(call, inputs, h0, grads=False)
     got = jax.jit(lambda *xs: grads7(call, xs[:6], xs[6]))(*inputs, h0)
     want = grads7(_ref(), inputs, h0)
-    for name, g, w in zip(NAMES, got, want, strict=True):
-        if name == "dgk":
-            scale = max(float(jnp.linalg.norm(up(x))) for x in got[:5])
-            assert float(jnp.linalg.norm(up(g) - w)) < 1e-5 * scale, name
-        else:
-            assert rel_err(g, w) < tol(jnp.float32), (name, rel_err(g, w))
+    assert_grads_strong_gate(got, want)
 
 
 BWD_CASES = [
