@@ -4,6 +4,7 @@ Times `chunk` and `fused_recurrent` for each implementation available here, and 
 Triton kernels when `fla` and a CUDA torch import (`chunk_iplr_delta_rule` forward,
 `chunk_dplr_delta_rule` with a zero decay gate, which computes the same function and has a
 backward, `fused_recurrent_iplr_delta_rule`, and plain DeltaNet `chunk_delta_rule` for scale).
+With `--gate`, the same ops with a real DPLR gate as well (ours and fla's DPLR kernels).
 Medians of per-call times after warm-up, a table with ratios against the fastest entry of the
 same size and mode and, on an H100 (the only device whose peak numbers are recorded here),
 against the floor: the time to move the bytes or do the matrix work at the device's peak.
@@ -76,7 +77,9 @@ def _inputs(rng, B, T, H, K, V, decode):
     b = -beta * a
     do = rng.standard_normal((B, T, H, V), np.float32)
     h0 = rng.standard_normal((B, H, K, V), np.float32) if decode else None
-    return dict(q=q, k=k, v=v, a=a, b=b, beta=beta[..., 0], do=do, h0=h0)
+    # a real DPLR gate for the --gate rows: gk = -softplus(N(0, 1)) (docs/gate.md)
+    gk = -np.logaddexp(0, rng.standard_normal((B, T, H, K), np.float32)).astype(np.float32)
+    return dict(q=q, k=k, v=v, a=a, b=b, beta=beta[..., 0], do=do, h0=h0, gk=gk)
 
 
 def floor_ms(B, T, H, K, V, mode, decode, itemsize, peak_bytes_per_s, peak_flops):
@@ -120,9 +123,8 @@ def _time_ms(call, sync, reps):
 # -- our implementations ------------------------------------------------------------------------
 
 
-def _jax_cases(x, dtype, decode, impls):
+def _jax_cases(x, dtype, decode, impls, gate=False):
     dev = {k: None if v is None else jnp.asarray(v, dtype) for k, v in x.items()}
-    args = tuple(dev[n] for n in "qkvab")
     h0 = None if x["h0"] is None else jnp.asarray(x["h0"], jnp.float32)
     ops = {}
     for impl in impls:
@@ -130,7 +132,10 @@ def _jax_cases(x, dtype, decode, impls):
             ops[("chunk", impl)] = functools.partial(iplr_jax.chunk, implementation=impl)
         if impl != "xla" or x["q"].shape[1] <= 2048:  # the xla recurrence is a lax.scan over T
             ops[("fused_recurrent", impl)] = functools.partial(iplr_jax.fused_recurrent, implementation=impl)
+    if gate:  # the same ops with the gate as a sixth input (DPLR)
+        ops = {**ops, **{(f"{op}+gk", impl): fn for (op, impl), fn in ops.items()}}
     for (op, impl), fn in ops.items():
+        args = tuple(dev[n] for n in "qkvab") + ((dev["gk"],) if op.endswith("+gk") else ())
         run = lambda *a, fn=fn: fn(*a, initial_state=h0, output_final_state=decode)
 
         def fwd_bwd(*a, run=run):
@@ -167,13 +172,14 @@ def _jax_peak_bytes(f, args):
 # -- fla-core, when importable -------------------------------------------------------------------
 
 
-def _fla_cases(x, dtype, decode):
+def _fla_cases(x, dtype, decode, gate=False):
     try:
         import torch
         from fla.ops.delta_rule import chunk_delta_rule
         from fla.ops.generalized_delta_rule import (
             chunk_dplr_delta_rule,
             chunk_iplr_delta_rule,
+            fused_recurrent_dplr_delta_rule,
             fused_recurrent_iplr_delta_rule,
         )
     except Exception:
@@ -197,6 +203,16 @@ def _fla_cases(x, dtype, decode):
             q, k, v, a, b, gk, chunk_size=64, safe_gate=True)[0]
         # DeltaNet on the same q, k, v: a special case of IPLR, the speed fla reaches with a scalar gate
         ops["fla-deltanet"] = lambda q, k, v, a, b: chunk_delta_rule(q, k, v, t["beta"])[0]
+    if gate:
+        real = t["gk"].float()  # fla takes the gate in float32 (its tests do)
+        ops["fla-fused+gk"] = lambda q, k, v, a, b: fused_recurrent_dplr_delta_rule(
+            q, k, v, a, b, real, initial_state=h0, output_final_state=decode)[0]
+        if not decode:
+            ops["fla-dplr+gk"] = lambda q, k, v, a, b: chunk_dplr_delta_rule(q, k, v, a, b, real)[0]
+            # chunk 64 is fla's promise-based setting: a gate of -softplus(N(0, 1)) can go below
+            # the bound it assumes (docs/gate.md), so this row is timing, not an accuracy claim
+            ops["fla-dplr64+gk"] = lambda q, k, v, a, b: chunk_dplr_delta_rule(
+                q, k, v, a, b, real, chunk_size=64, safe_gate=True)[0]
     for name, fn in ops.items():
         def fwd(fn=fn):
             with torch.no_grad():
@@ -223,8 +239,10 @@ def _torch_peak_bytes(call):
 # -- driver --------------------------------------------------------------------------------------
 
 
-def run(sizes, modes, impls, dtype, reps, fla=True, progress=True, log=None, only=None, peaks=None):
-    """Times every case; `peaks` = (bytes/s, flop/s) adds floor_ms and x_floor to each row."""
+def run(sizes, modes, impls, dtype, reps, fla=True, progress=True, log=None, only=None, peaks=None,
+        gate=False):
+    """Times every case; `peaks` = (bytes/s, flop/s) adds floor_ms and x_floor to each row;
+    `gate` adds the gated (DPLR) rows."""
     rows = []
     rng = np.random.default_rng(0)
     jsync = jax.block_until_ready
@@ -237,14 +255,14 @@ def run(sizes, modes, impls, dtype, reps, fla=True, progress=True, log=None, onl
         x = _inputs(rng, **dims, decode=decode)
         itemsize = jnp.dtype(dtype).itemsize
         cases = []
-        for op, impl, f_fwd, f_fb, args in _jax_cases(x, dtype, decode, impls):
+        for op, impl, f_fwd, f_fb, args in _jax_cases(x, dtype, decode, impls, gate):
             for mode in modes:
                 f = f_fwd if mode == "fwd" else f_fb
                 cases.append((op, impl, mode, functools.partial(f, *args), jsync,
                               (lambda f=f, args=args: _jax_peak_bytes(f, args)) if mode != "fwd" else None))
         if fla:
             import_sync = None
-            for name, f_fwd, f_fb in _fla_cases(x, dtype, decode) or ():
+            for name, f_fwd, f_fb in _fla_cases(x, dtype, decode, gate) or ():
                 import torch
 
                 import_sync = lambda _: torch.cuda.synchronize()  # noqa: E731
@@ -284,17 +302,17 @@ def run(sizes, modes, impls, dtype, reps, fla=True, progress=True, log=None, onl
 def format_table(rows) -> str:
     """The results as text; the "x floor" column only when the rows carry it (known device peaks)."""
     floor = any("x_floor" in r for r in rows)
-    head = f"{'size':4} {'op':16} {'impl':13} {'mode':8} {'median ms':>10} {'x fastest':>9} {'1st s':>6}"
+    head = f"{'size':4} {'op':18} {'impl':14} {'mode':8} {'median ms':>10} {'x fastest':>9} {'1st s':>6}"
     head += f" {'x floor':>8}" if floor else ""
     lines = [head, "-" * len(head)]
     for r in rows:
         if r["median_ms"] is None:
-            lines.append(f"{r['size']:4} {r['op']:16} {r['impl']:13} {r['mode']:8} {r.get('error', '')}")
+            lines.append(f"{r['size']:4} {r['op']:18} {r['impl']:14} {r['mode']:8} {r.get('error', '')}")
             continue
         mem = f"  peak {r['peak_bytes'] / 1e9:.2f} GB" if r.get("peak_bytes") else ""
         x_floor = f" {r['x_floor']:8.1f}" if floor else ""
         lines.append(
-            f"{r['size']:4} {r['op']:16} {r['impl']:13} {r['mode']:8} {r['median_ms']:10.3f} "
+            f"{r['size']:4} {r['op']:18} {r['impl']:14} {r['mode']:8} {r['median_ms']:10.3f} "
             f"{r['x_fastest']:9.2f} {r.get('first_call_s', float('nan')):6.1f}{x_floor}{mem}"
         )
     return "\n".join(lines)
@@ -366,6 +384,9 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--reps", type=int, default=20, help="timing samples per case (default 20)")
     p.add_argument("--no-fla", action="store_true", help="skip fla-core even when importable")
+    p.add_argument("--gate", action="store_true",
+                   help="also the gated (DPLR) rows: chunk+gk, fused_recurrent+gk and fla's "
+                   "DPLR kernels with a real gate gk = -softplus(N(0, 1))")
     p.add_argument("--only", default=None,
                    help='regex on "size op impl", e.g. "S2 chunk|fla-dplr64|cudnn"')
     out = p.add_mutually_exclusive_group()
@@ -399,7 +420,7 @@ def main(argv=None) -> int:
               f"not for this device ({device})", flush=True)
     rows = run(sizes, args.modes, impls, dtype, args.reps, fla=not args.no_fla,
                progress=False, log=functools.partial(print, flush=True), only=args.only,
-               peaks=known[1:] if known else None)
+               peaks=known[1:] if known else None, gate=args.gate)
 
     meta = dict(
         date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),

@@ -104,3 +104,12 @@ def test_bench_size_alone_runs_only_that_size_and_writes_only_when_asked(tmp_pat
     data = json.loads((tmp_path / "r.json").read_text())
     assert {r["size"] for r in data["results"]} == {"C1"}
     assert list(tmp_path.iterdir()) == [tmp_path / "r.json"]
+
+
+def test_bench_gate_adds_the_gated_rows(capsys):
+    argv = ["bench", "--size", "1,20,1,8,8", "--modes", "fwd", "--reps", "1", "--no-fla", "--impls", "xla",
+            "--gate"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    ops = {line.split()[1] for line in out.splitlines() if line.startswith("C1")}
+    assert ops == {"chunk", "fused_recurrent", "chunk+gk", "fused_recurrent+gk"}, out
