@@ -154,17 +154,20 @@ def test_jit_sequence_sharded_is_correct():
     _close(got, _unsharded("chunk", "interpret", False), "chunk sharded over T")
 
 
-def test_jit_explicit_sharding():
+@pytest.mark.parametrize("op, impl", [("chunk", "interpret"), ("chunk", "xla"), ("fused_recurrent", "xla")])
+def test_jit_explicit_sharding(op, impl):
+    """Explicit-sharding types: the kernels run per shard through shard_map, and the jnp chunk
+    form too (`sharding.explicit_shards`: the types reject its reshapes of sharded dims)."""
     mesh = _mesh((2, 4), types=AxisType.Explicit)
     xs, _ = _case_inputs(False)
     with jax.set_mesh(mesh):
         tok, st = NamedSharding(mesh, P("x", None, "y")), NamedSharding(mesh, P("x", "y"))
         xs = [jax.device_put(x, tok) for x in xs[:5]] + [jax.device_put(xs[5], st)]
-        f = jax.jit(_outputs_and_grads(_call("chunk", "interpret")))
+        f = jax.jit(_outputs_and_grads(_call(op, impl)))
         compiled = f.lower(*xs).compile()
         got = compiled(*xs)
     assert _collectives(compiled.as_text()) == dict.fromkeys(COLLECTIVES, 0)
-    _close(got, _unsharded("chunk", "interpret", False), "explicit mesh")
+    _close(got, _unsharded(op, impl, False), "explicit mesh")
     assert got[0].sharding.is_equivalent_to(tok, 4), got[0].sharding
 
 
