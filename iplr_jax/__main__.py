@@ -13,7 +13,7 @@ USAGE = """usage: iplr-jax {demo,bench} [options]
 
 commands:
   demo   check the ops against the reference, then train a tiny IPLR model next to linear
-         attention (about 3 minutes on 2 CPU cores; --quick: under a minute)
+         attention (2 to 3 minutes on 2 CPU cores; --quick: under a minute)
   bench  time every implementation available here (and fla-core when importable)
 
 `iplr-jax COMMAND --help` describes a command's options.

@@ -9,8 +9,8 @@
    prints the recall accuracy of each. The IPLR state can overwrite what a key maps to; the
    linear-attention state only adds, so its memories interfere.
 
-Everything is seeded. On 2 CPU cores (jax 0.10.2) the default run took 169 s and `--quick` (a
-one-layer model on a smaller recall task, 300 steps at batch 32) 48 s.
+Everything is seeded. On 2 CPU cores (jax 0.10.2) the default run took 124-169 s and `--quick` (a
+one-layer model on a smaller recall task, 300 steps at batch 32) 26-48 s.
 """
 
 from __future__ import annotations
@@ -310,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="iplr-jax demo",
         description="Check the IPLR ops on this machine, then train a tiny IPLR language model on "
         "multi-query associative recall next to a linear-attention baseline. On 2 CPU cores: "
-        "about 3 minutes, --quick under a minute.",
+        "2 to 3 minutes, --quick under a minute.",
     )
     parser.add_argument(
         "--steps", type=int, default=None,
