@@ -10,24 +10,15 @@ whole `chunk_iplr_delta_rule` forward. Where the gap to fla lies decides what to
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
+import timing  # benchmarks/ is on sys.path: the script's folder
 
 
 def median_ms(f, reps=20):
     import torch
 
-    f()
-    torch.cuda.synchronize()
-    samples = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        for _ in range(5):
-            f()
-        torch.cuda.synchronize()
-        samples.append((time.perf_counter() - t0) / 5 * 1e3)
-    return float(np.median(samples))
+    return timing.median_ms(f, reps=reps, sync=lambda _: torch.cuda.synchronize())
 
 
 def _stages(label):

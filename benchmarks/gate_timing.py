@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import time
 
 import jax
 import jax.numpy as jnp
@@ -119,16 +118,7 @@ def fla_row(name, x, gk, h0, T, reps):
     s0 = torch.from_numpy(np.asarray(h0)).cuda()
 
     def timed(fn):
-        fn()
-        torch.cuda.synchronize()
-        samples = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            for _ in range(5):
-                fn()
-            torch.cuda.synchronize()
-            samples.append((time.perf_counter() - t0) / 5 * 1e3)
-        return float(np.median(samples))
+        return median_ms(fn, reps=reps, sync=lambda _: torch.cuda.synchronize())
 
     if T == 1:
         ms = timed(lambda: fused_recurrent_dplr_delta_rule(*t, initial_state=s0, output_final_state=True))
