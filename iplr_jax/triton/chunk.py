@@ -27,12 +27,24 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
 
+from iplr_jax import segments
 from iplr_jax.inputs import Inputs
 from iplr_jax.sharding import shape_dtype, vma_of
 from iplr_jax.triton import gate
 from iplr_jax.triton.config import ChunkConfig
 from iplr_jax.triton.gate import SUB
-from iplr_jax.triton.helpers import F32, NT, TN, dot, dot_as, f32_precision, is_low, mask, tri
+from iplr_jax.triton.helpers import (
+    F32,
+    NT,
+    TN,
+    dot,
+    dot_as,
+    f32_precision,
+    identity_columns,
+    is_low,
+    mask,
+    tri,
+)
 from iplr_jax.triton.wy_fast import wy_fwd
 
 
@@ -61,7 +73,7 @@ def _chunk_output(q, k, b, v, v2, s0, dt, scale, low_v2, prec=None):
 
 def _state_kernel(
     cu_ref, w_ref, u_ref, k_ref, b_ref, v_ref, h0_ref, *refs, chunk_size, num_chunks, residuals,
-    fuse, scale, low_v2, prec=None, gated=False,
+    fuse, scale, low_v2, prec=None, gated=False, summary_blocks=0,
 ):
     """One (sequence n, head, V-block): S [Kp, BV] float32 carried over the sequence's chunks.
 
@@ -75,6 +87,10 @@ def _state_kernel(
     With `gated`, k_ref and b_ref hold K e^{G_C - G}, B e^{G_C - G} (from the WY kernel) and a
     ref of e^{G_C} per chunk [NC, Kp] follows h0 (after q): S_C = e^{G_C} S0 + ..., V2 reading
     the undecayed S0 (docs/gate.md).
+
+    With `summary_blocks` (the number of V-blocks) the launch is a segment summary
+    (`segments`): programs past the V-blocks carry K identity columns that read no values, so
+    each sequence (segment) ends at [h | M] from a zero start; only that end state is written.
     """
     refs = list(refs)
     q_ref = refs.pop(0) if fuse else None
@@ -85,12 +101,20 @@ def _state_kernel(
     C, dt = chunk_size, k_ref.dtype
     n = pl.program_id(0)
     start, end = cu_ref[n], cu_ref[n + 1]
+    if summary_blocks:  # value columns from 0, identity columns from I (and no values)
+        j = pl.program_id(2)
+        takes_values = (j < summary_blocks).astype(F32)
+        s0 = identity_columns(ht_ref.shape, (j - summary_blocks) * ht_ref.shape[-1], j >= summary_blocks)
+    else:
+        takes_values, s0 = None, h0_ref[...].astype(F32)
 
     def body(c, s):
         r = pl.ds(c * C, C)
         if residuals:
             h_ref[c] = s.astype(h_ref.dtype)
-        v2 = u_ref[r, :].astype(F32) + dot(w_ref[r, :].astype(F32), s, None, prec)  # V2 = U + W S0
+        u = u_ref[r, :].astype(F32)
+        u = u if takes_values is None else takes_values * u
+        v2 = u + dot(w_ref[r, :].astype(F32), s, None, prec)  # V2 = U + W S0
         if residuals:
             vn_ref[r, :] = v2.astype(vn_ref.dtype)
         k, b, v = k_ref[r, :], b_ref[r, :], v_ref[r, :]
@@ -98,13 +122,15 @@ def _state_kernel(
             o = _chunk_output(q_ref[r, :], k, b, v, v2, s, dt, scale, low_v2, prec)
             o_ref[r, :] = o.astype(o_ref.dtype)
         kv = dot(k, v, TN, None if is_low(dt) else prec)
+        if takes_values is not None:
+            kv = takes_values * kv
         if gated:
             s = gc_ref[c][:, None] * s
         return s + kv + dot(b.astype(F32), v2, TN, prec)  # S0 + K^T V + B^T V2
 
     # A plain loop: Triton pipelines these tile loads itself, since they feed dots (loading the
     # next chunk by hand measured slower, benchmarks/NOTES.md).
-    s = jax.lax.fori_loop(start, end, body, h0_ref[...].astype(F32))
+    s = jax.lax.fori_loop(start, end, body, s0)
     ht_ref[...] = s  # an empty sequence keeps h0
 
     if residuals or fuse:
@@ -202,6 +228,57 @@ def output_fwd(
     )(*args)
 
 
+def _state_pass(
+    w, u, k, b, v, cu, h0, *, q, gc, chunk_size, scale, low_v2, config, interpret,
+    residuals=False, fuse=False, summary=False, out_v_dtype=F32,
+):
+    """One launch of `_state_kernel` over the sequences (or segments) of `cu` [N + 1] from h0
+    [N, H, Kp, Vp]: [ht] + [h, v_new] with `residuals` + [o] with `fuse`. `summary`: the
+    segment summary [h | M] [N, H, Kp, Vp + Kp] alone (h0 unread, only its shape)."""
+    _, L, H, Kp = k.shape
+    Vp = v.shape[-1]
+    N, C, BV = h0.shape[0], chunk_size, config.state_block_v
+    NC, nvb = L // C, Vp // BV
+    clamp = (lambda j: jnp.minimum(j, nvb - 1)) if summary else (lambda j: j)
+    kfull = pl.BlockSpec((None, L, None, Kp), lambda n, h, j: (0, 0, h, 0))
+    vfull = pl.BlockSpec((None, L, None, BV), lambda n, h, j: (0, 0, h, clamp(j)))
+    state = pl.BlockSpec((None, None, Kp, BV), lambda n, h, j: (n, h, 0, j))
+    in_specs = [pl.BlockSpec((N + 1,), lambda n, h, j: (0,)), kfull, vfull, kfull, kfull, vfull,
+                pl.BlockSpec((None, None, Kp, BV), lambda n, h, j: (n, h, 0, clamp(j)))]
+    args = [cu.astype(jnp.int32), w, u, k, b, v, h0.astype(F32)]
+    vma = vma_of(*args, *([q] if q is not None else []))  # inside shard_map outputs vary like inputs
+    out_specs, out_shape = [state], [shape_dtype((N, H, Kp, Vp + (Kp if summary else 0)), F32, vma)]
+    if fuse:
+        in_specs.append(kfull)
+        args.append(q)
+    if gc is not None:
+        in_specs.append(pl.BlockSpec((NC, None, Kp), lambda n, h, j: (0, h, 0)))
+        args.append(gc)
+    if residuals:
+        out_specs += [pl.BlockSpec((NC, None, Kp, BV), lambda n, h, j: (0, h, 0, j)), vfull]
+        # the backward reads v_new at float32; the output alone rounds it (`low_v2`)
+        out_shape += [
+            shape_dtype((NC, H, Kp, Vp), k.dtype, vma), shape_dtype((1, L, H, Vp), out_v_dtype, vma)
+        ]
+    if fuse:
+        out_specs.append(vfull)
+        out_shape.append(shape_dtype((1, L, H, Vp), v.dtype, vma))
+    return pl.pallas_call(
+        functools.partial(
+            _state_kernel, chunk_size=C, num_chunks=NC, residuals=residuals, fuse=fuse, scale=scale,
+            low_v2=low_v2, prec=f32_precision(config.f32_dots),
+            **({"gated": True} if gc is not None else {}), **({"summary_blocks": nvb} if summary else {}),
+        ),
+        grid=(N, H, nvb + (Kp // BV if summary else 0)),
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        compiler_params=pltr.CompilerParams(num_warps=config.state_warps, num_stages=config.state_stages),
+        interpret=interpret,
+        name="iplr_chunk_summary_fwd" if summary else "iplr_chunk_state_fwd",
+    )(*args)
+
+
 def chunk_fwd(
     x: Inputs, h0, cu_chunks, *, scale, chunk_size, config: ChunkConfig, interpret, residuals=True
 ):
@@ -225,7 +302,6 @@ def chunk_fwd(
     q, k, v, a, b = x[:5]
     _, L, H, Kp = q.shape
     Vp = v.shape[-1]
-    N = h0.shape[0]
     C = chunk_size
     NC = L // C
     dt = k.dtype
@@ -241,45 +317,20 @@ def chunk_fwd(
     else:
         k_sweep, b_sweep = k, b
     keep = residuals or not fuse
-    BV = config.state_block_v
-    kfull = pl.BlockSpec((None, L, None, Kp), lambda n, h, j: (0, 0, h, 0))
-    vfull = pl.BlockSpec((None, L, None, BV), lambda n, h, j: (0, 0, h, j))
-    state = pl.BlockSpec((None, None, Kp, BV), lambda n, h, j: (n, h, 0, j))
-    in_specs = [pl.BlockSpec((N + 1,), lambda n, h, j: (0,)), kfull, vfull, kfull, kfull, vfull, state]
-    args = [cu_chunks.astype(jnp.int32), w, u, k_sweep, b_sweep, v, h0.astype(F32)]
-    out_specs = [state]
-    vma = vma_of(*args, q)  # inside shard_map the outputs vary like the inputs
-    out_shape = [shape_dtype((N, H, Kp, Vp), F32, vma)]
-    if fuse:
-        in_specs.append(kfull)
-        args.append(q)
-    if x.gated:
-        in_specs.append(pl.BlockSpec((NC, None, Kp), lambda n, h, j: (0, h, 0)))
-        args.append(gc)
-    if keep:
-        out_specs += [pl.BlockSpec((NC, None, Kp, BV), lambda n, h, j: (0, h, 0, j)), vfull]
-        out_shape += [
-            shape_dtype((NC, H, Kp, Vp), dt, vma),
-            # the backward reads v_new at float32; the output alone rounds it (`low_v2`)
-            shape_dtype((1, L, H, Vp), dt if low_v2 and not residuals else F32, vma),
-        ]
-    if fuse:
-        out_specs.append(vfull)
-        out_shape.append(shape_dtype((1, L, H, Vp), v.dtype, vma))
-    outs = pl.pallas_call(
-        functools.partial(
-            _state_kernel, chunk_size=C, num_chunks=NC, residuals=keep, fuse=fuse, scale=scale,
-            low_v2=low_v2, prec=f32_precision(config.f32_dots), **({"gated": True} if x.gated else {}),
-        ),
-        grid=(N, H, Vp // BV),
-        in_specs=in_specs,
-        out_specs=out_specs,
-        out_shape=out_shape,
-        compiler_params=pltr.CompilerParams(num_warps=config.state_warps, num_stages=config.state_stages),
-        interpret=interpret,
-        name="iplr_chunk_state_fwd",
-    )(*args)
-    ht = outs[0]
+    sweep = functools.partial(
+        _state_pass, w, u, k_sweep, b_sweep, v, q=q if fuse else None, gc=gc if x.gated else None,
+        chunk_size=C, scale=scale, low_v2=low_v2, config=config, interpret=interpret,
+    )
+    seg, v_dtype = config.segment_chunks, dt if low_v2 and not residuals else F32
+    if seg and not x.gated:  # long sequences in parallel segments (`segments`)
+        segs = segments.split(cu_chunks, NC, seg)
+        (summary,) = sweep(segs.cu, jnp.zeros((segs.seq.shape[0], H, Kp, Vp), F32), summary=True)
+        h_in = segments.entering_states(summary, segs, h0.astype(F32))
+        outs = sweep(segs.cu, h_in, residuals=keep, fuse=fuse, out_v_dtype=v_dtype)
+        ht = segments.per_sequence(outs[0], segs.last, segs.empty, h0.astype(F32))
+    else:
+        outs = sweep(cu_chunks, h0, residuals=keep, fuse=fuse, out_v_dtype=v_dtype)
+        ht = outs[0]
     h, v_new = (outs[1], outs[2]) if keep else (None, None)
     o = outs[-1] if fuse else output_fwd(
         q, k, b, v, v_new, h, scale=scale, chunk_size=C, config=config, interpret=interpret,

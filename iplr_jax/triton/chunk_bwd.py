@@ -45,6 +45,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
 
+from iplr_jax import segments
 from iplr_jax.inputs import Inputs
 from iplr_jax.reference.chunk import chunk_bwd_aligned
 from iplr_jax.sharding import shape_dtype, vma_of
@@ -52,7 +53,7 @@ from iplr_jax.triton import gate
 from iplr_jax.triton.chunk import Residuals
 from iplr_jax.triton.config import ChunkConfig
 from iplr_jax.triton.gate import SUB
-from iplr_jax.triton.helpers import dot_as, mask, tri
+from iplr_jax.triton.helpers import dot_as, identity_columns, mask, tri
 
 
 def _bwd_precision(config: ChunkConfig):
@@ -64,57 +65,92 @@ def _bwd_precision(config: ChunkConfig):
 
 
 def _sweep_kernel(
-    cu_ref, q_ref, b_ref, w_ref, do_ref, dht_ref, dsc_ref, dh0_ref, *, scale, C, dt,
-    f32_prec=lax.Precision.DEFAULT,
+    cu_ref, q_ref, b_ref, w_ref, do_ref, dht_ref, *refs, scale, C, dt,
+    f32_prec=lax.Precision.DEFAULT, summary_blocks=0,
 ):
+    """One (sequence, head, V-block): dS from dht back to the sequence's first chunk. With
+    `summary_blocks` (the number of V-blocks) a segment summary (`segments`): value columns
+    from 0, programs past them K identity columns that read no dO, ending at [g | M^T]; only
+    that start cotangent is written."""
+    dsc_ref, dh0_ref = (None, refs[0]) if summary_blocks else refs
     n = pl.program_id(0)
     c0, c1 = cu_ref[n], cu_ref[n + 1]
     incl = tri(C, strict=False)
+    if summary_blocks:
+        j = pl.program_id(2)
+        takes_do = (j < summary_blocks).astype(jnp.float32)
+        ds0 = identity_columns(dh0_ref.shape, (j - summary_blocks) * dh0_ref.shape[-1], j >= summary_blocks)
+    else:
+        takes_do, ds0 = None, dht_ref[...].astype(jnp.float32)
 
     def body(i, ds):
         c = c1 - 1 - i
-        dsc_ref[c] = ds.astype(dsc_ref.dtype)  # cotangent of the state after chunk c
+        if dsc_ref is not None:
+            dsc_ref[c] = ds.astype(dsc_ref.dtype)  # cotangent of the state after chunk c
         rows = pl.ds(c * C, C)
         q, b, w, do = q_ref[rows, :], b_ref[rows, :], w_ref[rows, :], do_ref[rows, :]
         mm = functools.partial(dot_as, dt=dt, f32_precision=f32_prec)
         mqb = mask(incl, scale * mm(q, b, tb=True))  # off the dS chain
-        dv2 = mm(mqb, do, ta=True) + mm(b, ds)
-        return ds + scale * mm(q, do, ta=True) + mm(w, dv2, ta=True)
+        from_do = mm(mqb, do, ta=True)
+        from_q = scale * mm(q, do, ta=True)
+        if takes_do is not None:
+            from_do, from_q = takes_do * from_do, takes_do * from_q
+        dv2 = from_do + mm(b, ds)
+        return ds + from_q + mm(w, dv2, ta=True)
 
-    ds = lax.fori_loop(0, c1 - c0, body, dht_ref[...].astype(jnp.float32))
+    ds = lax.fori_loop(0, c1 - c0, body, ds0)
     dh0_ref[...] = ds  # empty sequence: no iterations, dh0 = dht
 
 
-def _sweep(q, b, w, do, dht, cu_chunks, *, scale, chunk_size, dt, config, interpret):
-    """dS_C [NC, H, Kp, Vp] (dt) for every chunk and dh0 [N, H, Kp, Vp] float32."""
+def _sweep(q, b, w, do, dht, cu_chunks, *, scale, chunk_size, dt, config, interpret, summary=False):
+    """dS_C [NC, H, Kp, Vp] (dt) for every chunk and dh0 [N, H, Kp, Vp] float32; `summary`:
+    [g | M^T] [N, H, Kp, Vp + Kp] alone (dht unread, only its shape)."""
     _, L, H, Kp = q.shape
     Vp = do.shape[-1]
     N = dht.shape[0]
     C = chunk_size
     NC = L // C
     bv = config.bwd_sweep_block_v
+    nvb = Vp // bv
+    clamp = (lambda j: jnp.minimum(j, nvb - 1)) if summary else (lambda j: j)
     kspec = pl.BlockSpec((None, L, None, Kp), lambda n, h, j: (0, 0, h, 0))
     sspec = pl.BlockSpec((None, None, Kp, bv), lambda n, h, j: (n, h, 0, j))
+    vma = vma_of(q, b, w, do, dht, cu_chunks)
+    dh0_shape = shape_dtype((N, H, Kp, Vp + (Kp if summary else 0)), jnp.float32, vma)
     return pl.pallas_call(
-        functools.partial(_sweep_kernel, scale=scale, C=C, dt=dt, f32_prec=_bwd_precision(config)),
-        grid=(N, H, Vp // bv),
+        functools.partial(
+            _sweep_kernel, scale=scale, C=C, dt=dt, f32_prec=_bwd_precision(config),
+            **({"summary_blocks": nvb} if summary else {}),
+        ),
+        grid=(N, H, nvb + (Kp // bv if summary else 0)),
         in_specs=[
             pl.BlockSpec((N + 1,), lambda n, h, j: (0,)),
             kspec, kspec, kspec,
-            pl.BlockSpec((None, L, None, bv), lambda n, h, j: (0, 0, h, j)),
-            sspec,
+            pl.BlockSpec((None, L, None, bv), lambda n, h, j: (0, 0, h, clamp(j))),
+            pl.BlockSpec((None, None, Kp, bv), lambda n, h, j: (n, h, 0, clamp(j))),
         ],
-        out_specs=[pl.BlockSpec((NC, None, Kp, bv), lambda n, h, j: (0, h, 0, j)), sspec],
-        out_shape=[
-            shape_dtype((NC, H, Kp, Vp), dt, vma_of(q, b, w, do, dht, cu_chunks)),
-            shape_dtype((N, H, Kp, Vp), jnp.float32, vma_of(q, b, w, do, dht, cu_chunks)),
+        out_specs=[sspec] if summary else [
+            pl.BlockSpec((NC, None, Kp, bv), lambda n, h, j: (0, h, 0, j)), sspec
         ],
+        out_shape=[dh0_shape] if summary else [shape_dtype((NC, H, Kp, Vp), dt, vma), dh0_shape],
         compiler_params=pltr.CompilerParams(
             num_warps=config.bwd_sweep_warps, num_stages=config.bwd_sweep_stages
         ),
         interpret=interpret,
-        name="iplr_chunk_bwd_sweep",
+        name="iplr_chunk_bwd_summary" if summary else "iplr_chunk_bwd_sweep",
     )(cu_chunks, q, b, w, do, dht)
+
+
+def _segmented_sweep(q, b, w, do, dht, cu_chunks, *, chunk_size, **kw):
+    """`_sweep` with each sequence cut into segments of `segment_chunks` chunks swept in
+    parallel (`segments`): a summary sweep, the right-to-left fold, the sweep proper."""
+    NC = q.shape[1] // chunk_size
+    segs = segments.split(cu_chunks, NC, kw["config"].segment_chunks)
+    shape = jnp.zeros((segs.seq.shape[0], *dht.shape[1:]), jnp.float32)
+    (summary,) = _sweep(q, b, w, do, shape, segs.cu, chunk_size=chunk_size, summary=True, **kw)
+    d_out = segments.exiting_cotangents(summary, segs, dht)
+    dsc, dh0 = _sweep(q, b, w, do, d_out, segs.cu, chunk_size=chunk_size, **kw)
+    return dsc, segments.per_sequence(dh0, segs.first, segs.empty, dht)
 
 
 # -- 2. intra-chunk gradients ------------------------------------------------------------------
@@ -448,7 +484,8 @@ def chunk_bwd(
     dt = jnp.result_type(q, k, v, a, b)
     cu_chunks = jnp.asarray(cu_chunks, jnp.int32)
     dht = jnp.asarray(dht, jnp.float32)
-    dsc, dh0 = _sweep(
+    sweep = _segmented_sweep if config.segment_chunks else _sweep
+    dsc, dh0 = sweep(
         q, b, res.w, do, dht, cu_chunks, scale=scale, chunk_size=chunk_size, dt=dt, config=config,
         interpret=interpret,
     )

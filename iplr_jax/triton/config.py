@@ -37,6 +37,9 @@ class ChunkConfig:
     `gk`: the VJP of the jnp chunked form, and off unless set), the reverse sweep's
     `bwd_sweep_block_v`, `bwd_sweep_warps`, `bwd_sweep_stages`, the intra-chunk kernel's
     `bwd_intra_block_v`, `bwd_intra_warps`.
+    Segments (`segments`): `segment_chunks` cuts every sequence into runs of at most that many
+    chunks whose state sweeps (forward and backward) run in parallel, for long sequences at
+    small batch; 0 sweeps each sequence whole. Ignored with the gate `gk`.
     `f32_dots`: the precision of the products whose operands are float32 (all of them for
     float32 inputs; the state products W S0, B^T V2 for 16-bit ones): "tf32" (the GPU's
     default matmul precision) or "highest" (float32 accuracy); the rule follows
@@ -60,6 +63,7 @@ class ChunkConfig:
     bwd_intra_block_v: int | None = None
     bwd_intra_warps: int | None = None
     f32_dots: Literal["tf32", "highest"] | None = None
+    segment_chunks: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,6 +103,21 @@ def _sweep_block_v(N: int, H: int, Kp: int, Vp: int) -> int:
     return bv
 
 
+def _segment_chunks(N: int, H: int, Vp: int, num_chunks: int, gated: bool, interpret: bool) -> int:
+    """Segments only where the sweeps' N * H * Vp / 16 chains (at their narrowest block) cannot
+    fill the SMs and each sequence is long: cut so that there are about four chains per SM,
+    segments of at least 16 chunks (the summary sweep and the fold cost about one more pass of
+    the segments' length). Not in the interpreter (CPU tests set it explicitly)."""
+    if gated or interpret:
+        return 0
+    chains = N * H * max(1, Vp // 16)
+    per_seq = num_chunks // max(N, 1)
+    if chains >= 2 * NUM_SMS or per_seq < 64:
+        return 0
+    pieces = -(-4 * NUM_SMS // chains)
+    return max(16, -(-per_seq // pieces))
+
+
 def chunk_config(
     config: ChunkConfig | None, *, N: int, H: int, Kp: int, Vp: int, num_chunks: int, dtype,
     interpret: bool, gated: bool = False,
@@ -112,6 +131,11 @@ def chunk_config(
     # tf32x3 only where it was measured correct (16-bit inputs, Kp <= 128, compiled): float32
     # inputs at Kp = 128 gave a 15% output error on the H100 (benchmarks/NOTES.md), and the
     # interpreter has no tf32.
+    c = _fill(c, segment_chunks=lambda: _segment_chunks(N, H, Vp, num_chunks, gated, interpret))
+    if c.segment_chunks < 0:
+        raise ValueError(f"ChunkConfig.segment_chunks must be >= 0, got {c.segment_chunks}")
+    # the sweeps' independent chains: sequences, or segments when they are cut
+    chains_n = max(N, -(-num_chunks // c.segment_chunks)) if c.segment_chunks and not gated else N
     c = _fill(
         c,
         # gated: the pairwise diagonal blocks hold several [16, 16, 16] float32 tiles (4096
@@ -119,7 +143,7 @@ def chunk_config(
         wy_warps=lambda: 2 if Kp <= 128 and not gated else 4,
         wy_block_v=lambda: min(Vp, 64),
         wy_precision=lambda: "tf32x3" if low and Kp <= 128 and not interpret else "highest",
-        state_block_v=lambda: _sweep_block_v(N, H, Kp, Vp),
+        state_block_v=lambda: _sweep_block_v(chains_n, H, Kp, Vp),
         low_precision_v2=lambda: low,
         f32_dots=default_f32_dots,
     )
@@ -145,7 +169,7 @@ def chunk_config(
         # 384 KB requested, 227 KB available), so the backward runs in jnp there. With the gate
         # off until its kernels have run on a GPU: the VJP of the jnp form (docs/gate.md).
         bwd_kernels=lambda: Kp <= 128 and not gated,
-        bwd_sweep_block_v=lambda: _sweep_block_v(N, H, Kp, Vp),
+        bwd_sweep_block_v=lambda: _sweep_block_v(chains_n, H, Kp, Vp),
     )
     return _fill(
         c,

@@ -85,3 +85,10 @@ def prefetched_loop(start, stop, load, body, init, *, rows: int, depth: int = 1,
 
     ahead = tuple(fetch(jnp.int32(j)) for j in range(depth))
     return jax.lax.fori_loop(0, n, step, (init, ahead))[0]
+
+
+def identity_columns(shape, offset, on):
+    """A [Kp, BV] block of columns offset .. offset + BV of I_Kp where `on`, else zeros."""
+    rows = jax.lax.broadcasted_iota(jnp.int32, shape, 0)
+    cols = jax.lax.broadcasted_iota(jnp.int32, shape, 1) + offset
+    return jnp.where(on & (rows == cols), 1.0, 0.0).astype(F32)

@@ -1,0 +1,129 @@
+"""Segmented sweeps (`ChunkConfig.segment_chunks`, iplr_jax/segments.py): outputs, final states
+and all six gradients against the float64 recurrence, with every sequence cut into segments;
+the segment bookkeeping itself against a direct count; the rule."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import CHUNK_IMPLS
+from helpers import assert_grads, grads, make_inputs, reference, rel_err, tol
+
+import iplr_jax
+from iplr_jax import segments
+from iplr_jax.triton.config import NUM_SMS, ChunkConfig, chunk_config
+
+KERNELS = [i for i in CHUNK_IMPLS if i != "xla"]
+
+CASES = {
+    # name: (B, T, H, K, V, chunk_size, cu_seqlens lengths or None, segment_chunks)
+    "rows_c16_seg2": (2, 150, 2, 32, 16, 16, None, 2),  # 10 chunks a row: 5 segments, T odd
+    "rows_c32_K60_seg1": (1, 200, 1, 60, 20, 32, None, 1),  # one chunk per segment
+    "rows_seg_divides": (2, 128, 1, 16, 32, 16, None, 4),  # row boundary on a cut
+    "packed_c16_seg3": (1, 300, 2, 32, 32, 16, [70, 0, 130, 5, 95], 3),
+    "packed_empty_last": (1, 160, 1, 16, 16, 16, [100, 60, 0], 2),
+}
+
+
+def _run(impl, case, rng):
+    B, T, H, K, V, C, lens, seg = CASES[case]
+    N = B if lens is None else len(lens)
+    (q, k, v, a, b), h0 = make_inputs(rng, B, T, H, K, V, N=N)
+    cu = None if lens is None else jnp.asarray(np.concatenate([[0], np.cumsum(lens)]), jnp.int32)
+    fn = functools.partial(
+        iplr_jax.chunk, cu_seqlens=cu, chunk_size=C, implementation=impl,
+        config=ChunkConfig(segment_chunks=seg),
+    )
+    ref = functools.partial(reference, cu_seqlens=cu)
+    return (q, k, v, a, b), h0, fn, ref
+
+
+@pytest.mark.parametrize("impl", KERNELS)
+@pytest.mark.parametrize("case", list(CASES))
+def test_segmented_forward(rng, impl, case):
+    x, h0, fn, ref = _run(impl, case, rng)
+    o, ht = fn(*x, initial_state=h0, output_final_state=True)
+    ro, rht = ref(*x, initial_state=h0, output_final_state=True)
+    assert rel_err(o, ro) < tol(jnp.float32)
+    assert rel_err(ht, rht) < tol(jnp.float32)
+
+
+@pytest.mark.parametrize("impl", KERNELS)
+@pytest.mark.parametrize("case", ["rows_c16_seg2", "packed_c16_seg3", "packed_empty_last"])
+def test_segmented_gradients(rng, impl, case):
+    x, h0, fn, ref = _run(impl, case, rng)
+    got = grads(fn, x, h0)
+    want = grads(ref, x, h0)
+    assert_grads(got, want, 5 * tol(jnp.float32), case)
+
+
+@pytest.mark.parametrize("impl", KERNELS)
+def test_segmented_bf16_equals_unsegmented(rng, impl):
+    """bf16: the segmented forward and backward agree with the whole-sequence sweeps to bf16
+    rounding (the fold runs in float32, the residuals are the same states)."""
+    (q, k, v, a, b), h0 = make_inputs(rng, 1, 256, 2, 32, 32, dtype=jnp.bfloat16)
+    x = (q, k, v, a, b)
+    whole = functools.partial(iplr_jax.chunk, chunk_size=16, implementation=impl,
+                              config=ChunkConfig(segment_chunks=0))
+    cut = functools.partial(iplr_jax.chunk, chunk_size=16, implementation=impl,
+                            config=ChunkConfig(segment_chunks=3))
+    ow, hw = whole(*x, initial_state=h0, output_final_state=True)
+    oc, hc = cut(*x, initial_state=h0, output_final_state=True)
+    assert rel_err(oc, ow) < 1e-2 and rel_err(hc, hw) < 1e-3
+    assert_grads(grads(cut, x, h0), grads(whole, x, h0), 2e-2)
+
+
+def test_split_bookkeeping():
+    """Every segment lies inside one sequence and is at most segment_chunks long; first / last
+    find each sequence's end segments; starts marks exactly the first segment of a sequence."""
+    cu_chunks = np.array([0, 5, 5, 12, 12, 13, 20])
+    segs = segments.split(jnp.asarray(cu_chunks), 24, 4)
+    cu = np.asarray(segs.cu)
+    assert cu[0] == 0 and cu[-1] == 20 and np.all(np.diff(cu) >= 0)
+    assert set(cu_chunks) <= set(cu.tolist())
+    for s in range(len(cu) - 1):
+        lo, hi = cu[s], cu[s + 1]
+        assert hi - lo <= 4
+        if hi > lo:
+            n = np.searchsorted(cu_chunks[1:], lo, side="right")
+            assert cu_chunks[n] <= lo and hi <= cu_chunks[n + 1]
+            assert int(segs.seq[s]) == n
+            assert bool(segs.starts[s]) == (lo == cu_chunks[n])
+    for n in range(len(cu_chunks) - 1):
+        empty = cu_chunks[n] == cu_chunks[n + 1]
+        assert bool(segs.empty[n]) == empty
+        if not empty:
+            lo, hi = int(segs.first[n]), int(segs.last[n])
+            assert cu[lo] == cu_chunks[n] and cu[lo + 1] > cu[lo]
+            assert cu[hi + 1] == cu_chunks[n + 1] and cu[hi + 1] > cu[hi]
+
+
+def test_rule_cuts_only_long_sequences_at_small_batch():
+    rule = functools.partial(chunk_config, None, Kp=128, Vp=128, dtype=jnp.bfloat16, interpret=False)
+    assert rule(N=1, H=8, num_chunks=512).segment_chunks > 0  # B1 T32k H8: 64 chains
+    assert rule(N=4, H=16, num_chunks=256).segment_chunks == 0  # B4 T4k H16: the SMs are full
+    assert rule(N=1, H=8, num_chunks=32).segment_chunks == 0  # short
+    assert rule(N=1, H=8, num_chunks=512, gated=True).segment_chunks == 0
+    cut = rule(N=1, H=8, num_chunks=512)
+    assert cut.state_block_v * 8 * cut.segment_chunks >= 512 * 8 * 16 // (4 * NUM_SMS)
+    with pytest.raises(ValueError, match="segment_chunks"):
+        chunk_config(ChunkConfig(segment_chunks=-1), N=1, H=1, Kp=16, Vp=16, num_chunks=4,
+                     dtype=jnp.float32, interpret=True)
+
+
+@pytest.mark.parametrize("impl", KERNELS)
+def test_segments_jit_traced_offsets(rng, impl):
+    """Traced cu_seqlens under jit: the segment count is static, the cuts follow the values."""
+    x, h0, fn, ref = _run(impl, "packed_c16_seg3", rng)
+    lens = CASES["packed_c16_seg3"][6]
+    cu = jnp.asarray(np.concatenate([[0], np.cumsum(lens)]), jnp.int32)
+    f = jax.jit(lambda cu, *x: iplr_jax.chunk(
+        *x, cu_seqlens=cu, chunk_size=16, implementation=impl, initial_state=h0,
+        output_final_state=True, config=ChunkConfig(segment_chunks=3)))
+    o, ht = f(cu, *x)
+    ro, rht = reference(*x, initial_state=h0, output_final_state=True, cu_seqlens=cu)
+    assert rel_err(o, ro) < tol(jnp.float32) and rel_err(ht, rht) < tol(jnp.float32)
