@@ -28,6 +28,7 @@ import iplr_jax
 from iplr_jax.context_parallel import chunk_cp
 
 H, K, V = 16, 128, 128
+JIT_PATH = False  # --jit: the 2-GPU memory rows from `chunk` under jit (T sharded), not chunk_cp
 
 
 def plain(T, width=V, reps=10):
@@ -48,14 +49,40 @@ def cp(T, n, combine, reps=10, fwd=True):
     return t_f, median_ms(fb, *xs, reps=reps)
 
 
+def cp_jit(T, n, reps=10):
+    """`chunk` under plain jit with q, k, v, a, b sharded over T on n devices (the kernels'
+    summary-sweep path, ops/chunk.py), forward and forward+backward."""
+    mesh = Mesh(np.array(jax.devices()[:n]), ("sp",))
+    xs = [jax.device_put(x, NamedSharding(mesh, P(None, "sp"))) for x in cp_inputs(T, H, K, V, jnp.bfloat16)]
+    f = lambda *x: iplr_jax.chunk(*x)[0]  # noqa: E731
+    fb = jax.jit(jax.grad(lambda *x: jnp.sum(f(*x).astype(jnp.float32)), argnums=(0, 1, 2, 3, 4)))
+    return median_ms(jax.jit(f), *xs, reps=reps), median_ms(fb, *xs, reps=reps)
+
+
+def check(T, n):
+    """Relative errors of the T-sharded jit path on n devices against one device: the output
+    and the gradients of q, k, v, a, b (bf16 inputs, float32 loss)."""
+    xs = cp_inputs(T, H, K, V, jnp.bfloat16)
+    loss = lambda *x: jnp.sum(iplr_jax.chunk(*x)[0].astype(jnp.float32) ** 2)  # noqa: E731
+    both = jax.jit(lambda *x: (iplr_jax.chunk(*x)[0], jax.grad(loss, argnums=(0, 1, 2, 3, 4))(*x)))
+    ref = both(*xs)
+    mesh = Mesh(np.array(jax.devices()[:n]), ("sp",))
+    got = both(*[jax.device_put(x, NamedSharding(mesh, P(None, "sp"))) for x in xs])
+    f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
+    err = lambda a, b: float(jnp.linalg.norm(f32(a) - f32(b)) / jnp.linalg.norm(f32(b)))  # noqa: E731
+    return {name: err(g, r) for name, g, r in zip(("o", "dq", "dk", "dv", "da", "db"),
+                                                   [got[0], *got[1]], [ref[0], *ref[1]], strict=True)}
+
+
 def peak_bytes(T, n):
     """Bytes one device needs for forward + backward at T (compiled, not run): arguments,
     outputs and temporaries from XLA's memory analysis (Pallas buffers are XLA buffers)."""
     xs = cp_inputs(1024, H, K, V, jnp.bfloat16)  # shapes only
     shapes = [jax.ShapeDtypeStruct((1, T, H, x.shape[-1]), x.dtype) for x in xs]
-    if n == 1:
+    if n == 1 or JIT_PATH:
         loss = lambda *x: jnp.sum(iplr_jax.chunk(*x)[0].astype(jnp.float32))  # noqa: E731
-        step = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))
+        shard = NamedSharding(Mesh(np.array(jax.devices()[:n]), ("sp",)), P(None, "sp"))
+        step = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)), in_shardings=(shard,) * 5)
     else:
         mesh = Mesh(np.array(jax.devices()[:n]), ("sp",))
         spec = P(None, "sp")
@@ -81,11 +108,16 @@ def longest(n, limit, start=1 << 19):
     return best
 
 
-def run_cases(T, rows):
+def run_cases(T, rows, jit_only=False):
     rows["plain_1gpu"] = plain(T)
     print("plain chunk, 1 GPU, T", T, rows["plain_1gpu"], flush=True)
     rows["plain_half"] = plain(T // 2)
     print("plain chunk, 1 GPU, T/2", rows["plain_half"], flush=True)
+    for n in (2, 1):
+        rows[f"jit_n{n}"] = cp_jit(T, n)
+        print(f"chunk under jit, T sharded over {n} device(s)", rows[f"jit_n{n}"], flush=True)
+    if jit_only:
+        return
     rows["widened_half"] = plain(T // 2, width=V + K)
     print("chunk with V+K columns, T/2", rows["widened_half"], flush=True)
     for n in (2, 1):
@@ -102,10 +134,19 @@ def main():
     p.add_argument("--limit", type=int, default=1 << 24)
     p.add_argument("--ts", default=None, help="T values to analyse, e.g. 1048576,1572864")
     p.add_argument("--out", default=None)
+    p.add_argument("--check", type=int, default=0, metavar="T",
+                   help="first compare the 2-device jit path with one device at this T")
+    p.add_argument("--jit", action="store_true",
+                   help="only the jit rows (T sharded by NamedSharding); memory rows from that path")
     args = p.parse_args()
+    global JIT_PATH
+    JIT_PATH = args.jit
     rows = {}
+    if args.check:
+        rows["check"] = check(args.check, 2)
+        print(f"2 devices vs 1 at T={args.check}, relative errors:", rows["check"], flush=True)
     if not args.skip_times:
-        run_cases(args.T, rows)
+        run_cases(args.T, rows, jit_only=args.jit)
     if args.ts:
         cap = 0.95 * jax.devices()[0].memory_stats()["bytes_limit"]
         for n in (1, 2):

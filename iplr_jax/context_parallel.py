@@ -92,7 +92,7 @@ import numpy as np
 import iplr_jax
 from iplr_jax.layout import sequence_ids
 
-__all__ = ["chunk_cp", "entering_state"]
+__all__ = ["chunk_cp", "entering_state", "fold_entering", "fold_exiting"]
 
 _HI = jax.lax.Precision.HIGHEST
 EXCHANGES = ("allgather", "scan")
@@ -158,6 +158,32 @@ def _fold_scan(summary, axis_name, P, d, V, cont):
         off *= 2
     # the inclusive prefix applied to a zero start is its h part; shift it by one device
     return _split_bad(jax.lax.ppermute(x[..., :V], axis_name, [(i, i + 1) for i in range(P - 1)]))
+
+
+def fold_entering(summary, h0, *, axis_name):
+    """The state entering this device's slice, [N, H, K, V] float32: h0 (replicated over
+    `axis_name`) carried through the summaries [h | M] ([N, H, K, V + K]) of the devices
+    before it, all-gathered: C_0 = h0, C_{j+1} = M_j C_j + h_j (every row one sequence). The
+    kernels' T-sharded forward (ops/chunk.py) takes the summaries from a summary sweep."""
+    V, P, d = h0.shape[-1], _axis_size(axis_name), jax.lax.axis_index(axis_name)
+    g = jax.lax.all_gather(summary, axis_name)
+    c = h0
+    for j in range(P - 1):
+        c = jnp.where(j < d, _apply(g[j][..., V:], c) + g[j][..., :V], c)
+    return c
+
+
+def fold_exiting(summary, dht, *, axis_name):
+    """The mirror of `fold_entering` for the backward: the cotangent of the state leaving this
+    device's slice, dht (the final state's, replicated) carried right to left through the
+    backward summaries [g | M^T] of the devices after it: D_{P-1} = dht, D_j = M_{j+1}^T
+    D_{j+1} + g_{j+1}."""
+    V, P, d = dht.shape[-1], _axis_size(axis_name), jax.lax.axis_index(axis_name)
+    g = jax.lax.all_gather(summary, axis_name)
+    c = dht
+    for j in range(P - 1, 0, -1):
+        c = jnp.where(j > d, _apply(g[j][..., V:], c) + g[j][..., :V], c)
+    return c
 
 
 def entering_state(q, k, v, a, b, h0, *, axis_name, scale, chunk_size, implementation, config=None):

@@ -141,7 +141,7 @@ def _kernels_or_jnp_vjp(kernels, args, scale, chunk_size):
 
 
 def _fwd_shard(q, k, v, a, b, h0, *cu, scale, chunk_size, config, interpret, residuals, gk=None,
-               sequence_axes=None):
+               sequence_axes=None, enter=None):
     """(o, ht) of one shard and, with `residuals`, (h, v_new, X, W) with the batch leading."""
     if sequence_axes is not None:
         return _fwd_shard_cp(q, k, v, a, b, h0, sequence_axes=sequence_axes, scale=scale,
@@ -154,7 +154,7 @@ def _fwd_shard(q, k, v, a, b, h0, *cu, scale, chunk_size, config, interpret, res
     o, ht, res = triton_fwd.chunk_fwd(
         lay.align(x, layout, Kp, Vp), lay.pad_state(h0.astype(jnp.float32), Kp, Vp),
         layout.cu_chunks, scale=scale, chunk_size=chunk_size, config=config, interpret=interpret,
-        residuals=residuals,
+        residuals=residuals, enter=enter,
     )
     o, ht = lay.from_chunks(o, layout)[..., : dims.V], ht[:, :, : dims.K, : dims.V]
     if not residuals:
@@ -165,7 +165,7 @@ def _fwd_shard(q, k, v, a, b, h0, *cu, scale, chunk_size, config, interpret, res
 
 
 def _bwd_shard(q, k, v, a, b, h0, *rest, scale, chunk_size, config, interpret, gk=None,
-               sequence_axes=None):
+               sequence_axes=None, exit=None):
     """Gradients of q, k, v, a, b (gk), h0 from one shard's inputs, residuals and (do, dht)."""
     if sequence_axes is not None:
         return _bwd_shard_cp(q, k, v, a, b, h0, *rest, sequence_axes=sequence_axes, scale=scale,
@@ -181,20 +181,20 @@ def _bwd_shard(q, k, v, a, b, h0, *rest, scale, chunk_size, config, interpret, g
     dx, dh0 = triton_bwd.chunk_bwd(
         lay.align(x, layout, Kp, Vp), res, layout.cu_chunks,
         lay.pad_last(lay.to_chunks(do, layout), Vp), lay.pad_state(dht.astype(jnp.float32), Kp, Vp),
-        scale=scale, chunk_size=chunk_size, config=config, interpret=interpret,
+        scale=scale, chunk_size=chunk_size, config=config, interpret=interpret, exit=exit,
     )
     back = dx.map(lambda name, g: lay.from_chunks(g, layout)[..., : dims.V if name == "v" else dims.K])
     return (*back.arrays(), dh0[:, :, : dims.K, : dims.V])
 
 
-# T sharded under jit (issue 15, docs/architecture.md "Several devices"): the kernels' forward
-# from the state entering the device's slice of T (context_parallel.entering_state: a widened
-# run and an all-gather of [h | M] summaries), the final state the last slice's. The backward
-# runs the kernels' backward on the saved residuals and differentiates entering_state by
-# recomputing it rather than saving the widened run's residuals (twice the plain ones at
-# K = V): per slice, forward 1 widened + 1 plain pass, backward 1 widened forward, 1 widened
-# and 1 plain backward; with K = V and a backward twice the forward, ~3.7x a plain
-# forward+backward (chunk_cp(combine="rerun") inside shard_map: ~3x).
+# T sharded under jit (issue 15, docs/architecture.md "Several devices"). Forward: the kernels
+# with a summary sweep of the slice ([h | M] from a zero start, sharing the WY pass), an
+# all-gather of the summaries folded into the entering state (`context_parallel.fold_entering`)
+# and the ordinary sweep from it; the final state is the last slice's. Backward, the mirror: a
+# backward summary sweep ([g | M^T]), the all-gather folded right to left into the cotangent of
+# the state leaving the slice (`fold_exiting`), the ordinary backward from it; dh0 is the first
+# slice's. Per slice about one extra sweep each way; the residuals are the plain ones. Where the
+# backward runs in jnp (Kp = 256) it differentiates `context_parallel.entering_state` instead.
 def _enter(q, k, v, a, b, h0, *, axes, scale, chunk_size, config, interpret):
     from iplr_jax.context_parallel import entering_state
 
@@ -209,14 +209,25 @@ def _last_of(axes):
 
 
 def _fwd_shard_cp(q, k, v, a, b, h0, *, sequence_axes, residuals, **kw):
-    s0 = _enter(q, k, v, a, b, h0, axes=sequence_axes, **kw)
-    o, ht, *res = _fwd_shard(q, k, v, a, b, s0, residuals=residuals, **kw)
+    from iplr_jax.context_parallel import fold_entering
+
+    enter = functools.partial(fold_entering, axis_name=sequence_axes)
+    o, ht, *res = _fwd_shard(q, k, v, a, b, h0, residuals=residuals, enter=enter, **kw)
     ht = jax.lax.psum(jnp.where(_last_of(sequence_axes), ht, 0), sequence_axes)
     return (o, ht, *res)
 
 
 def _bwd_shard_cp(q, k, v, a, b, h0, *rest, sequence_axes, **kw):
+    from iplr_jax.context_parallel import fold_exiting
+
     *res, do, dht = rest
+    dt = jnp.result_type(q, k, v, a, b)
+    config = _local(q, v, None, kw["chunk_size"], kw["config"], kw["interpret"], dt)[-1]
+    if config.bwd_kernels:
+        exit = functools.partial(fold_exiting, axis_name=sequence_axes)
+        *dx, dh0 = _bwd_shard(q, k, v, a, b, h0, *res, do, dht, exit=exit, **kw)
+        first = jax.lax.axis_index(sequence_axes) == 0
+        return (*dx, jax.lax.psum(jnp.where(first, dh0, 0), sequence_axes).astype(dh0.dtype))
     # h0 made to vary like the slices (inside shard_map), so its pullback is this device's share
     s0, pull = jax.vjp(
         functools.partial(_enter, axes=sequence_axes, **kw), q, k, v, a, b, like_inputs(h0, q)

@@ -280,7 +280,8 @@ def _state_pass(
 
 
 def chunk_fwd(
-    x: Inputs, h0, cu_chunks, *, scale, chunk_size, config: ChunkConfig, interpret, residuals=True
+    x: Inputs, h0, cu_chunks, *, scale, chunk_size, config: ChunkConfig, interpret, residuals=True,
+    enter=None,
 ):
     """Forward of the chunked form on the aligned layout.
 
@@ -294,6 +295,9 @@ def chunk_fwd(
       config: a filled `ChunkConfig` (`config.chunk_config`).
       residuals: also return what the backward needs (False: None, and the kernels may skip
         writing it; for the primal without a gradient).
+      enter: context parallelism (docs/architecture.md "Several devices"): a function of this
+        slice's summary [h | M] ([N, H, Kp, Vp + Kp], from a summary sweep sharing the WY pass)
+        and h0, returning the state entering the slice, from which the sweep then runs.
 
     Returns:
       o [1, L, H, Vp] (v's dtype), ht [N, H, Kp, Vp] float32, and `Residuals` (or None; with a
@@ -322,6 +326,10 @@ def chunk_fwd(
         chunk_size=C, scale=scale, low_v2=low_v2, config=config, interpret=interpret,
     )
     seg, v_dtype = config.segment_chunks, dt if low_v2 and not residuals else F32
+    if enter is not None:
+        (summary,) = sweep(cu_chunks, h0, summary=True)
+        h0 = enter(summary, h0.astype(F32))
+        seg = 0
     if seg and not x.gated:  # long sequences in parallel segments (`segments`)
         segs = segments.split(cu_chunks, NC, seg)
         (summary,) = sweep(segs.cu, jnp.zeros((segs.seq.shape[0], H, Kp, Vp), F32), summary=True)

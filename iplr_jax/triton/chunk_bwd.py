@@ -454,7 +454,7 @@ def _gate_grad(x: Inputs, dq, dk, da, db, dgc, C):
 
 def chunk_bwd(
     x: Inputs, res: Residuals, cu_chunks, do, dht, *, scale, chunk_size, config: ChunkConfig,
-    interpret,
+    interpret, exit=None,
 ):
     """Gradients of the chunked form on the aligned layout (see `chunk.chunk_fwd`).
 
@@ -465,11 +465,16 @@ def chunk_bwd(
       do: [1, L, H, Vp] cotangent of o; dht: [N, H, Kp, Vp] float32 cotangent of the final state.
       config: a filled `ChunkConfig`; with `bwd_kernels` False the same equations run in jnp
         (`reference.chunk.chunk_bwd_aligned`).
+      exit: context parallelism, the mirror of `chunk_fwd`'s `enter` (kernels only): a function
+        of this slice's backward summary [g | M^T] ([N, H, Kp, Vp + Kp]) and dht, returning the
+        cotangent of the state leaving the slice, from which the sweep then runs.
 
     Returns:
       `Inputs` of dq, dk, dv, da, db in the inputs' dtypes, and dh0 [N, H, Kp, Vp] float32.
       Chunks at or past cu_chunks[-1] get zero gradients.
     """
+    if exit is not None and (x.gated or not config.bwd_kernels):
+        raise NotImplementedError("chunk_bwd(exit=...) runs on the IPLR backward kernels only")
     if not config.bwd_kernels:
         *g, dh0 = chunk_bwd_aligned(
             x, res.h, res.v_new, cu_chunks, do, dht, scale=scale, chunk_size=chunk_size
@@ -485,6 +490,12 @@ def chunk_bwd(
     cu_chunks = jnp.asarray(cu_chunks, jnp.int32)
     dht = jnp.asarray(dht, jnp.float32)
     sweep = _segmented_sweep if config.segment_chunks else _sweep
+    if exit is not None:
+        (summary,) = _sweep(
+            q, b, res.w, do, dht, cu_chunks, scale=scale, chunk_size=chunk_size, dt=dt, config=config,
+            interpret=interpret, summary=True,
+        )
+        dht, sweep = exit(summary, dht), _sweep
     dsc, dh0 = sweep(
         q, b, res.w, do, dht, cu_chunks, scale=scale, chunk_size=chunk_size, dt=dt, config=config,
         interpret=interpret,
