@@ -102,14 +102,16 @@ def test_split_bookkeeping():
             assert cu[hi + 1] == cu_chunks[n + 1] and cu[hi + 1] > cu[hi]
 
 
-def test_rule_cuts_only_long_sequences_at_small_batch():
-    rule = functools.partial(chunk_config, None, Kp=128, Vp=128, dtype=jnp.bfloat16, interpret=False)
-    assert rule(N=1, H=8, num_chunks=512).segment_chunks > 0  # B1 T32k H8: 64 chains
-    assert rule(N=4, H=16, num_chunks=256).segment_chunks == 0  # B4 T4k H16: the SMs are full
-    assert rule(N=1, H=8, num_chunks=32).segment_chunks == 0  # short
-    assert rule(N=1, H=8, num_chunks=512, gated=True).segment_chunks == 0
-    cut = rule(N=1, H=8, num_chunks=512)
-    assert cut.state_block_v * 8 * cut.segment_chunks >= 512 * 8 * 16 // (4 * NUM_SMS)
+def test_rule_and_explicit_segments():
+    """Off by default (measured slower on an H100, benchmarks/NOTES.md); an explicit value is
+    kept, and the sweeps' V-blocks then count the segments as chains (wider blocks)."""
+    rule = functools.partial(chunk_config, Kp=128, Vp=128, dtype=jnp.bfloat16, interpret=False)
+    assert rule(None, N=1, H=8, num_chunks=512).segment_chunks == 0
+    whole = rule(None, N=1, H=8, num_chunks=512)
+    cut = rule(ChunkConfig(segment_chunks=32), N=1, H=8, num_chunks=512)
+    assert cut.segment_chunks == 32
+    assert cut.state_block_v > whole.state_block_v and cut.bwd_sweep_block_v > whole.bwd_sweep_block_v
+    assert cut.state_block_v * 8 * (512 // 32) >= NUM_SMS * 16
     with pytest.raises(ValueError, match="segment_chunks"):
         chunk_config(ChunkConfig(segment_chunks=-1), N=1, H=1, Kp=16, Vp=16, num_chunks=4,
                      dtype=jnp.float32, interpret=True)

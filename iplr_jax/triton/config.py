@@ -104,18 +104,12 @@ def _sweep_block_v(N: int, H: int, Kp: int, Vp: int) -> int:
 
 
 def _segment_chunks(N: int, H: int, Vp: int, num_chunks: int, gated: bool, interpret: bool) -> int:
-    """Segments only where the sweeps' N * H * Vp / 16 chains (at their narrowest block) cannot
-    fill the SMs and each sequence is long: cut so that there are about four chains per SM,
-    segments of at least 16 chunks (the summary sweep and the fold cost about one more pass of
-    the segments' length). Not in the interpreter (CPU tests set it explicitly)."""
-    if gated or interpret:
-        return 0
-    chains = N * H * max(1, Vp // 16)
-    per_seq = num_chunks // max(N, 1)
-    if chains >= 2 * NUM_SMS or per_seq < 64:
-        return 0
-    pieces = -(-4 * NUM_SMS // chains)
-    return max(16, -(-per_seq // pieces))
+    """Off (0) by default: on an H100 the sweeps measured throughput-bound, not chain-bound, so
+    the extra summary sweep costs more than the parallelism gains (B1 T32k H8 K=V=128: forward
+    1.93 ms whole, 1.83-2.07 cut; T256k H16: 20.1 whole, 23.6-27.0 cut; benchmarks/NOTES.md,
+    session 8). Kept as an opt-in (`ChunkConfig(segment_chunks=...)`) for GPUs where it pays."""
+    del N, H, Vp, num_chunks, gated, interpret
+    return 0
 
 
 def chunk_config(
