@@ -55,6 +55,20 @@ def profile_chunk(label, B, T, H, K, V, dtype, interpret, C=64):
     kw = dict(scale=scale, chunk_size=C, interpret=interpret)
     wy = jax.jit(functools.partial(wy_fwd, chunk_size=C, config=cfg, out_dtype=dtype, interpret=interpret))
     rows = [(label, "wy_fwd", median_ms(wy, a, b, k, v))]
+    # the state sweep alone (residuals written, as in training) by V-block, and the summary
+    # sweep that context parallelism adds ([h | M], nothing written but the end state)
+    w, u = wy(a, b, k, v)[:2]
+    for bv in sorted({cfg.state_block_v, 16, 32, 64}):
+        if bv > v.shape[-1]:
+            continue
+        c_bv = rule(ChunkConfig(state_block_v=bv))
+        sw = functools.partial(ck._state_pass, q=None, gc=None, chunk_size=C, scale=scale,
+                               low_v2=c_bv.low_precision_v2, config=c_bv, interpret=interpret)
+        run = jax.jit(lambda w, u, k, b, v, cu, h0, sw=sw: sw(w, u, k, b, v, cu, h0, residuals=True))
+        summ = jax.jit(lambda w, u, k, b, v, cu, h0, sw=sw: sw(w, u, k, b, v, cu, h0, summary=True))
+        mark = " (rule)" if bv == cfg.state_block_v else ""
+        rows.append((label, f"state sweep, bv={bv}{mark}", median_ms(run, w, u, k, b, v, cu, h0)))
+        rows.append((label, f"summary sweep, bv={bv}{mark}", median_ms(summ, w, u, k, b, v, cu, h0)))
     for fuse in (False, True):
         cfg_f = rule(ChunkConfig(fuse_output=fuse))
         f = jax.jit(functools.partial(ck.chunk_fwd, residuals=False, config=cfg_f, **kw))

@@ -90,6 +90,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import iplr_jax
+from iplr_jax.inputs import Inputs, guarded_unless_finite, resolve_implementation
 from iplr_jax.layout import sequence_ids
 
 __all__ = ["chunk_cp", "entering_state", "fold_entering", "fold_exiting"]
@@ -263,6 +264,67 @@ def chunk_cp(
     """
     if exchange not in EXCHANGES:
         raise ValueError(f"exchange must be one of {EXCHANGES}, got {exchange!r}")
+    if _kernel_path(q, k, v, a, b, gk, cu_seqlens, chunk_size, implementation, exchange, combine):
+        return _chunk_cp_kernels(
+            q, k, v, a, b, axis_name=axis_name, scale=scale, initial_state=initial_state,
+            output_final_state=output_final_state, chunk_size=chunk_size, implementation=implementation,
+        )
+    return _chunk_cp_composed(
+        q, k, v, a, b, gk, axis_name=axis_name, scale=scale, initial_state=initial_state,
+        output_final_state=output_final_state, cu_seqlens=cu_seqlens, chunk_size=chunk_size,
+        implementation=implementation, exchange=exchange, combine=combine,
+    )
+
+
+def _kernel_path(q, k, v, a, b, gk, cu_seqlens, chunk_size, implementation, exchange, combine) -> bool:
+    """The kernels' own context parallelism (summary sweeps, `fold_entering` / `fold_exiting`)
+    serves the default call on the kernels: no packing, no gate, whole chunks per device, the
+    default exchange and combine, head sizes whose backward runs in kernels (K, V <= 128)."""
+    if gk is not None or cu_seqlens is not None or exchange != "allgather" or combine is not None:
+        return False
+    if q.ndim != 4 or q.shape[1] % chunk_size or max(q.shape[-1], v.shape[-1]) > 128:
+        return False
+    return resolve_implementation(implementation, Inputs(q, k, v, a, b)) in ("pallas", "interpret")
+
+
+def _chunk_cp_kernels(q, k, v, a, b, *, axis_name, scale, initial_state, output_final_state,
+                      chunk_size, implementation):
+    """`chunk_cp` on the kernels: the per-slice forward and backward of `chunk` under jit with T
+    sharded (ops/chunk.py), here inside the caller's shard_map. A non-finite input on any
+    device takes every device to `_chunk_cp_composed` (its flags keep NaN causal across
+    devices; docs/numerics.md), chosen alike over the axis."""
+    from iplr_jax.ops.chunk import _chunk_pallas
+
+    x = Inputs(q, k, v, a, b)
+    impl = resolve_implementation(implementation, x)
+    B, _, H, K = q.shape
+    V = v.shape[-1]
+    if initial_state is not None and initial_state.shape != (B, H, K, V):
+        raise ValueError(f"initial_state must have shape {(B, H, K, V)}, got {initial_state.shape}")
+    scale = K**-0.5 if scale is None else scale
+
+    def run(x, cu, h0):
+        h0 = jnp.zeros((B, H, K, V), jnp.float32) if h0 is None else h0.astype(jnp.float32)
+        return _chunk_pallas(x, scale=scale, h0=h0, cu_seqlens=None, chunk_size=chunk_size, config=None,
+                             interpret=impl == "interpret", sequence_axes=axis_name)
+
+    def composed(x, cu, h0):
+        o, final = _chunk_cp_composed(
+            *x.arrays(), None, axis_name=axis_name, scale=scale, initial_state=h0,
+            output_final_state=True, cu_seqlens=None, chunk_size=chunk_size, implementation=impl,
+            exchange="allgather", combine=None,
+        )
+        return o, final.astype(jnp.float32)
+
+    o, final = guarded_unless_finite(run, x, None, None, initial_state, guarded=composed, axis_name=axis_name)
+    return o.astype(v.dtype), (final if output_final_state else None)
+
+
+def _chunk_cp_composed(
+    q, k, v, a, b, gk, *, axis_name, scale, initial_state, output_final_state, cu_seqlens,
+    chunk_size, implementation, exchange, combine,
+):
+    """`chunk_cp` from public `chunk` calls: the widened run and a combine (module docstring)."""
     if combine is None:
         combine = "rerun" if jnp.dtype(v.dtype).itemsize < 4 else "linear"
     if combine not in COMBINES:

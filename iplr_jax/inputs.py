@@ -280,7 +280,7 @@ def guard_nonfinite(x: Inputs, cu_seqlens, dims: Dims) -> tuple[Inputs, NonFinit
     return x.map(finite), NonFinite(tokens | _nonfinite_rows(x.q), sequences)
 
 
-def guarded_unless_finite(run, x: Inputs, cu_seqlens, dims: Dims, *extra):
+def guarded_unless_finite(run, x: Inputs, cu_seqlens, dims: Dims, *extra, guarded=None, axis_name=None):
     """`run(x, cu_seqlens, *extra) -> (o, final)` with `guard_nonfinite`'s semantics at the cost
     of a finiteness check of the outputs: a non-finite input always makes some output or final
     state non-finite, so when all of them are finite the plain run was exact and is kept; only
@@ -288,14 +288,22 @@ def guarded_unless_finite(run, x: Inputs, cu_seqlens, dims: Dims, *extra):
     The backward follows the branch the forward took: the plain run's own VJP (no copies, no
     selects: the kernels' speed), or the guarded run's VJP, recomputed. `extra`: further arrays
     (initial state, a traced scale; None allowed) that `run` is differentiated in.
+    `guarded`: a function of the same arguments to use instead of the sanitize-and-poison run
+    (context parallelism: its own fold of bad-state flags). `axis_name`: inside `shard_map`,
+    the mesh axes `run` communicates over; the branch is then chosen alike on all of them.
     """
 
-    def guarded(x, cu, *extra):
-        x, nonfinite = guard_nonfinite(x, cu, dims)
-        return nonfinite.poison(*run(x, cu, *extra))
+    if guarded is None:
+
+        def guarded(x, cu, *extra):
+            x, nonfinite = guard_nonfinite(x, cu, dims)
+            return nonfinite.poison(*run(x, cu, *extra))
 
     def finite(outs):
-        return functools.reduce(jnp.logical_and, (jnp.all(jnp.isfinite(y)) for y in outs))
+        ok = functools.reduce(jnp.logical_and, (jnp.all(jnp.isfinite(y)) for y in outs))
+        if axis_name is None:
+            return ok
+        return jax.lax.pmin(ok.astype(jnp.int32), axis_name) > 0
 
     args = (x, cu_seqlens, *extra)
     leaves, tree = jax.tree.flatten(args)

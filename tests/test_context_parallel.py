@@ -278,3 +278,48 @@ def test_chunk_sequence_axis(rng):
     o, ht = f(*inputs, h0, jnp.asarray(cu))
     ro, rht = reference(*inputs, initial_state=h0, output_final_state=True, cu_seqlens=cu)
     assert rel_err(o, ro) < 1e-4 and rel_err(ht, rht) < 1e-4
+
+
+def _kernel_path_taken(mesh, inputs, h0):
+    """Whether the default `chunk_cp` call lowers to the kernels' summary sweeps."""
+    def local(q, k, v, a, b, h0):
+        return chunk_cp(q, k, v, a, b, axis_name="sp", initial_state=h0, output_final_state=True,
+                        chunk_size=C, implementation="interpret")
+
+    f = jax.shard_map(local, mesh=mesh, in_specs=SP[:1] * 5 + SP[1:], out_specs=(SP[0], SP[1]))
+    return "iplr_chunk_summary_fwd" in str(jax.make_jaxpr(f)(*inputs, h0))
+
+
+@pytest.mark.parametrize("n_dev,final,with_h0", [(2, True, True), (4, False, False)])
+def test_cp_kernels_default(rng, n_dev, final, with_h0):
+    """The default call on the kernels (no packing, whole chunks per device) runs the kernels'
+    own context parallelism (summary sweeps and all-gathered folds, forward and backward):
+    equal to the single-device kernels, all six gradients, on 2 and 4 devices."""
+    inputs, h0 = make_inputs(rng, 2, 128, 2, 16, 8, h0=with_h0)
+    mesh = _mesh((n_dev,), ("sp",))
+    if with_h0:
+        assert _kernel_path_taken(mesh, inputs, h0)
+    _check("interpret", mesh, inputs, h0, specs=SP, final=final)
+
+
+def test_cp_kernels_nonfinite(rng):
+    """A NaN in k on device 0 under the kernels' path: every device takes the composed path
+    together, so the NaN stays causal across the boundary: that head's outputs are NaN from
+    the bad token on (on device 1 too), earlier tokens and the other head are exact."""
+    (q, k, v, a, b), h0 = make_inputs(rng, 1, 64, 2, 16, 8)
+    k = k.at[0, 20, 1, 3].set(jnp.nan)
+    mesh = _mesh((2,), ("sp",))
+
+    def local(q, k, v, a, b, h0):
+        return chunk_cp(q, k, v, a, b, axis_name="sp", initial_state=h0, output_final_state=True,
+                        chunk_size=C, implementation="interpret")
+
+    f = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=SP[:1] * 5 + SP[1:], out_specs=(SP[0], SP[1])))
+    o, ht = f(q, k, v, a, b, h0)
+    clean = k.at[0, 20, 1, 3].set(0.0)
+    ro, _ = iplr_jax.chunk(q, clean, v, a, b, initial_state=h0, chunk_size=C, implementation="interpret")
+    o = np.asarray(o)
+    assert np.all(np.isnan(o[0, 20:, 1])) and np.all(np.isnan(np.asarray(ht)[0, 1]))
+    assert rel_err(o[0, :20, 1], ro[0, :20, 1]) < TOL and rel_err(o[0, :, 0], ro[0, :, 0]) < TOL
+    g = jax.grad(lambda q: jnp.sum(jnp.nan_to_num(f(q, k, v, a, b, h0)[0][:, :20])))(q)
+    assert np.all(np.isfinite(np.asarray(g)))

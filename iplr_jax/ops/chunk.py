@@ -31,7 +31,14 @@ from iplr_jax.inputs import (
     static_scale,
 )
 from iplr_jax.reference.chunk import chunk_xla
-from iplr_jax.sharding import explicit_shards, like_inputs, match_vma, partitioned, partitioned_vjp
+from iplr_jax.sharding import (
+    explicit_shards,
+    like_inputs,
+    match_vma,
+    partitioned,
+    partitioned_vjp,
+    vma_of,
+)
 from iplr_jax.triton import chunk as triton_fwd
 from iplr_jax.triton import chunk_bwd as triton_bwd
 from iplr_jax.triton.config import ChunkConfig, chunk_config, default_f32_dots
@@ -226,8 +233,10 @@ def _bwd_shard_cp(q, k, v, a, b, h0, *rest, sequence_axes, **kw):
     if config.bwd_kernels:
         exit = functools.partial(fold_exiting, axis_name=sequence_axes)
         *dx, dh0 = _bwd_shard(q, k, v, a, b, h0, *res, do, dht, exit=exit, **kw)
-        first = jax.lax.axis_index(sequence_axes) == 0
-        return (*dx, jax.lax.psum(jnp.where(first, dh0, 0), sequence_axes).astype(dh0.dtype))
+        share = jnp.where(jax.lax.axis_index(sequence_axes) == 0, dh0, 0)  # h0 enters on slice 0
+        if set(sequence_axes) <= vma_of(h0):  # made varying (shard_map): its transpose sums
+            return (*dx, share)
+        return (*dx, jax.lax.psum(share, sequence_axes).astype(dh0.dtype))
     # h0 made to vary like the slices (inside shard_map), so its pullback is this device's share
     s0, pull = jax.vjp(
         functools.partial(_enter, axes=sequence_axes, **kw), q, k, v, a, b, like_inputs(h0, q)
@@ -240,11 +249,16 @@ def _bwd_shard_cp(q, k, v, a, b, h0, *rest, sequence_axes, **kw):
     return (*grads, jax.lax.psum(de[5], sequence_axes).astype(ds0.dtype))
 
 
-def _chunk_pallas(x: Inputs, *, scale, h0, cu_seqlens, chunk_size, config, interpret):
-    """The kernels on every batch / head shard, tied by a custom_vjp (`sharding.partitioned_vjp`)."""
+def _chunk_pallas(x: Inputs, *, scale, h0, cu_seqlens, chunk_size, config, interpret, sequence_axes=None):
+    """The kernels on every batch / head shard, tied by a custom_vjp (`sharding.partitioned_vjp`).
+    `sequence_axes`: inside `shard_map`, the mesh axes T is sharded over (every row one
+    sequence, T a multiple of the chunk): the context-parallel per-slice functions."""
     q, scale = static_scale(x.q, scale)
     config = _precision_now(config)
     kw = dict(scale=scale, chunk_size=chunk_size, config=config, interpret=interpret)
+    if sequence_axes is not None:
+        axes = sequence_axes if isinstance(sequence_axes, (tuple, list)) else (sequence_axes,)
+        kw["sequence_axes"] = tuple(axes)
     packed = cu_seqlens is not None
     state = ("n" if packed else "b") + " h k v"  # packed: one row, heads shard, offsets replicated
     # T may shard (context parallelism) when it is whole chunks: T = (c s), residuals per chunk

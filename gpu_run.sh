@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+set -uo pipefail
+export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
+pip install -q --no-deps -e . >"$OUT/install.log" 2>&1
+pip install -q --no-deps --target /tmp/fla .fla/*.whl >>"$OUT/install.log" 2>&1
+export PYTHONPATH=$PWD:/tmp/fla:$PWD/benchmarks
+nvidia-smi --query-gpu=name --format=csv,noheader
+for step in "$@"; do
+  name=${step%%:*}; rest=${step#*:}; secs=${rest%%:*}; cmd=${rest#*:}
+  echo "=== $name ($secs s): $cmd"
+  t0=$(date +%s)
+  timeout "$secs" bash -c "$cmd" > "$OUT/$name.log" 2>&1; rc=$?
+  echo "    rc=$rc in $(( $(date +%s) - t0 )) s"; tail -${TAILN:-25} "$OUT/$name.log"
+done
