@@ -2,9 +2,16 @@
 
 `chunk_cp` is `iplr_jax.chunk` for inputs whose time axis is sharded over a mesh axis; call it
 inside `jax.shard_map` (other mesh axes may shard batch or heads at the same time; only the
-named axis is communicated over). It is built from the public `chunk` op alone, with no kernel
-of its own. Under plain `jit` with inputs sharded over T, `chunk`'s kernel path runs per slice
-from `entering_state` below instead (ops/chunk.py; docs/architecture.md, "Several devices").
+named axis is communicated over). Two forms:
+
+* on the kernels, for the default call without packing or gate and whole chunks per device,
+  the per-slice functions that `chunk` also runs under plain `jit` with T sharded
+  (ops/chunk.py `_fwd_shard_cp` / `_bwd_shard_cp`): a summary sweep per slice sharing the WY
+  pass, `fold_entering` / `fold_exiting` below, the ordinary sweeps from the folded states
+  (docs/architecture.md "Several devices");
+* otherwise the composed form described next, built from public `chunk` calls alone (it is
+  also where a non-finite input sends the kernels' form, since its flags keep NaN causal
+  across devices).
 
 Method
 ------
