@@ -92,6 +92,8 @@ of that overhead.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -100,7 +102,10 @@ import iplr_jax
 from iplr_jax.inputs import Inputs, guarded_unless_finite, resolve_implementation
 from iplr_jax.layout import sequence_ids
 
-__all__ = ["chunk_cp", "entering_state", "fold_entering", "fold_exiting"]
+__all__ = [
+    "chunk_cp", "entering_state", "fold_entering", "fold_exiting", "packed_fold_entering",
+    "packed_fold_exiting", "packed_slice",
+]
 
 _HI = jax.lax.Precision.HIGHEST
 EXCHANGES = ("allgather", "scan")
@@ -275,6 +280,7 @@ def chunk_cp(
         return _chunk_cp_kernels(
             q, k, v, a, b, axis_name=axis_name, scale=scale, initial_state=initial_state,
             output_final_state=output_final_state, chunk_size=chunk_size, implementation=implementation,
+            cu_seqlens=cu_seqlens,
         )
     return _chunk_cp_composed(
         q, k, v, a, b, gk, axis_name=axis_name, scale=scale, initial_state=initial_state,
@@ -283,11 +289,89 @@ def chunk_cp(
     )
 
 
+def _global_offsets(cu_seqlens, B, P, Tl):
+    """The packed offsets as int32, checked where concrete: global, from 0 to P * Tl."""
+    if B != 1:
+        raise ValueError(f"with cu_seqlens the sequences are packed into a batch of 1, got B={B}")
+    if isinstance(cu_seqlens, (list, tuple)):
+        cu_seqlens = np.asarray(cu_seqlens)
+    if not isinstance(cu_seqlens, jax.core.Tracer):
+        cu_np = np.asarray(cu_seqlens)
+        if cu_np[0] != 0 or cu_np[-1] != P * Tl or np.any(np.diff(cu_np) < 0):
+            raise ValueError(
+                f"cu_seqlens must be global non-decreasing offsets from 0 to T={P * Tl} "
+                f"({P} devices x {Tl} tokens), got {cu_np.tolist()}"
+            )
+    return jnp.asarray(cu_seqlens, jnp.int32)
+
+
+class PackedSlice(NamedTuple):
+    """Where the packed sequences (global offsets cu [N + 1]) meet this device's slice [t0, t1)
+    of T: local offsets, and per sequence whether it enters from the left (straddles t0),
+    leaves to the right (straddles t1), ends here (its final state is this device's; an empty
+    sequence: the device its offset clips into) or starts here (its initial state enters
+    here)."""
+
+    local: jax.Array
+    enters: jax.Array
+    leaves: jax.Array
+    owned: jax.Array
+    starts: jax.Array
+
+
+def packed_slice(cu, Tl: int, axis_name) -> PackedSlice:
+    P, d = _axis_size(axis_name), jax.lax.axis_index(axis_name)
+    t0, t1 = d * Tl, (d + 1) * Tl
+    first, last = cu[:-1], cu[1:]
+    owned = jnp.clip((last - 1) // Tl, 0, P - 1) == d
+    starts = jnp.where(first == last, owned, (first >= t0) & (first < t1))
+    return PackedSlice(jnp.clip(cu - t0, 0, Tl), (first < t0) & (last > t0), (first < t1) & (last > t1),
+                       owned, starts)
+
+
+def _one_crossing(x, crossing):
+    """[N, ...] -> [...]: the row of the (at most one) sequence marked, zeros if none."""
+    return jnp.sum(jnp.where(crossing[:, None, None, None], x, 0), axis=0)
+
+
+def packed_fold_entering(summary, h0, *, where: PackedSlice, axis_name):
+    """`fold_entering` for packed sequences: every sequence starts from its h0 except the one
+    entering from the left, whose state comes from the all-gathered map each device passes on
+    for the sequence leaving it: [h | M] if that sequence also entered it, else its true end
+    state with M = 0 (the fold restarts there). summary, h0: [N, H, K, *] per local piece."""
+    V, P, d = h0.shape[-1], _axis_size(axis_name), jax.lax.axis_index(axis_name)
+    h, m = summary[..., :V], summary[..., V:]
+    cont = where.enters[:, None, None, None]
+    passed = jnp.concatenate([jnp.where(cont, h, _apply(m, h0) + h), jnp.where(cont, m, 0)], -1)
+    g = jax.lax.all_gather(_one_crossing(passed, where.leaves), axis_name)  # [P, H, K, V + K]
+    c = jnp.zeros_like(h0[0])
+    for j in range(P - 1):
+        c = jnp.where(j < d, _apply(g[j][..., V:], c) + g[j][..., :V], c)
+    return jnp.where(cont, c[None], h0)
+
+
+def packed_fold_exiting(summary, dht, *, where: PackedSlice, axis_name):
+    """The mirror for the backward: every local piece leaves with its dht except the sequence
+    leaving to the right, whose cotangent comes from the all-gathered maps each device passes
+    back for the sequence entering it: [g | M^T] if that sequence also leaves it, else its true
+    start cotangent with M^T = 0."""
+    V, P, d = dht.shape[-1], _axis_size(axis_name), jax.lax.axis_index(axis_name)
+    g_, mt = summary[..., :V], summary[..., V:]
+    cont = where.leaves[:, None, None, None]
+    passed = jnp.concatenate([jnp.where(cont, g_, _apply(mt, dht) + g_), jnp.where(cont, mt, 0)], -1)
+    g = jax.lax.all_gather(_one_crossing(passed, where.enters), axis_name)
+    c = jnp.zeros_like(dht[0])
+    for j in range(P - 1, 0, -1):
+        c = jnp.where(j > d, _apply(g[j][..., V:], c) + g[j][..., :V], c)
+    return jnp.where(cont, c[None], dht)
+
+
 def _kernel_path(q, k, v, a, b, gk, cu_seqlens, chunk_size, implementation, exchange, combine) -> bool:
-    """The kernels' own context parallelism (summary sweeps, `fold_entering` / `fold_exiting`)
-    serves the default call on the kernels: no packing, no gate, whole chunks per device, the
-    default exchange and combine, head sizes whose backward runs in kernels (K, V <= 128)."""
-    if gk is not None or cu_seqlens is not None or exchange != "allgather" or combine is not None:
+    """The kernels' own context parallelism (summary sweeps, `fold_entering` / `fold_exiting`
+    and their packed forms) serves the default call on the kernels: no gate, whole chunks per
+    device, the default exchange and combine, head sizes whose backward runs in kernels
+    (K, V <= 128)."""
+    if gk is not None or exchange != "allgather" or combine is not None:
         return False
     if q.ndim != 4 or q.shape[1] % chunk_size or max(q.shape[-1], v.shape[-1]) > 128:
         return False
@@ -295,7 +379,7 @@ def _kernel_path(q, k, v, a, b, gk, cu_seqlens, chunk_size, implementation, exch
 
 
 def _chunk_cp_kernels(q, k, v, a, b, *, axis_name, scale, initial_state, output_final_state,
-                      chunk_size, implementation):
+                      chunk_size, implementation, cu_seqlens=None):
     """`chunk_cp` on the kernels: the per-slice forward and backward of `chunk` under jit with T
     sharded (ops/chunk.py), here inside the caller's shard_map. A non-finite input on any
     device takes every device to `_chunk_cp_composed` (its flags keep NaN causal across
@@ -304,26 +388,28 @@ def _chunk_cp_kernels(q, k, v, a, b, *, axis_name, scale, initial_state, output_
 
     x = Inputs(q, k, v, a, b)
     impl = resolve_implementation(implementation, x)
-    B, _, H, K = q.shape
+    B, Tl, H, K = q.shape
     V = v.shape[-1]
-    if initial_state is not None and initial_state.shape != (B, H, K, V):
-        raise ValueError(f"initial_state must have shape {(B, H, K, V)}, got {initial_state.shape}")
+    cu = None if cu_seqlens is None else _global_offsets(cu_seqlens, B, _axis_size(axis_name), Tl)
+    N = B if cu is None else cu.shape[0] - 1
+    if initial_state is not None and initial_state.shape != (N, H, K, V):
+        raise ValueError(f"initial_state must have shape {(N, H, K, V)}, got {initial_state.shape}")
     scale = K**-0.5 if scale is None else scale
 
     def run(x, cu, h0):
-        h0 = jnp.zeros((B, H, K, V), jnp.float32) if h0 is None else h0.astype(jnp.float32)
-        return _chunk_pallas(x, scale=scale, h0=h0, cu_seqlens=None, chunk_size=chunk_size, config=None,
+        h0 = jnp.zeros((N, H, K, V), jnp.float32) if h0 is None else h0.astype(jnp.float32)
+        return _chunk_pallas(x, scale=scale, h0=h0, cu_seqlens=cu, chunk_size=chunk_size, config=None,
                              interpret=impl == "interpret", sequence_axes=axis_name)
 
     def composed(x, cu, h0):
         o, final = _chunk_cp_composed(
             *x.arrays(), None, axis_name=axis_name, scale=scale, initial_state=h0,
-            output_final_state=True, cu_seqlens=None, chunk_size=chunk_size, implementation=impl,
+            output_final_state=True, cu_seqlens=cu, chunk_size=chunk_size, implementation=impl,
             exchange="allgather", combine=None,
         )
         return o, final.astype(jnp.float32)
 
-    o, final = guarded_unless_finite(run, x, None, None, initial_state, guarded=composed, axis_name=axis_name)
+    o, final = guarded_unless_finite(run, x, cu, None, initial_state, guarded=composed, axis_name=axis_name)
     return o.astype(v.dtype), (final if output_final_state else None)
 
 
@@ -352,19 +438,8 @@ def _chunk_cp_composed(
         straddle_in = jnp.broadcast_to(d > 0, (N,))
         lcu = cu = None
     else:
-        if B != 1:
-            raise ValueError(f"with cu_seqlens the sequences are packed into a batch of 1, got B={B}")
-        if isinstance(cu_seqlens, (list, tuple)):
-            cu_seqlens = np.asarray(cu_seqlens)
-        N = cu_seqlens.shape[0] - 1
-        if not isinstance(cu_seqlens, jax.core.Tracer):
-            cu_np = np.asarray(cu_seqlens)
-            if cu_np[0] != 0 or cu_np[-1] != P * Tl or np.any(np.diff(cu_np) < 0):
-                raise ValueError(
-                    f"cu_seqlens must be global non-decreasing offsets from 0 to T={P * Tl} "
-                    f"({P} devices x {Tl} tokens), got {cu_np.tolist()}"
-                )
-        cu = jnp.asarray(cu_seqlens, jnp.int32)
+        cu = _global_offsets(cu_seqlens, B, P, Tl)
+        N = cu.shape[0] - 1
         lcu = jnp.clip(cu - t0, 0, Tl)
         straddle_in = (cu[:-1] < t0) & (cu[1:] > t0)
     if initial_state is not None and initial_state.shape != (N, H, K, V):

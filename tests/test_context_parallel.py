@@ -302,24 +302,54 @@ def test_cp_kernels_default(rng, n_dev, final, with_h0):
     _check("interpret", mesh, inputs, h0, specs=SP, final=final)
 
 
-def test_cp_kernels_nonfinite(rng):
+@pytest.mark.parametrize("packed", [False, True])
+def test_cp_kernels_nonfinite(rng, packed):
     """A NaN in k on device 0 under the kernels' path: every device takes the composed path
     together, so the NaN stays causal across the boundary: that head's outputs are NaN from
-    the bad token on (on device 1 too), earlier tokens and the other head are exact."""
-    (q, k, v, a, b), h0 = make_inputs(rng, 1, 64, 2, 16, 8)
+    the bad token to the end of its sequence (on device 1 too), other tokens and the other
+    head are exact. Packed: the sequence [10, 40) holds it; [40, 64) is untouched."""
+    (q, k, v, a, b), h0 = make_inputs(rng, 1, 64, 2, 16, 8, N=3 if packed else 1)
+    cu = jnp.asarray([0, 10, 40, 64] if packed else [0, 64], jnp.int32)
     k = k.at[0, 20, 1, 3].set(jnp.nan)
     mesh = _mesh((2,), ("sp",))
 
-    def local(q, k, v, a, b, h0):
+    def local(q, k, v, a, b, h0, cu):
         return chunk_cp(q, k, v, a, b, axis_name="sp", initial_state=h0, output_final_state=True,
-                        chunk_size=C, implementation="interpret")
+                        chunk_size=C, implementation="interpret", cu_seqlens=cu if packed else None)
 
-    f = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=SP[:1] * 5 + SP[1:], out_specs=(SP[0], SP[1])))
-    o, ht = f(q, k, v, a, b, h0)
+    specs = SP[:1] * 5 + SP[1:] + (P(),)
+    f = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=(SP[0], SP[1])))
+    o, ht = f(q, k, v, a, b, h0, cu)
     clean = k.at[0, 20, 1, 3].set(0.0)
-    ro, _ = iplr_jax.chunk(q, clean, v, a, b, initial_state=h0, chunk_size=C, implementation="interpret")
-    o = np.asarray(o)
-    assert np.all(np.isnan(o[0, 20:, 1])) and np.all(np.isnan(np.asarray(ht)[0, 1]))
+    ro, _ = iplr_jax.chunk(q, clean, v, a, b, initial_state=h0, chunk_size=C, implementation="interpret",
+                           cu_seqlens=cu if packed else None)
+    o, end = np.asarray(o), (40 if packed else 64)
+    assert np.all(np.isnan(o[0, 20:end, 1])) and np.all(np.isnan(np.asarray(ht)[1 if packed else 0, 1]))
     assert rel_err(o[0, :20, 1], ro[0, :20, 1]) < TOL and rel_err(o[0, :, 0], ro[0, :, 0]) < TOL
-    g = jax.grad(lambda q: jnp.sum(jnp.nan_to_num(f(q, k, v, a, b, h0)[0][:, :20])))(q)
+    if packed:
+        assert rel_err(o[0, 40:, 1], ro[0, 40:, 1]) < TOL
+    g = jax.grad(lambda q: jnp.sum(jnp.nan_to_num(f(q, k, v, a, b, h0, cu)[0][:, :20])))(q)
     assert np.all(np.isfinite(np.asarray(g)))
+
+
+# packed, T = 128 over 4 devices of 32 tokens: [7, 30) inside device 0, [30, 90) spans devices
+# 0-2, [90, 96) ends inside device 2, [96, 128) starts on a boundary; empty at 0, 30 and 128
+PACKED_KERNELS = [0, 0, 7, 30, 30, 90, 96, 128, 128]
+
+
+@pytest.mark.parametrize("n_dev", [2, 4])
+def test_cp_kernels_packed(rng, n_dev):
+    """Packed sequences on the kernels' path (the default call, whole chunks per device): local
+    pieces swept from their own h0 or the folded state, each final state from the device that
+    holds its end, each h0's gradient from the device it enters on."""
+    cu = np.asarray(PACKED_KERNELS, np.int32)
+    inputs, h0 = make_inputs(rng, 1, 128, 2, 16, 8, N=len(cu) - 1)
+    mesh = _mesh((n_dev,), ("sp",))
+
+    def local(q, k, v, a, b, h0, cu_):
+        return chunk_cp(q, k, v, a, b, axis_name="sp", initial_state=h0, cu_seqlens=cu_,
+                        output_final_state=True, chunk_size=C, implementation="interpret")
+
+    f = jax.shard_map(local, mesh=mesh, in_specs=SP[:1] * 5 + SP[1:] + (P(),), out_specs=(SP[0], SP[1]))
+    assert "iplr_chunk_summary_fwd" in str(jax.make_jaxpr(f)(*inputs, h0, jnp.asarray(cu)))
+    _check("interpret", mesh, inputs, h0, cu=cu, specs=SP)

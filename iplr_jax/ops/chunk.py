@@ -151,7 +151,7 @@ def _fwd_shard(q, k, v, a, b, h0, *cu, scale, chunk_size, config, interpret, res
                sequence_axes=None, enter=None):
     """(o, ht) of one shard and, with `residuals`, (h, v_new, X, W) with the batch leading."""
     if sequence_axes is not None:
-        return _fwd_shard_cp(q, k, v, a, b, h0, sequence_axes=sequence_axes, scale=scale,
+        return _fwd_shard_cp(q, k, v, a, b, h0, *cu, sequence_axes=sequence_axes, scale=scale,
                              chunk_size=chunk_size, config=config, interpret=interpret,
                              residuals=residuals)
     x = Inputs(q, k, v, a, b, gk)
@@ -215,23 +215,38 @@ def _last_of(axes):
     return jax.lax.axis_index(axes) == jax.lax.psum(1, axes) - 1
 
 
-def _fwd_shard_cp(q, k, v, a, b, h0, *, sequence_axes, residuals, **kw):
-    from iplr_jax.context_parallel import fold_entering
+def _fwd_shard_cp(q, k, v, a, b, h0, *cu, sequence_axes, residuals, **kw):
+    from iplr_jax import context_parallel as cp
 
-    enter = functools.partial(fold_entering, axis_name=sequence_axes)
-    o, ht, *res = _fwd_shard(q, k, v, a, b, h0, residuals=residuals, enter=enter, **kw)
-    ht = jax.lax.psum(jnp.where(_last_of(sequence_axes), ht, 0), sequence_axes)
-    return (o, ht, *res)
+    if cu:  # packed (inside shard_map): the global offsets, local pieces of the sequences
+        where = cp.packed_slice(cu[0], q.shape[1], sequence_axes)
+        enter = functools.partial(cp.packed_fold_entering, where=where, axis_name=sequence_axes)
+        o, ht, *res = _fwd_shard(q, k, v, a, b, h0, where.local, residuals=residuals, enter=enter, **kw)
+        owned = where.owned[:, None, None, None]
+    else:
+        enter = functools.partial(cp.fold_entering, axis_name=sequence_axes)
+        o, ht, *res = _fwd_shard(q, k, v, a, b, h0, residuals=residuals, enter=enter, **kw)
+        owned = _last_of(sequence_axes)
+    return (o, jax.lax.psum(jnp.where(owned, ht, 0), sequence_axes), *res)
 
 
 def _bwd_shard_cp(q, k, v, a, b, h0, *rest, sequence_axes, **kw):
-    from iplr_jax.context_parallel import fold_exiting
+    from iplr_jax import context_parallel as cp
 
+    cu, rest = (rest[:1], rest[1:]) if len(rest) == 7 else ((), rest)
     *res, do, dht = rest
     dt = jnp.result_type(q, k, v, a, b)
+    if cu:
+        where = cp.packed_slice(cu[0], q.shape[1], sequence_axes)
+        exit = functools.partial(cp.packed_fold_exiting, where=where, axis_name=sequence_axes)
+        *dx, dh0 = _bwd_shard(q, k, v, a, b, h0, where.local, *res, do, dht, exit=exit, **kw)
+        share = jnp.where(where.starts[:, None, None, None], dh0, 0)  # each h0 enters once
+        if set(sequence_axes) <= vma_of(h0):
+            return (*dx, share)
+        return (*dx, jax.lax.psum(share, sequence_axes).astype(dh0.dtype))
     config = _local(q, v, None, kw["chunk_size"], kw["config"], kw["interpret"], dt)[-1]
     if config.bwd_kernels:
-        exit = functools.partial(fold_exiting, axis_name=sequence_axes)
+        exit = functools.partial(cp.fold_exiting, axis_name=sequence_axes)
         *dx, dh0 = _bwd_shard(q, k, v, a, b, h0, *res, do, dht, exit=exit, **kw)
         share = jnp.where(jax.lax.axis_index(sequence_axes) == 0, dh0, 0)  # h0 enters on slice 0
         if set(sequence_axes) <= vma_of(h0):  # made varying (shard_map): its transpose sums
@@ -240,7 +255,7 @@ def _bwd_shard_cp(q, k, v, a, b, h0, *rest, sequence_axes, **kw):
     # h0 made to vary like the slices (inside shard_map), so its pullback is this device's share
     s0, pull = jax.vjp(
         functools.partial(_enter, axes=sequence_axes, **kw), q, k, v, a, b, like_inputs(h0, q)
-    )
+    )  # (Kp = 256, every row one sequence: packed calls with K or V > 128 take the composed form)
     dht = jnp.where(_last_of(sequence_axes), dht, 0)  # ht is the last slice's end state
     *dx, ds0 = _bwd_shard(q, k, v, a, b, s0, *res, do, dht, **kw)
     de = pull(ds0.astype(s0.dtype))
