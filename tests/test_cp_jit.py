@@ -159,6 +159,7 @@ def test_jit_sequence_sharded_explicit_mesh():
     """Explicitly sharded inputs (`AxisType.Explicit`): the same per-slice functions inside the
     shard_map that `sharding.partitioned` builds; T over "x" while "y" splits the heads."""
     mesh = _mesh((2, 4), AxisType.Explicit)
+    _case(2, 64), _unsharded("interpret", 2, 64)  # cached outside the mesh context (plain arrays)
     with jax.set_mesh(mesh):
         _run_and_check("interpret", mesh, P(None, "x", "y"), P(None, "y"), 2, 64, "explicit")
 
