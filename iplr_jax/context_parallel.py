@@ -384,7 +384,7 @@ def _chunk_cp_kernels(q, k, v, a, b, *, axis_name, scale, initial_state, output_
     sharded (ops/chunk.py), here inside the caller's shard_map. A non-finite input on any
     device takes every device to `_chunk_cp_composed` (its flags keep NaN causal across
     devices; docs/numerics.md), chosen alike over the axis."""
-    from iplr_jax.ops.chunk import _chunk_pallas
+    from iplr_jax.ops.chunk import kernels_on_slices
 
     x = Inputs(q, k, v, a, b)
     impl = resolve_implementation(implementation, x)
@@ -398,8 +398,8 @@ def _chunk_cp_kernels(q, k, v, a, b, *, axis_name, scale, initial_state, output_
 
     def run(x, cu, h0):
         h0 = jnp.zeros((N, H, K, V), jnp.float32) if h0 is None else h0.astype(jnp.float32)
-        return _chunk_pallas(x, scale=scale, h0=h0, cu_seqlens=cu, chunk_size=chunk_size, config=None,
-                             interpret=impl == "interpret", sequence_axes=axis_name)
+        return kernels_on_slices(x, scale=scale, h0=h0, cu_seqlens=cu, chunk_size=chunk_size,
+                                 interpret=impl == "interpret", axes=axis_name)
 
     def composed(x, cu, h0):
         o, final = _chunk_cp_composed(

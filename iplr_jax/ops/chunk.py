@@ -296,6 +296,15 @@ def _chunk_pallas(x: Inputs, *, scale, h0, cu_seqlens, chunk_size, config, inter
     return op(*match_vma(*x._replace(q=q).arrays(), h0, *cu))
 
 
+def kernels_on_slices(x: Inputs, *, scale, h0, cu_seqlens, chunk_size, interpret, axes):
+    """Inside `shard_map` with T sharded over the mesh axes `axes`: the kernels' context
+    parallelism on this device's slice (what `chunk` runs per slice under jit with T sharded),
+    differentiable. `cu_seqlens`: the GLOBAL packed offsets, or None. Returns (o, final states
+    replicated over `axes`). Used by `context_parallel.chunk_cp`."""
+    return _chunk_pallas(x, scale=scale, h0=h0, cu_seqlens=cu_seqlens, chunk_size=chunk_size,
+                         config=None, interpret=interpret, sequence_axes=axes)
+
+
 def _chunk_jnp(x: Inputs, *, scale, h0, cu_seqlens, chunk_size):
     """`chunk_xla` (gradients by autodiff); with explicitly sharded inputs on every batch / head
     shard (`sharding.explicit_shards`), since explicit sharding types reject its reshapes."""
