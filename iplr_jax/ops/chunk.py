@@ -230,6 +230,12 @@ def _fwd_shard_cp(q, k, v, a, b, h0, *cu, sequence_axes, residuals, **kw):
     return (o, jax.lax.psum(jnp.where(owned, ht, 0), sequence_axes), *res)
 
 
+def _initial_state_grad(share, h0, axes):
+    """dh0 from each slice's share (zero where h0 does not enter): summed over the slices,
+    unless h0 was made varying over them (inside shard_map), whose transpose sums it."""
+    return share if set(axes) <= vma_of(h0) else jax.lax.psum(share, axes)
+
+
 def _bwd_shard_cp(q, k, v, a, b, h0, *rest, sequence_axes, **kw):
     from iplr_jax import context_parallel as cp
 
@@ -240,18 +246,14 @@ def _bwd_shard_cp(q, k, v, a, b, h0, *rest, sequence_axes, **kw):
         where = cp.packed_slice(cu[0], q.shape[1], sequence_axes)
         exit = functools.partial(cp.packed_fold_exiting, where=where, axis_name=sequence_axes)
         *dx, dh0 = _bwd_shard(q, k, v, a, b, h0, where.local, *res, do, dht, exit=exit, **kw)
-        share = jnp.where(where.starts[:, None, None, None], dh0, 0)  # each h0 enters once
-        if set(sequence_axes) <= vma_of(h0):
-            return (*dx, share)
-        return (*dx, jax.lax.psum(share, sequence_axes).astype(dh0.dtype))
+        return (*dx, _initial_state_grad(jnp.where(where.starts[:, None, None, None], dh0, 0), h0,
+                                         sequence_axes))
     config = _local(q, v, None, kw["chunk_size"], kw["config"], kw["interpret"], dt)[-1]
     if config.bwd_kernels:
         exit = functools.partial(cp.fold_exiting, axis_name=sequence_axes)
         *dx, dh0 = _bwd_shard(q, k, v, a, b, h0, *res, do, dht, exit=exit, **kw)
-        share = jnp.where(jax.lax.axis_index(sequence_axes) == 0, dh0, 0)  # h0 enters on slice 0
-        if set(sequence_axes) <= vma_of(h0):  # made varying (shard_map): its transpose sums
-            return (*dx, share)
-        return (*dx, jax.lax.psum(share, sequence_axes).astype(dh0.dtype))
+        first = jax.lax.axis_index(sequence_axes) == 0  # h0 enters on slice 0
+        return (*dx, _initial_state_grad(jnp.where(first, dh0, 0), h0, sequence_axes))
     # h0 made to vary like the slices (inside shard_map), so its pullback is this device's share
     s0, pull = jax.vjp(
         functools.partial(_enter, axes=sequence_axes, **kw), q, k, v, a, b, like_inputs(h0, q)
@@ -266,8 +268,8 @@ def _bwd_shard_cp(q, k, v, a, b, h0, *rest, sequence_axes, **kw):
 
 def _chunk_pallas(x: Inputs, *, scale, h0, cu_seqlens, chunk_size, config, interpret, sequence_axes=None):
     """The kernels on every batch / head shard, tied by a custom_vjp (`sharding.partitioned_vjp`).
-    `sequence_axes`: inside `shard_map`, the mesh axes T is sharded over (every row one
-    sequence, T a multiple of the chunk): the context-parallel per-slice functions."""
+    `sequence_axes`: inside `shard_map`, the mesh axes T is sharded over (T a multiple of the
+    chunk; `cu_seqlens` then the global offsets): the context-parallel per-slice functions."""
     q, scale = static_scale(x.q, scale)
     config = _precision_now(config)
     kw = dict(scale=scale, chunk_size=chunk_size, config=config, interpret=interpret)
