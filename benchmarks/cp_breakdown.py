@@ -123,9 +123,10 @@ def run_cases(T, rows, jit_only=False):
     rows["widened_half"] = plain(T // 2, width=V + K)
     print("chunk with V+K columns, T/2", rows["widened_half"], flush=True)
     for n in (2, 1):
-        for combine in ("rerun", "linear"):
-            rows[f"cp_n{n}_{combine}"] = cp(T, n, combine)
-            print(f"chunk_cp n={n} {combine}", rows[f"cp_n{n}_{combine}"], flush=True)
+        for combine in (None, "rerun", "linear"):  # None: the default call, the kernels' path
+            name = combine or "default"
+            rows[f"cp_n{n}_{name}"] = cp(T, n, combine)
+            print(f"chunk_cp n={n} {name}", rows[f"cp_n{n}_{name}"], flush=True)
 
 
 def main():
