@@ -4,11 +4,14 @@
 
 One sequence B1 H16 K=V=128, bf16, default implementation. Times (median of 10, ms):
   * plain `chunk` on one GPU at T (the baseline a user has without context parallelism);
-  * `chunk` with V + K = 256 value columns at T / 2 (the widened run each of 2 devices does);
-  * `chunk_cp` on 1 and 2 devices at T, both combines.
-With --longest, the longest T (512k times powers of two) whose forward + backward fits one
-device's memory by XLA's memory analysis of the compiled step, on 1 GPU (plain `chunk`) and on
-2 GPUs (`chunk_cp`).
+  * `chunk` under jit with T sharded over 2 and 1 devices (the kernels' summary-sweep path);
+  * `chunk` with V + K = 256 value columns at T / 2 (the widened run of the composed form);
+  * `chunk_cp` on 1 and 2 devices at T: the default call (the kernels' path) and both combines
+    of the composed form.
+--jit keeps the first two items. --check T first compares 2 devices with one. With --longest,
+the longest T (512k times powers of two) whose forward + backward fits one device's memory by
+XLA's memory analysis of the compiled step, on 1 GPU (plain `chunk` under jit) and on 2 GPUs
+(`chunk_cp`, or with --jit `chunk` on T-sharded inputs).
 """
 
 from __future__ import annotations
