@@ -23,6 +23,7 @@ import iplr_jax.inputs as inputs_module
 TRITON_CALL = "__gpu$xla.gpu.triton"
 WY, STATE, OUT = "iplr_wy_fwd", "iplr_chunk_state_fwd", "iplr_chunk_output_fwd"
 SWEEP, INTRA = "iplr_chunk_bwd_sweep", "iplr_chunk_bwd_intra"
+SUMMARY, SUMMARY_BWD = "iplr_chunk_summary_fwd", "iplr_chunk_bwd_summary"
 FUSED = ["iplr_fused_fwd"]
 FUSED_BWD = ["iplr_fused_fwd", "iplr_fused_bwd_dS", "iplr_fused_bwd_dq"]
 
@@ -110,6 +111,22 @@ def test_chunk_packed_traced_lowers(C):
     # kernel that no gradient reads may stay in the lowered module (a loss reading o needs it)
     names = triton_kernels(step, *x, h0, cu)
     assert [n for n in names if n != OUT] == [WY, STATE, SWEEP, INTRA], names
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_chunk_segments_lower(packed):
+    """The summary sweeps (identity columns) lower for CUDA: segments inside one sequence
+    (`ChunkConfig(segment_chunks=...)`), forward and backward, rows or traced packed offsets."""
+    x, h0 = specs(1 if packed else 2, 300, 2, 64, 32, jnp.bfloat16, N=3 if packed else None)
+    cu = jax.ShapeDtypeStruct((4,), jnp.int32)
+    config = iplr_jax.ChunkConfig(segment_chunks=2)
+
+    def step(q, k, v, a, b, h0, cu):
+        kw = dict(cu_seqlens=cu if packed else None, implementation="pallas", config=config)
+        return loss_grads(iplr_jax.chunk, **kw)(q, k, v, a, b, h0)
+
+    names = [n for n in triton_kernels(step, *x, h0, cu) if n != OUT]
+    assert names == [WY, SUMMARY, STATE, SUMMARY_BWD, SWEEP, INTRA], names
 
 
 @pytest.mark.parametrize("K, V, dtype", [(k, v, d) for k, v, d, _ in HEADS])
