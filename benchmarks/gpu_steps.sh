@@ -1,4 +1,9 @@
 #!/usr/bin/env bash
+# One device call as named steps, each with its own time limit and log under $OUT (the device
+# tool's output folder), so that a step cut by its limit does not cost the others:
+#   bash benchmarks/gpu_steps.sh "name:seconds:command" ...     (carry .fla for fla's wheels)
+# e.g. "profile:150:python benchmarks/profile_kernels.py --sizes S3". TAILN lines of each log
+# are echoed. (benchmarks/gpu_check.sh is the fixed full check: tests, bench, profile.)
 set -uo pipefail
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 pip install -q --no-deps -e . >"$OUT/install.log" 2>&1
