@@ -178,11 +178,16 @@ def fold_entering(summary, h0, *, axis_name):
     `axis_name`) carried through the summaries [h | M] ([N, H, K, V + K]) of the devices
     before it, all-gathered: C_0 = h0, C_{j+1} = M_j C_j + h_j (every row one sequence). The
     kernels' T-sharded forward (ops/chunk.py) takes the summaries from a summary sweep."""
-    V, P, d = h0.shape[-1], _axis_size(axis_name), jax.lax.axis_index(axis_name)
+    return _carry(summary, h0, axis_name, backward=False)
+
+
+def _carry(summary, c, axis_name, *, backward):
+    """c carried through the all-gathered affine maps [h | M] ([..., K, V + K]) of the devices
+    before this one (or, `backward`, after it, the maps' order reversed)."""
+    V, P, d = c.shape[-1], _axis_size(axis_name), jax.lax.axis_index(axis_name)
     g = jax.lax.all_gather(summary, axis_name)
-    c = h0
-    for j in range(P - 1):
-        c = jnp.where(j < d, _apply(g[j][..., V:], c) + g[j][..., :V], c)
+    for j in (range(P - 1, 0, -1) if backward else range(P - 1)):
+        c = jnp.where(j > d if backward else j < d, _apply(g[j][..., V:], c) + g[j][..., :V], c)
     return c
 
 
@@ -191,12 +196,7 @@ def fold_exiting(summary, dht, *, axis_name):
     device's slice, dht (the final state's, replicated) carried right to left through the
     backward summaries [g | M^T] of the devices after it: D_{P-1} = dht, D_j = M_{j+1}^T
     D_{j+1} + g_{j+1}."""
-    V, P, d = dht.shape[-1], _axis_size(axis_name), jax.lax.axis_index(axis_name)
-    g = jax.lax.all_gather(summary, axis_name)
-    c = dht
-    for j in range(P - 1, 0, -1):
-        c = jnp.where(j > d, _apply(g[j][..., V:], c) + g[j][..., :V], c)
-    return c
+    return _carry(summary, dht, axis_name, backward=True)
 
 
 def entering_state(q, k, v, a, b, h0, *, axis_name, scale, chunk_size, implementation, config=None):
@@ -339,14 +339,11 @@ def packed_fold_entering(summary, h0, *, where: PackedSlice, axis_name):
     entering from the left, whose state comes from the all-gathered map each device passes on
     for the sequence leaving it: [h | M] if that sequence also entered it, else its true end
     state with M = 0 (the fold restarts there). summary, h0: [N, H, K, *] per local piece."""
-    V, P, d = h0.shape[-1], _axis_size(axis_name), jax.lax.axis_index(axis_name)
+    V = h0.shape[-1]
     h, m = summary[..., :V], summary[..., V:]
     cont = where.enters[:, None, None, None]
     passed = jnp.concatenate([jnp.where(cont, h, _apply(m, h0) + h), jnp.where(cont, m, 0)], -1)
-    g = jax.lax.all_gather(_one_crossing(passed, where.leaves), axis_name)  # [P, H, K, V + K]
-    c = jnp.zeros_like(h0[0])
-    for j in range(P - 1):
-        c = jnp.where(j < d, _apply(g[j][..., V:], c) + g[j][..., :V], c)
+    c = _carry(_one_crossing(passed, where.leaves), jnp.zeros_like(h0[0]), axis_name, backward=False)
     return jnp.where(cont, c[None], h0)
 
 
@@ -355,14 +352,11 @@ def packed_fold_exiting(summary, dht, *, where: PackedSlice, axis_name):
     leaving to the right, whose cotangent comes from the all-gathered maps each device passes
     back for the sequence entering it: [g | M^T] if that sequence also leaves it, else its true
     start cotangent with M^T = 0."""
-    V, P, d = dht.shape[-1], _axis_size(axis_name), jax.lax.axis_index(axis_name)
-    g_, mt = summary[..., :V], summary[..., V:]
+    V = dht.shape[-1]
+    g, mt = summary[..., :V], summary[..., V:]
     cont = where.leaves[:, None, None, None]
-    passed = jnp.concatenate([jnp.where(cont, g_, _apply(mt, dht) + g_), jnp.where(cont, mt, 0)], -1)
-    g = jax.lax.all_gather(_one_crossing(passed, where.enters), axis_name)
-    c = jnp.zeros_like(dht[0])
-    for j in range(P - 1, 0, -1):
-        c = jnp.where(j > d, _apply(g[j][..., V:], c) + g[j][..., :V], c)
+    passed = jnp.concatenate([jnp.where(cont, g, _apply(mt, dht) + g), jnp.where(cont, mt, 0)], -1)
+    c = _carry(_one_crossing(passed, where.enters), jnp.zeros_like(dht[0]), axis_name, backward=True)
     return jnp.where(cont, c[None], dht)
 
 

@@ -103,15 +103,6 @@ def _sweep_block_v(N: int, H: int, Kp: int, Vp: int) -> int:
     return bv
 
 
-def _segment_chunks(N: int, H: int, Vp: int, num_chunks: int, gated: bool, interpret: bool) -> int:
-    """Off (0) by default: on an H100 the sweeps measured throughput-bound, not chain-bound, so
-    the extra summary sweep costs more than the parallelism gains (B1 T32k H8 K=V=128: forward
-    1.93 ms whole, 1.83-2.07 cut; T256k H16: 20.1 whole, 23.6-27.0 cut; benchmarks/NOTES.md,
-    session 8). Kept as an opt-in (`ChunkConfig(segment_chunks=...)`) for GPUs where it pays."""
-    del N, H, Vp, num_chunks, gated, interpret
-    return 0
-
-
 def chunk_config(
     config: ChunkConfig | None, *, N: int, H: int, Kp: int, Vp: int, num_chunks: int, dtype,
     interpret: bool, gated: bool = False,
@@ -125,7 +116,11 @@ def chunk_config(
     # tf32x3 only where it was measured correct (16-bit inputs, Kp <= 128, compiled): float32
     # inputs at Kp = 128 gave a 15% output error on the H100 (benchmarks/NOTES.md), and the
     # interpreter has no tf32.
-    c = _fill(c, segment_chunks=lambda: _segment_chunks(N, H, Vp, num_chunks, gated, interpret))
+    # Segments off unless asked for: on an H100 the sweeps measured throughput-bound, not
+    # chain-bound, so the extra summary sweep costs more than the parallelism gains (B1 T32k H8
+    # K=V=128: forward 1.93 ms whole, 1.83-2.07 cut; T256k H16: 20.1 whole, 23.6-27.0 cut;
+    # benchmarks/NOTES.md, session 8)
+    c = _fill(c, segment_chunks=lambda: 0)
     if c.segment_chunks < 0:
         raise ValueError(f"ChunkConfig.segment_chunks must be >= 0, got {c.segment_chunks}")
     # the sweeps' independent chains: sequences, or segments when they are cut
