@@ -69,6 +69,15 @@ def profile_chunk(label, B, T, H, K, V, dtype, interpret, C=64):
         mark = " (rule)" if bv == cfg.state_block_v else ""
         rows.append((label, f"state sweep, bv={bv}{mark}", median_ms(run, w, u, k, b, v, cu, h0)))
         rows.append((label, f"summary sweep, bv={bv}{mark}", median_ms(summ, w, u, k, b, v, cu, h0)))
+        if bv != cfg.state_block_v:
+            continue
+        # the step's variants: a static trip count (unpacked inputs), 16-bit state operands
+        variants = [("static trips", dict(static_chunks=T // C)), ("16-bit state dots", dict(low_state=True)),
+                    ("both", dict(static_chunks=T // C, low_state=True))]
+        for name, kw_v in variants:
+            var = jax.jit(lambda w, u, k, b, v, cu, h0, sw=sw, kw_v=kw_v: sw(
+                w, u, k, b, v, cu, h0, residuals=True, **kw_v))
+            rows.append((label, f"state sweep, bv={bv}, {name}", median_ms(var, w, u, k, b, v, cu, h0)))
     for fuse in (False, True):
         cfg_f = rule(ChunkConfig(fuse_output=fuse))
         f = jax.jit(functools.partial(ck.chunk_fwd, residuals=False, config=cfg_f, **kw))
@@ -94,6 +103,35 @@ def profile_chunk(label, B, T, H, K, V, dtype, interpret, C=64):
          median_ms(intra, q, k, v, a, b, res.h, res.v_new, do, dsc, res.x, cu)),
         (label, "bwd total", median_ms(bwd, x, res, cu, do, dht)),
     ]
+    return rows
+
+
+def profile_gated(label, B, T, H, K, V, dtype, interpret, C=64):
+    """The gated (DPLR) kernels, gk = -softplus(N(0, 1)), with the diagonal blocks factored
+    (`ChunkConfig.gate_factored`, the default) and pairwise."""
+    q, k, v, a, b, do, h0 = inputs(B, T, H, K, V, dtype)
+    gk = jnp.asarray(-np.logaddexp(0.0, np.random.default_rng(1).standard_normal(q.shape)), dtype)
+    x = Inputs(q, k, v, a, b, gk)
+    cu = jnp.arange(B + 1, dtype=jnp.int32) * (T // C)
+    kw = dict(scale=K**-0.5, chunk_size=C, interpret=interpret)
+    rows = []
+    for factored in (True, False):
+        cfg = chunk_config(
+            ChunkConfig(gate_factored=factored, bwd_kernels=True), N=B, H=H, Kp=q.shape[-1],
+            Vp=v.shape[-1], num_chunks=q.shape[1] // C, dtype=dtype, interpret=interpret, gated=True,
+        )
+        tag = "factored" if factored else "pairwise"
+        wy = jax.jit(lambda a, b, k, v, gk, cfg=cfg: wy_fwd(
+            a, b, k, v, chunk_size=C, config=cfg, out_dtype=dtype, with_x=True, interpret=interpret, gk=gk))
+        fwd = jax.jit(functools.partial(ck.chunk_fwd, config=cfg, **kw))
+        _, _, res = fwd(x, h0, cu)
+        bwd = jax.jit(functools.partial(cb.chunk_bwd, config=cfg, **kw))
+        rows += [
+            (label, f"gated wy_fwd with X, {tag}", median_ms(wy, a, b, k, v, gk)),
+            (label, f"gated chunk_fwd total, {tag}", median_ms(fwd, x, h0, cu)),
+            (label, f"gated bwd total, {tag}", median_ms(bwd, x, res, cu, do, jnp.zeros_like(h0))),
+        ]
+        print(*rows[-3:], sep="\n", flush=True)
     return rows
 
 
@@ -124,6 +162,7 @@ def main():
     p.add_argument("--interpret", action="store_true", help="tiny sizes through the interpreter")
     p.add_argument("--sizes", default="S1,S2,S3", help="chunk sizes to profile, e.g. S2")
     p.add_argument("--no-recurrent", action="store_true", help="skip the fused recurrence")
+    p.add_argument("--gate", action="store_true", help="the gated kernels only (gk = -softplus(N(0, 1)))")
     args = p.parse_args()
     if args.interpret:
         sizes = {"tiny": dict(B=1, T=128, H=1, K=32, V=32)}
@@ -133,16 +172,21 @@ def main():
         dec = {"S4": SIZES["S4"]}
     rows = []
     for label, d in sizes.items():
+        if args.gate:
+            rows += profile_gated(label, **d, dtype=jnp.bfloat16, interpret=args.interpret)
+            continue
         new = profile_chunk(label, **d, dtype=jnp.bfloat16, interpret=args.interpret)
         rows += new
         print(*new, sep="\n", flush=True)
-    recurrent = {} if args.no_recurrent else {**dec, **({} if args.interpret else {"S1": SIZES["S1"]})}
+    recurrent = {} if args.no_recurrent or args.gate else {
+        **dec, **({} if args.interpret else {"S1": SIZES["S1"]})
+    }
     for label, d in recurrent.items():
         rows += profile_recurrent(label, **d, dtype=jnp.bfloat16, interpret=args.interpret)
         print(*rows[-2:], sep="\n", flush=True)
     print(f"\n{jax.devices()[0].device_kind}, jax {jax.__version__}, bf16, median ms")
     for label, name, ms in rows:
-        print(f"{label:8} {name:34} {ms:9.3f}")
+        print(f"{label:8} {name:42} {ms:9.3f}")
 
 
 if __name__ == "__main__":

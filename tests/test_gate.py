@@ -38,6 +38,10 @@ def draw_gate(rng, shape, kind):
         return np.where(rng.random(shape) < 0.5, -20.0, soft)
     if kind == "all_strong":
         return np.full(shape, -20.0)
+    if kind == "mixed":  # by 16-row blocks along T: -20 (pairwise), -3.7 (factored at the bound), softplus
+        soft = -np.logaddexp(0.0, rng.standard_normal(shape))
+        block = (np.arange(shape[1]) // 16 % 3).reshape(1, -1, *([1] * (len(shape) - 2)))
+        return np.where(block == 0, -20.0, np.where(block == 1, -3.7, soft))
     if kind == "zero":
         return np.zeros(shape)
     raise ValueError(kind)
@@ -253,6 +257,8 @@ E2E_BWD = {
     "logsigmoid_c32_k60": (1, 77, 1, 60, 20, "logsigmoid", 32, jnp.float32, None),
     "strong_packed_c16": (1, 120, 2, 16, 16, "strong", 16, jnp.float32, [0, 40, 40, 110, 111, 120]),
     "zero": (1, 50, 1, 16, 16, "zero", 32, jnp.float32, None),
+    # diagonal blocks factored and pairwise in the same chunks (`gate.factorable`)
+    "mixed": (1, 150, 2, 32, 16, "mixed", 64, jnp.float32, None),
     "bf16": (1, 80, 2, 32, 16, "softplus", 64, jnp.bfloat16, None),
     "k200_v130": (1, 70, 1, 200, 130, "strong", 64, jnp.float32, None),  # Kp = Vp = 256, V-blocks
 }

@@ -73,7 +73,7 @@ def _chunk_output(q, k, b, v, v2, s0, dt, scale, low_v2, prec=None):
 
 def _state_kernel(
     cu_ref, w_ref, u_ref, k_ref, b_ref, v_ref, h0_ref, *refs, chunk_size, num_chunks, residuals,
-    fuse, scale, low_v2, prec=None, gated=False, summary_blocks=0,
+    fuse, scale, low_v2, prec=None, gated=False, summary_blocks=0, static_chunks=None, low_state=False,
 ):
     """One (sequence n, head, V-block): S [Kp, BV] float32 carried over the sequence's chunks.
 
@@ -114,7 +114,10 @@ def _state_kernel(
             h_ref[c] = s.astype(h_ref.dtype)
         u = u_ref[r, :].astype(F32)
         u = u if takes_values is None else takes_values * u
-        v2 = u + dot(w_ref[r, :].astype(F32), s, None, prec)  # V2 = U + W S0
+        if low_state:
+            v2 = u + dot(w_ref[r, :], s.astype(dt))
+        else:
+            v2 = u + dot(w_ref[r, :].astype(F32), s, None, prec)  # V2 = U + W S0
         if residuals:
             vn_ref[r, :] = v2.astype(vn_ref.dtype)
         k, b, v = k_ref[r, :], b_ref[r, :], v_ref[r, :]
@@ -126,11 +129,16 @@ def _state_kernel(
             kv = takes_values * kv
         if gated:
             s = gc_ref[c][:, None] * s
+        if low_state:
+            return s + kv + dot(b, v2.astype(dt), TN)
         return s + kv + dot(b.astype(F32), v2, TN, prec)  # S0 + K^T V + B^T V2
 
     # A plain loop: Triton pipelines these tile loads itself, since they feed dots (loading the
     # next chunk by hand measured slower, benchmarks/NOTES.md).
-    s = jax.lax.fori_loop(start, end, body, s0)
+    if static_chunks is None:
+        s = jax.lax.fori_loop(start, end, body, s0)
+    else:
+        s = jax.lax.fori_loop(0, static_chunks, lambda i, s: body(start + i, s), s0)
     ht_ref[...] = s  # an empty sequence keeps h0
 
     if residuals or fuse:
@@ -164,7 +172,7 @@ def _output_kernel(q_ref, k_ref, b_ref, v_ref, vn_ref, h_ref, o_ref, *, scale, l
 
 
 def _gated_output_kernel(
-    q_ref, k_ref, b_ref, v_ref, vn_ref, h_ref, g_ref, o_ref, *, scale, low_v2, prec=None
+    q_ref, k_ref, b_ref, v_ref, vn_ref, h_ref, g_ref, o_ref, *, scale, low_v2, prec=None, factor=True
 ):
     """One (chunk, head, V-block) with the gate (docs/gate.md), by 16-row blocks i:
 
@@ -186,7 +194,9 @@ def _gated_output_kernel(
         q_i = f32_rows(q_ref, i) * jnp.exp(gate.block_gate(g_ref, i)[0])  # from the boundary before i
         before = gate.between(tot, -1, i)
         q0 = q_i if before is None else q_i * jnp.exp(before)[None, :]  # from the chunk start
-        qk, qb = gate.diag_products(q_ref, (k_ref, b_ref), g_ref, i, strict=False)
+        qk, qb = gate.diag_products(
+            q_ref, (k_ref, b_ref), g_ref, i, strict=False, factor=factor, precision=prec
+        )
         o = mm(q0, s0) + mm(qk, v_ref[pl.ds(i * SUB, SUB), :]) + mm_v2(qb, vn_ref[pl.ds(i * SUB, SUB), :])
         for j in range(i):
             mid = gate.between(tot, j, i)
@@ -212,7 +222,8 @@ def output_fwd(
     hc = pl.BlockSpec((None, None, Kp, BVo), lambda c, h, j: (c, h, 0, j))
     kernel, args, in_specs = _output_kernel, [q, k, b, v, v_new, h], [kc, kc, kc, vc, vc, hc]
     if gk is not None:
-        kernel, args, in_specs = _gated_output_kernel, args + [gk], in_specs + [kc]
+        kernel = functools.partial(_gated_output_kernel, factor=config.gate_factored)
+        args, in_specs = args + [gk], in_specs + [kc]
     return pl.pallas_call(
         functools.partial(
             kernel, scale=scale, low_v2=config.low_precision_v2,
@@ -230,7 +241,7 @@ def output_fwd(
 
 def _state_pass(
     w, u, k, b, v, cu, h0, *, q, gc, chunk_size, scale, low_v2, config, interpret,
-    residuals=False, fuse=False, summary=False, out_v_dtype=F32,
+    residuals=False, fuse=False, summary=False, out_v_dtype=F32, static_chunks=None, low_state=False,
 ):
     """One launch of `_state_kernel` over the sequences (or segments) of `cu` [N + 1] from h0
     [N, H, Kp, Vp]: [ht] + [h, v_new] with `residuals` + [o] with `fuse`. `summary`: the
@@ -268,6 +279,7 @@ def _state_pass(
             _state_kernel, chunk_size=C, num_chunks=NC, residuals=residuals, fuse=fuse, scale=scale,
             low_v2=low_v2, prec=f32_precision(config.f32_dots),
             **({"gated": True} if gc is not None else {}), **({"summary_blocks": nvb} if summary else {}),
+            static_chunks=static_chunks, low_state=low_state,
         ),
         grid=(N, H, nvb + (Kp // BV if summary else 0)),
         in_specs=in_specs,

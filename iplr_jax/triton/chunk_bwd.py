@@ -246,14 +246,15 @@ def _rows(ref, i):
     return ref[pl.ds(i * SUB, SUB), :]
 
 
-def _gated_dv2_kernel(q_ref, b_ref, g_ref, do_ref, p_ref, *, scale, dt, f32_prec):
+def _gated_dv2_kernel(q_ref, b_ref, g_ref, do_ref, p_ref, *, scale, dt, f32_prec, factor):
     """One (chunk, head, V-block): P_j = sum_{i >= j} M_qb[i, j]^T dO_i, M_qb the decayed
     incl(scale Q B^T) (off the diagonal through the block boundaries, pairwise on it)."""
     nb = q_ref.shape[0] // SUB
     mm = functools.partial(dot_as, dt=dt, f32_precision=f32_prec)
+    diag = dict(factor=factor, precision=f32_prec)
     tot = gate.totals(g_ref, nb)
     for j in range(nb):
-        (qb,) = gate.diag_products(q_ref, (b_ref,), g_ref, j, strict=False)
+        (qb,) = gate.diag_products(q_ref, (b_ref,), g_ref, j, strict=False, **diag)
         p = mm(scale * qb, _rows(do_ref, j), ta=True)
         bc = _rows(b_ref, j).astype(jnp.float32) * gate.to_block_end(g_ref, tot, j)
         for i in range(j + 1, nb):
@@ -294,6 +295,7 @@ def _gated_sweep_kernel(
 def _gated_intra_kernel(
     cu_ref, q_ref, k_ref, a_ref, b_ref, g_ref, v_ref, v2_ref, do_ref, p_ref, h_ref, dsc_ref, x_ref,
     dq_ref, dk_ref, da_ref, db_ref, dv_ref, dgc_ref, *, scale, dt, f32_prec=lax.Precision.DEFAULT,
+    factor=True,
 ):
     """One (chunk, head, V-block) with the gate, by 16-row blocks: dV2 = P + Bh dS_C,
     dZ = X^T dV2, then the row gradients (dq, da: blocks j <= i of each row block i) and the
@@ -308,6 +310,7 @@ def _gated_intra_kernel(
     f32 = jnp.float32
     incl, strict = tri(SUB, strict=False), tri(SUB, strict=True)
     mm = functools.partial(dot_as, dt=dt, f32_precision=f32_prec)
+    diag = dict(factor=factor, precision=f32_prec)
     rows32 = lambda ref, i: _rows(ref, i).astype(f32)  # noqa: E731
     valid = pl.program_id(0) < cu_ref[n_seq]
     ds = mask(valid, dsc_ref[...].astype(f32))
@@ -337,8 +340,8 @@ def _gated_intra_kernel(
         dq = mm(_rows(do_ref, i), s0, tb=True) * jnp.exp(G + pre)
         da = mm(dz[i], s0, tb=True) * jnp.exp(Gx + pre)
         dqk, dqb, dak, dab = dms(i, i)
-        dq = dq + gate.diag_row_grads(((dqk, k_ref, False), (dqb, b_ref, False)), g_ref, i)
-        da = da + gate.diag_row_grads(((dak, k_ref, True), (dab, b_ref, True)), g_ref, i)
+        dq = dq + gate.diag_row_grads(((dqk, k_ref, False), (dqb, b_ref, False)), g_ref, i, **diag)
+        da = da + gate.diag_row_grads(((dak, k_ref, True), (dab, b_ref, True)), g_ref, i, **diag)
         for j in range(i):
             cy = gate.to_block_end(g_ref, tot, j)
             kc, bc = rows32(k_ref, j) * cy, rows32(b_ref, j) * cy
@@ -358,12 +361,12 @@ def _gated_intra_kernel(
         sc = sc + mm(kh, v, ta=True) + mm(bh, v2, ta=True)
         dk = mm(v, ds, tb=True) * tail
         db = mm(v2, ds, tb=True) * tail
-        (mqk,) = gate.diag_products(q_ref, (k_ref,), g_ref, j, strict=False)
-        (mak,) = gate.diag_products(a_ref, (k_ref,), g_ref, j, strict=True)
+        (mqk,) = gate.diag_products(q_ref, (k_ref,), g_ref, j, strict=False, **diag)
+        (mak,) = gate.diag_products(a_ref, (k_ref,), g_ref, j, strict=True, **diag)
         dv = mm(kh, ds) + mm(scale * mqk, _rows(do_ref, j), ta=True) + mm(mak, dz[j], ta=True)
         dqk, dqb, dak, dab = dms(j, j)
-        dk = dk + gate.diag_col_grads(((scale * dqk, q_ref, False), (dak, a_ref, True)), g_ref, j)
-        db = db + gate.diag_col_grads(((scale * dqb, q_ref, False), (dab, a_ref, True)), g_ref, j)
+        dk = dk + gate.diag_col_grads(((scale * dqk, q_ref, False), (dak, a_ref, True)), g_ref, j, **diag)
+        db = db + gate.diag_col_grads(((scale * dqb, q_ref, False), (dab, a_ref, True)), g_ref, j, **diag)
         kc, bc = rows32(k_ref, j) * cy, rows32(b_ref, j) * cy
         for i in range(j + 1, nb):
             G, Gx = gate.block_gate(g_ref, i)
@@ -397,7 +400,7 @@ def _gated_bwd(x: Inputs, res: Residuals, cu_chunks, do, dht, *, scale, chunk_si
     vma = vma_of(cu_chunks, q, k, v, a, b, gk, do, dht, *res)
     params = pltr.CompilerParams(num_warps=config.bwd_intra_warps, num_stages=1)
     p = pl.pallas_call(
-        functools.partial(_gated_dv2_kernel, scale=scale, dt=dt, f32_prec=prec),
+        functools.partial(_gated_dv2_kernel, scale=scale, dt=dt, f32_prec=prec, factor=config.gate_factored),
         grid=(NC, H, nv), in_specs=[kc, kc, kc, vc], out_specs=vc,
         out_shape=shape_dtype((1, L, H, Vp), jnp.float32, vma),
         compiler_params=params, interpret=interpret, name="iplr_chunk_bwd_dv2_gated",
@@ -423,7 +426,9 @@ def _gated_bwd(x: Inputs, res: Residuals, cu_chunks, do, dht, *, scale, chunk_si
     kpart = pl.BlockSpec((None, C, None, Kp), lambda c, h, j: (j, c, h, 0))
     gpart = pl.BlockSpec((None, None, None, Kp), lambda c, h, j: (j, c, h, 0))
     dq, dk, da, db, dv, dgc = pl.pallas_call(
-        functools.partial(_gated_intra_kernel, scale=scale, dt=dt, f32_prec=prec),
+        functools.partial(
+            _gated_intra_kernel, scale=scale, dt=dt, f32_prec=prec, factor=config.gate_factored
+        ),
         grid=(NC, H, nv),
         in_specs=[pl.BlockSpec((cu_chunks.shape[0],), lambda c, h, j: (0,)), kc, kc, kc, kc, kc,
                   vc, vc, vc, vc, sc, sc, pl.BlockSpec((None, None, C, C), lambda c, h, j: (c, h, 0, 0))],

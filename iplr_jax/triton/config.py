@@ -44,6 +44,9 @@ class ChunkConfig:
     float32 inputs; the state products W S0, B^T V2 for 16-bit ones): "tf32" (the GPU's
     default matmul precision) or "highest" (float32 accuracy); the rule follows
     `jax.default_matmul_precision` (docs/numerics.md).
+    Gate: `gate_factored` computes the gated kernels' diagonal 16-row blocks as one product of
+    decayed operands wherever the block's decay allows it (pairwise elsewhere; docs/gate.md);
+    False: always pairwise.
     """
 
     wy_warps: int | None = None
@@ -64,6 +67,7 @@ class ChunkConfig:
     bwd_intra_warps: int | None = None
     f32_dots: Literal["tf32", "highest"] | None = None
     segment_chunks: int | None = None
+    gate_factored: bool | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,6 +139,7 @@ def chunk_config(
         state_block_v=lambda: _sweep_block_v(chains_n, H, Kp, Vp),
         low_precision_v2=lambda: low,
         f32_dots=default_f32_dots,
+        gate_factored=lambda: True,
     )
     programs = N * H * (Vp // c.state_block_v)
     # Fusing the output adds Q K^T, Q B^T and three more dots to every step of the sequential

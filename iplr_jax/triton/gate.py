@@ -11,7 +11,11 @@ whole decay. Every exponent the kernels form is a sum of gates over a stretch of
   e^{G_t - G_s} = e^{G_t - G_{r_{i-1}}} e^{G_{r_{i-1}} - G_{r_j}} e^{G_{r_j} - G_s}
   (r_m the last row of block m), i.e. local G of the row, the totals of the blocks strictly
   between, and the column's decay to the end of its block: `between`, `to_block_end`;
-- diagonal blocks pairwise, elementwise e^{G_t - G_s} over K-slices (`diag_products`).
+- diagonal blocks as one product of decayed operands, (x e^{GX}) (y e^{-G})^T, when every
+  cumulative gate of the block is within FACTOR_BOUND of 0 (then e^{-G} <= e^{60} and no sum
+  can overflow), else pairwise, elementwise e^{G_t - G_s} over K-slices (`diag_products`). The
+  test is per block and per chunk (`lax.cond`), so any gate is safe and a gate of usual size
+  (RWKV-7's is at least -0.61 per step) always takes the product.
 A factor that underflows to 0 stands for a true product below e^{-87}: 0 is right to rounding.
 """
 
@@ -21,11 +25,14 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from iplr_jax.triton.helpers import F32, mask, tri
+from iplr_jax.triton.helpers import F32, NT, TN, dot, mask, tri
 
 SUB = 16  # rows of a sub-block (the WY kernel's diagonal-block size)
 # K-slice of the pairwise diagonal blocks: a [16, 16, BK] float32 tile per product in registers
 DIAG_BK = 16
+# A diagonal block is factored when |G| <= this everywhere in it (G summed from the block start):
+# e^{60} times Kp = 256 terms of inputs up to 1e4 in size stays below float32's 3.4e38.
+FACTOR_BOUND = 60.0
 
 
 def block_gate(g_ref, i: int):
@@ -71,13 +78,20 @@ def to_block_end(g_ref, tot, j: int):
     return jnp.exp(tot[j][None, :] - block_gate(g_ref, j)[0])
 
 
-def diag_products(x_ref, y_refs, g_ref, i: int, *, strict: bool):
+def factorable(G):
+    """Whether the diagonal block of cumulative gate G [16, Kp] may be factored (a scalar)."""
+    return jnp.max(jnp.abs(G)) <= FACTOR_BOUND
+
+
+def diag_products(x_ref, y_refs, g_ref, i: int, *, strict: bool, factor: bool = True, precision=None):
     """For the diagonal block i: [sum_k x_t[k] y_s[k] e^{GX_t[k] - G_s[k]}]_{t, s} for each y of
     `y_refs` ([16, 16] float32 each), GX = Gx (exclusive) and s < t if `strict` (the WY products
     A_ab, A_ak), else GX = G and s <= t (the output's A_qk, A_qb); zero above.
 
-    Pairwise: [16, 16, BK] elementwise products summed over K-slices of width BK, so no
-    exponent is factored. Exponents outside the kept triangle (positive there) are set to 0
+    With `factor`, where the block allows (`factorable`): (x e^{GX}) (y e^{-G})^T, float32
+    operands at `precision`; entries above the diagonal may be huge there and are masked.
+    Otherwise pairwise: [16, 16, BK] elementwise products summed over K-slices of width BK, so
+    no exponent is factored. Exponents outside the kept triangle (positive there) are set to 0
     before exp. Refs are [C, Kp] rows; the slices are loaded from them (Triton cannot slice
     register values), and the block's cumulative gate is recomputed per slice."""
     Kp = x_ref.shape[-1]
@@ -98,9 +112,23 @@ def diag_products(x_ref, y_refs, g_ref, i: int, *, strict: bool):
             for acc, y_ref in zip(accs, y_refs, strict=True)
         )
 
-    init = tuple(jnp.zeros((SUB, SUB), F32) for _ in y_refs)
-    accs = lax.fori_loop(jnp.int32(0), jnp.int32(Kp // bk), body, init)
-    return tuple(mask(keep, acc) for acc in accs)
+    def pairwise():
+        init = tuple(jnp.zeros((SUB, SUB), F32) for _ in y_refs)
+        accs = lax.fori_loop(jnp.int32(0), jnp.int32(Kp // bk), body, init)
+        return tuple(mask(keep, acc) for acc in accs)
+
+    if not factor:
+        return pairwise()
+    G, Gx = block_gate(g_ref, i)
+
+    def factored():
+        x = x_ref[rows, :].astype(F32) * jnp.exp(Gx if strict else G)
+        up = jnp.exp(-G)
+        return tuple(
+            mask(keep, dot(x, y_ref[rows, :].astype(F32) * up, NT, precision)) for y_ref in y_refs
+        )
+
+    return lax.cond(factorable(G), factored, pairwise)
 
 
 def row_of(x, r):
@@ -115,10 +143,11 @@ def col_of(x, c):
     return jnp.sum(mask(cols == c, x), axis=1)[:, None]
 
 
-def diag_row_grads(pairs, g_ref, i: int):
+def diag_row_grads(pairs, g_ref, i: int, *, factor: bool = True, precision=None):
     """Row gradients of the diagonal block i of decayed products: for each (dM, y_ref, strict)
     of `pairs`, sum_s dM[t, s] y_s e^{GX_t - G_s} ([16, Kp] float32, GX = Gx if strict else G),
-    all summed. A loop over the 16 columns s with full-width rows (the K-sliced pairwise form
+    all summed. Factored where the block allows: e^{GX} (dM (y e^{-G})), at `precision`.
+    Otherwise a loop over the 16 columns s with full-width rows (the K-sliced pairwise form
     could not be assembled into one [16, Kp] tile in registers); exponents outside the kept
     triangle are 0 before exp and their terms are masked."""
     G, Gx = block_gate(g_ref, i)
@@ -133,12 +162,23 @@ def diag_row_grads(pairs, g_ref, i: int):
             acc = acc + mask(keep, col_of(dM, s) * y * e)
         return acc
 
-    return lax.fori_loop(jnp.int32(0), jnp.int32(SUB), body, jnp.zeros(G.shape, F32))
+    def loop():
+        return lax.fori_loop(jnp.int32(0), jnp.int32(SUB), body, jnp.zeros(G.shape, F32))
+
+    def factored():
+        up, acc = jnp.exp(-G), jnp.zeros(G.shape, F32)
+        for dM, y_ref, strict in pairs:
+            y = y_ref[pl.ds(i * SUB, SUB), :].astype(F32) * up
+            acc = acc + jnp.exp(Gx if strict else G) * dot(mask(tri(SUB, strict), dM), y, None, precision)
+        return acc
+
+    return lax.cond(factorable(G), factored, loop) if factor else loop()
 
 
-def diag_col_grads(pairs, g_ref, i: int):
+def diag_col_grads(pairs, g_ref, i: int, *, factor: bool = True, precision=None):
     """Column gradients of the diagonal block i: for each (dM, x_ref, strict) of `pairs`,
-    sum_t dM[t, s] x_t e^{GX_t - G_s} ([16, Kp] float32), all summed; a loop over the rows t."""
+    sum_t dM[t, s] x_t e^{GX_t - G_s} ([16, Kp] float32), all summed. Factored where the block
+    allows: e^{-G} (dM^T (x e^{GX})), at `precision`; otherwise a loop over the rows t."""
     G, Gx = block_gate(g_ref, i)
     s = lax.broadcasted_iota(jnp.int32, G.shape, 0)
 
@@ -150,4 +190,14 @@ def diag_col_grads(pairs, g_ref, i: int):
             acc = acc + mask(keep, row_of(dM, t).reshape(SUB, 1) * x * e)
         return acc
 
-    return lax.fori_loop(jnp.int32(0), jnp.int32(SUB), body, jnp.zeros(G.shape, F32))
+    def loop():
+        return lax.fori_loop(jnp.int32(0), jnp.int32(SUB), body, jnp.zeros(G.shape, F32))
+
+    def factored():
+        acc = jnp.zeros(G.shape, F32)
+        for dM, x_ref, strict in pairs:
+            x = x_ref[pl.ds(i * SUB, SUB), :].astype(F32) * jnp.exp(Gx if strict else G)
+            acc = acc + dot(mask(tri(SUB, strict), dM), x, TN, precision)
+        return jnp.exp(-G) * acc
+
+    return lax.cond(factorable(G), factored, loop) if factor else loop()

@@ -84,7 +84,7 @@ def _store_lower(ref, x, nb: int):
             ref[pl.ds(i * SUB, SUB), pl.ds(j * SUB, SUB)] = x[i, j] if j <= i else zero
 
 
-def _gated_products(a_ref, b_ref, k_ref, g_ref, kd_ref, bd_ref, gc_ref, nb: int, precision):
+def _gated_products(a_ref, b_ref, k_ref, g_ref, kd_ref, bd_ref, gc_ref, nb: int, precision, factor):
     """The WY kernel's decayed products (docs/gate.md): m[i, j] = [a_t . e^{Gx_t - G_s} b_s] and
     lak[i, j] likewise with k, for blocks j <= i (s < t on the diagonal blocks, pairwise there).
     Also writes the sweep's operands K e^{G_C - G}, B e^{G_C - G} and e^{G_C}. Returns
@@ -96,7 +96,9 @@ def _gated_products(a_ref, b_ref, k_ref, g_ref, kd_ref, bd_ref, gc_ref, nb: int,
     tot = gate.totals(g_ref, nb)
     m, lak = {}, {}
     for i in range(nb):
-        m[i, i], lak[i, i] = gate.diag_products(a_ref, (b_ref, k_ref), g_ref, i, strict=True)
+        m[i, i], lak[i, i] = gate.diag_products(
+            a_ref, (b_ref, k_ref), g_ref, i, strict=True, factor=factor, precision=precision
+        )
         if i == 0:
             continue
         a_i = f32_rows(a_ref, i) * jnp.exp(gate.block_gate(g_ref, i)[1])  # from the boundary before i
@@ -123,7 +125,8 @@ def _gated_products(a_ref, b_ref, k_ref, g_ref, kd_ref, bd_ref, gc_ref, nb: int,
 
 
 def _wy_kernel(
-    a_ref, b_ref, k_ref, v_ref, *refs, block_v: int, precision, f32_prec=None, gated=False
+    a_ref, b_ref, k_ref, v_ref, *refs, block_v: int, precision, f32_prec=None, gated=False,
+    factor=True,
 ):
     """One (chunk, head): X blockwise, then W, U (and X, when a ref for it is given).
 
@@ -158,7 +161,9 @@ def _wy_kernel(
         return ref[pl.ds(i * SUB, SUB), cols]
 
     if gated:
-        m, lak, a_rows = _gated_products(a_ref, b_ref, k_ref, g_ref, kd_ref, bd_ref, gc_ref, nb, precision)
+        m, lak, a_rows = _gated_products(
+            a_ref, b_ref, k_ref, g_ref, kd_ref, bd_ref, gc_ref, nb, precision, factor
+        )
     else:
         # M_im = A_i B_m^T and L_im = A_i K_m^T for m <= i (strict on the diagonal)
         m, lak = {}, {}
@@ -233,7 +238,7 @@ def wy_fwd(
     if gk is not None:  # a static flag: without a gate the kernel is compiled as it always was
         in_specs.append(kspec)
         args.append(gk)
-        gated = dict(gated=True)
+        gated = dict(gated=True, factor=config.gate_factored)
         out_specs += [kspec, kspec, pl.BlockSpec((None, None, Kp), lambda c, h: (c, h, 0))]
         out_shape += [
             shape_dtype((1, L, H, Kp), out_dtype, vma), shape_dtype((1, L, H, Kp), out_dtype, vma),
