@@ -10,11 +10,13 @@ the price of recomputing Q K^T and Q B^T per V-block on the sequential path; `co
 says when (`config.chunk_config`).
 
 Dot operands (docs/numerics.md): products of two inputs (Q K^T, Q B^T, K^T V, incl(Q K^T) V)
-take the inputs' dtype (bf16 matrix units, exact products, float32 accumulation); products with
-the float32 state or V2 in the sweep (W S0, B^T V2) take float32 operands (tf32 on the GPU) so
-the carried state is never rounded to 16 bits. The output's incl(Q B^T) V2 feeds no later
-step: for 16-bit inputs it runs in 16 bits (`config.low_precision_v2`). W and U are stored in
-the inputs' dtype, h too.
+take the inputs' dtype (bf16 matrix units, exact products, float32 accumulation). The sweep's
+products with the float32 state or V2 (W S0, B^T V2) round that operand to 16-bit inputs'
+dtype (`config.low_precision_state`, as the backward's dS chain and fla do: the step is the
+sweep's bound and 16-bit operands shorten it); the state itself is accumulated in float32.
+Float32 inputs keep float32 operands (tf32 on the GPU unless `f32_dots="highest"`). The
+output's incl(Q B^T) V2 feeds no later step: for 16-bit inputs it runs in 16 bits
+(`config.low_precision_v2`). W and U are stored in the inputs' dtype, h too.
 """
 
 from __future__ import annotations
@@ -73,7 +75,7 @@ def _chunk_output(q, k, b, v, v2, s0, dt, scale, low_v2, prec=None):
 
 def _state_kernel(
     cu_ref, w_ref, u_ref, k_ref, b_ref, v_ref, h0_ref, *refs, chunk_size, num_chunks, residuals,
-    fuse, scale, low_v2, prec=None, gated=False, summary_blocks=0, static_chunks=None, low_state=False,
+    fuse, scale, low_v2, prec=None, gated=False, summary_blocks=0, low_state=False,
 ):
     """One (sequence n, head, V-block): S [Kp, BV] float32 carried over the sequence's chunks.
 
@@ -114,10 +116,10 @@ def _state_kernel(
             h_ref[c] = s.astype(h_ref.dtype)
         u = u_ref[r, :].astype(F32)
         u = u if takes_values is None else takes_values * u
-        if low_state:
+        if low_state:  # V2 = U + W S0
             v2 = u + dot(w_ref[r, :], s.astype(dt))
         else:
-            v2 = u + dot(w_ref[r, :].astype(F32), s, None, prec)  # V2 = U + W S0
+            v2 = u + dot(w_ref[r, :].astype(F32), s, None, prec)
         if residuals:
             vn_ref[r, :] = v2.astype(vn_ref.dtype)
         k, b, v = k_ref[r, :], b_ref[r, :], v_ref[r, :]
@@ -135,10 +137,7 @@ def _state_kernel(
 
     # A plain loop: Triton pipelines these tile loads itself, since they feed dots (loading the
     # next chunk by hand measured slower, benchmarks/NOTES.md).
-    if static_chunks is None:
-        s = jax.lax.fori_loop(start, end, body, s0)
-    else:
-        s = jax.lax.fori_loop(0, static_chunks, lambda i, s: body(start + i, s), s0)
+    s = jax.lax.fori_loop(start, end, body, s0)
     ht_ref[...] = s  # an empty sequence keeps h0
 
     if residuals or fuse:
@@ -241,7 +240,7 @@ def output_fwd(
 
 def _state_pass(
     w, u, k, b, v, cu, h0, *, q, gc, chunk_size, scale, low_v2, config, interpret,
-    residuals=False, fuse=False, summary=False, out_v_dtype=F32, static_chunks=None, low_state=False,
+    residuals=False, fuse=False, summary=False, out_v_dtype=F32,
 ):
     """One launch of `_state_kernel` over the sequences (or segments) of `cu` [N + 1] from h0
     [N, H, Kp, Vp]: [ht] + [h, v_new] with `residuals` + [o] with `fuse`. `summary`: the
@@ -279,7 +278,7 @@ def _state_pass(
             _state_kernel, chunk_size=C, num_chunks=NC, residuals=residuals, fuse=fuse, scale=scale,
             low_v2=low_v2, prec=f32_precision(config.f32_dots),
             **({"gated": True} if gc is not None else {}), **({"summary_blocks": nvb} if summary else {}),
-            static_chunks=static_chunks, low_state=low_state,
+            low_state=config.low_precision_state and is_low(k.dtype),
         ),
         grid=(N, H, nvb + (Kp // BV if summary else 0)),
         in_specs=in_specs,

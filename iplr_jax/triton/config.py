@@ -28,7 +28,9 @@ class ChunkConfig:
 
     WY kernel (`wy_fast`): `wy_warps`, `wy_block_v` (V-block of U = P V inside the kernel),
     `wy_precision` of its float32 16 x 16 block products ("highest" or "tf32x3").
-    State sweep (`chunk._state_kernel`): `state_block_v`, `state_warps`, `state_stages`.
+    State sweep (`chunk._state_kernel`): `state_block_v`, `state_warps`, `state_stages`;
+    `low_precision_state`: its products with the state (W S0, B^T V2) take 16-bit operands for
+    16-bit inputs (the state stays float32; no effect on float32 inputs).
     Output: `fuse_output` (computed in the sweep rather than by `_output_kernel`; never with
     the gate `gk`, whatever the field says),
     `output_block_v`, `output_warps`; `low_precision_v2`: the output's incl(Q B^T) V2 in the
@@ -55,6 +57,7 @@ class ChunkConfig:
     state_block_v: int | None = None
     state_warps: int | None = None
     state_stages: int | None = None
+    low_precision_state: bool | None = None
     fuse_output: bool | None = None
     output_block_v: int | None = None
     output_warps: int | None = None
@@ -138,6 +141,9 @@ def chunk_config(
         wy_precision=lambda: "tf32x3" if low and Kp <= 128 and not interpret else "highest",
         state_block_v=lambda: _sweep_block_v(chains_n, H, Kp, Vp),
         low_precision_v2=lambda: low,
+        # 16-bit state operands: the S3 sweep 1.375 -> 0.973 ms on an H100 (benchmarks/NOTES.md,
+        # session 9); the backward's dS chain has always rounded its operands so
+        low_precision_state=lambda: True,
         f32_dots=default_f32_dots,
         gate_factored=lambda: True,
     )
