@@ -496,8 +496,8 @@ def _jit_sharded(name, case, config=None):
 )
 def test_gated_fused_recurrent_lowers_for_cuda(K, V, dtype, monkeypatch, unguarded):
     """The gated fused kernels (forward and both backward sweeps) and the gated chunk kernels
-    (WY, sweep, output; differentiated, by default the jnp form instead; with `bwd_kernels=True` the
-    gated backward kernels) lower through the Triton backend."""
+    (WY, sweep, output; differentiated, also the gated backward kernels for K <= 128 or when
+    `bwd_kernels=True`, the jnp form otherwise) lower through the Triton backend."""
     from test_lowering import FUSED, FUSED_BWD, INTRA, OUT, STATE, SWEEP, WY, triton_kernels
 
     import iplr_jax.inputs as inputs_module
@@ -533,8 +533,10 @@ def test_gated_fused_recurrent_lowers_for_cuda(K, V, dtype, monkeypatch, unguard
 
         return jax.value_and_grad(loss, argnums=tuple(range(7)))(*a)
 
-    # differentiated, by default the jnp form runs forward and backward (measured faster to
-    # train, docs/gate.md): no kernel
-    assert triton_kernels(chunk_step, *x, h0) == []
-    with_kernels = functools.partial(chunk_step, config=BWD_KERNELS)
-    assert triton_kernels(with_kernels, *x, h0) == [WY, STATE, OUT, DV2_GATED, SWEEP, INTRA]
+    # differentiated: the gated backward kernels for K <= 128; for K > 128, or with
+    # bwd_kernels=False, the jnp form forward and backward (docs/gate.md): no kernel
+    kernels = [WY, STATE, OUT, DV2_GATED, SWEEP, INTRA]
+    assert triton_kernels(chunk_step, *x, h0) == (kernels if K <= 128 else [])
+    assert triton_kernels(functools.partial(chunk_step, config=BWD_KERNELS), *x, h0) == kernels
+    no_kernels = functools.partial(chunk_step, config=iplr_jax.ChunkConfig(bwd_kernels=False))
+    assert triton_kernels(no_kernels, *x, h0) == []

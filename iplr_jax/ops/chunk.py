@@ -92,9 +92,9 @@ def _precision_now(config: ChunkConfig | None) -> ChunkConfig:
 
 def _chunk_pallas_gated(x: Inputs, *, scale, h0, cu_seqlens, chunk_size, config, interpret):
     """With the gate: the gated kernels on every batch / head shard. Differentiated, by the
-    config's `bwd_kernels` (off by default for the gate: not yet run on a GPU), the gated
-    backward kernels from the forward's residuals (`sharding.partitioned_vjp`), or the jnp
-    form's forward and VJP (`_kernels_or_jnp_vjp`)."""
+    config's `bwd_kernels` (on for Kp <= 128), the gated backward kernels from the forward's
+    residuals (`sharding.partitioned_vjp`), or the jnp form's forward and VJP
+    (`_kernels_or_jnp_vjp`)."""
     q, scale = static_scale(x.q, scale)
     config = _precision_now(config)
     kw = dict(scale=scale, chunk_size=chunk_size, config=config, interpret=interpret)
@@ -122,8 +122,9 @@ def _chunk_pallas_gated(x: Inputs, *, scale, h0, cu_seqlens, chunk_size, config,
 
 def _kernels_or_jnp_vjp(kernels, args, scale, chunk_size):
     """The gated kernels for a plain call; under differentiation the jnp form's forward and VJP
-    instead (autodiff residuals): kernels + the jnp form's recomputed VJP measured slower to
-    train than the jnp form alone (benchmarks/NOTES.md, session 7; docs/gate.md)."""
+    instead (autodiff residuals), where the gated backward kernels do not run (Kp = 256, or
+    `bwd_kernels=False`): kernels + the jnp form's recomputed VJP measured slower to train than
+    the jnp form alone (benchmarks/NOTES.md, session 7; docs/gate.md)."""
     v_dtype = args[2].dtype
 
     def jnp_form(*a):

@@ -194,7 +194,8 @@ def _gated_output_kernel(
         before = gate.between(tot, -1, i)
         q0 = q_i if before is None else q_i * jnp.exp(before)[None, :]  # from the chunk start
         qk, qb = gate.diag_products(
-            q_ref, (k_ref, b_ref), g_ref, i, strict=False, factor=factor, precision=prec
+            q_ref, (k_ref, b_ref), g_ref, i, strict=False, factor=factor,
+            precision=gate.diag_precision(dt, prec),
         )
         o = mm(q0, s0) + mm(qk, v_ref[pl.ds(i * SUB, SUB), :]) + mm_v2(qb, vn_ref[pl.ds(i * SUB, SUB), :])
         for j in range(i):

@@ -251,7 +251,7 @@ def _gated_dv2_kernel(q_ref, b_ref, g_ref, do_ref, p_ref, *, scale, dt, f32_prec
     incl(scale Q B^T) (off the diagonal through the block boundaries, pairwise on it)."""
     nb = q_ref.shape[0] // SUB
     mm = functools.partial(dot_as, dt=dt, f32_precision=f32_prec)
-    diag = dict(factor=factor, precision=f32_prec)
+    diag = dict(factor=factor, precision=gate.diag_precision(dt, f32_prec))
     tot = gate.totals(g_ref, nb)
     for j in range(nb):
         (qb,) = gate.diag_products(q_ref, (b_ref,), g_ref, j, strict=False, **diag)
@@ -310,7 +310,7 @@ def _gated_intra_kernel(
     f32 = jnp.float32
     incl, strict = tri(SUB, strict=False), tri(SUB, strict=True)
     mm = functools.partial(dot_as, dt=dt, f32_precision=f32_prec)
-    diag = dict(factor=factor, precision=f32_prec)
+    diag = dict(factor=factor, precision=gate.diag_precision(dt, f32_prec))
     rows32 = lambda ref, i: _rows(ref, i).astype(f32)  # noqa: E731
     valid = pl.program_id(0) < cu_ref[n_seq]
     ds = mask(valid, dsc_ref[...].astype(f32))

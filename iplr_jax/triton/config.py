@@ -30,13 +30,14 @@ class ChunkConfig:
     `wy_precision` of its float32 16 x 16 block products ("highest" or "tf32x3").
     State sweep (`chunk._state_kernel`): `state_block_v`, `state_warps`, `state_stages`;
     `low_precision_state`: its products with the state (W S0, B^T V2) take 16-bit operands for
-    16-bit inputs (the state stays float32; no effect on float32 inputs).
+    16-bit inputs (the state stays float32; no effect on float32 inputs); on by the rule where
+    the sweep's programs do not fill the GPU.
     Output: `fuse_output` (computed in the sweep rather than by `_output_kernel`; never with
     the gate `gk`, whatever the field says),
     `output_block_v`, `output_warps`; `low_precision_v2`: the output's incl(Q B^T) V2 in the
     inputs' 16-bit dtype.
     Backward (`chunk_bwd`): `bwd_kernels` (False: the same equations in jnp; with the gate
-    `gk`: the VJP of the jnp chunked form, and off unless set), the reverse sweep's
+    `gk`: the VJP of the jnp chunked form), the reverse sweep's
     `bwd_sweep_block_v`, `bwd_sweep_warps`, `bwd_sweep_stages`, the intra-chunk kernel's
     `bwd_intra_block_v`, `bwd_intra_warps`.
     Segments (`segments`): `segment_chunks` cuts every sequence into runs of at most that many
@@ -141,9 +142,6 @@ def chunk_config(
         wy_precision=lambda: "tf32x3" if low and Kp <= 128 and not interpret else "highest",
         state_block_v=lambda: _sweep_block_v(chains_n, H, Kp, Vp),
         low_precision_v2=lambda: low,
-        # 16-bit state operands: the S3 sweep 1.375 -> 0.973 ms on an H100 (benchmarks/NOTES.md,
-        # session 9); the backward's dS chain has always rounded its operands so
-        low_precision_state=lambda: True,
         f32_dots=default_f32_dots,
         gate_factored=lambda: True,
     )
@@ -153,7 +151,10 @@ def chunk_config(
     # and the [C, Kp] products are small: Kp <= 64 (measured at S1-S3).
     # With the gate the output's pairwise diagonal blocks would lengthen every step: never fused.
     fuse = programs >= NUM_SMS and num_chunks / max(N, 1) <= 64 and Kp <= 64 and not gated
-    c = _fill(c, fuse_output=lambda: fuse)
+    # 16-bit state operands shorten the sweep's step where the step is the bound (fewer programs
+    # than SMs): S3 forward 1.95 -> 1.49 ms, error 3.7e-3 -> 4.7e-3; with the SMs full they
+    # measured no faster (S1 0.435 -> 0.427, S2 0.937 -> 0.997; benchmarks/NOTES.md, session 9)
+    c = _fill(c, fuse_output=lambda: fuse, low_precision_state=lambda: programs < NUM_SMS)
     c = _fill(
         c,
         # the fused step holds Q, K, B tiles and two [C, C] products besides S: more warps
@@ -166,9 +167,10 @@ def chunk_config(
         output_block_v=lambda: min(Vp, 128, 16384 // Kp),
         output_warps=lambda: 4 if Kp <= 128 else 8,
         # Kp = 256: the kernels' [C, Kp] dot operands exceed shared memory (K = 200, float32:
-        # 384 KB requested, 227 KB available), so the backward runs in jnp there. With the gate
-        # off until its kernels have run on a GPU: the VJP of the jnp form (docs/gate.md).
-        bwd_kernels=lambda: Kp <= 128 and not gated,
+        # 384 KB requested, 227 KB available), so the backward runs in jnp there (with the gate:
+        # the jnp form's VJP). Gated S1 forward+backward on an H100: kernels 13.4 ms, the jnp
+        # form's VJP 25.1 (benchmarks/NOTES.md, session 9).
+        bwd_kernels=lambda: Kp <= 128,
         bwd_sweep_block_v=lambda: _sweep_block_v(chains_n, H, Kp, Vp),
     )
     return _fill(

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from iplr_jax.triton.helpers import F32, NT, TN, dot, mask, tri
+from iplr_jax.triton.helpers import F32, HIGHEST, NT, TN, dot, is_low, mask, tri
 
 SUB = 16  # rows of a sub-block (the WY kernel's diagonal-block size)
 # K-slice of the pairwise diagonal blocks: a [16, 16, BK] float32 tile per product in registers
@@ -76,6 +76,14 @@ def span(tot, j: int, i: int):
 def to_block_end(g_ref, tot, j: int):
     """e^{G_{r_j} - G_s} for the rows s of block j: decay from after s to the end of its block."""
     return jnp.exp(tot[j][None, :] - block_gate(g_ref, j)[0])
+
+
+def diag_precision(dt, f32_precision):
+    """The precision of a factored diagonal block's product outside the WY kernel: the config's
+    (tf32 by default) for 16-bit inputs, whose products are rounded to 16 bits anyway; HIGHEST
+    for float32 inputs, for which the pairwise form is exact and the gate's gradient, formed from
+    the others by an identity with cancellation, showed tf32's error (2.5e-3 on an H100)."""
+    return f32_precision if is_low(dt) else HIGHEST
 
 
 def factorable(G):
