@@ -227,7 +227,7 @@ def output_fwd(
     return pl.pallas_call(
         functools.partial(
             kernel, scale=scale, low_v2=config.low_precision_v2,
-            prec=f32_precision(config.f32_dots),
+            prec=f32_precision(config.f32_dots, interpret),
         ),
         grid=(L // C, H, Vp // BVo),
         in_specs=in_specs,
@@ -277,7 +277,7 @@ def _state_pass(
     return pl.pallas_call(
         functools.partial(
             _state_kernel, chunk_size=C, num_chunks=NC, residuals=residuals, fuse=fuse, scale=scale,
-            low_v2=low_v2, prec=f32_precision(config.f32_dots),
+            low_v2=low_v2, prec=f32_precision(config.f32_dots, interpret),
             **({"gated": True} if gc is not None else {}), **({"summary_blocks": nvb} if summary else {}),
             low_state=config.low_precision_state and is_low(k.dtype),
         ),

@@ -53,12 +53,12 @@ from iplr_jax.triton import gate
 from iplr_jax.triton.chunk import Residuals
 from iplr_jax.triton.config import ChunkConfig
 from iplr_jax.triton.gate import SUB
-from iplr_jax.triton.helpers import dot_as, identity_columns, mask, tri
+from iplr_jax.triton.helpers import dot_as, f32_precision, identity_columns, mask, tri
 
 
-def _bwd_precision(config: ChunkConfig):
+def _bwd_precision(config: ChunkConfig, interpret: bool):
     """The precision of the backward's float32-operand dots (`ChunkConfig.f32_dots`)."""
-    return lax.Precision.HIGHEST if config.f32_dots == "highest" else lax.Precision.DEFAULT
+    return f32_precision(config.f32_dots, interpret) or lax.Precision.DEFAULT
 
 
 # -- 1. reverse dS sweep -----------------------------------------------------------------------
@@ -119,7 +119,7 @@ def _sweep(q, b, w, do, dht, cu_chunks, *, scale, chunk_size, dt, config, interp
     dh0_shape = shape_dtype((N, H, Kp, Vp + (Kp if summary else 0)), jnp.float32, vma)
     return pl.pallas_call(
         functools.partial(
-            _sweep_kernel, scale=scale, C=C, dt=dt, f32_prec=_bwd_precision(config),
+            _sweep_kernel, scale=scale, C=C, dt=dt, f32_prec=_bwd_precision(config, interpret),
             **({"summary_blocks": nvb} if summary else {}),
         ),
         grid=(N, H, nvb + (Kp // bv if summary else 0)),
@@ -214,7 +214,7 @@ def _intra(q, k, v, a, b, h, v_new, do, dsc, x, cu_chunks, *, scale, chunk_size,
         kout = [shape_dtype((nv, L, H, Kp), jnp.float32, vma)] * 4
     kout_spec = pl.BlockSpec((None, C, None, Kp), lambda c, h, j: (j, c, h, 0))
     dq, dk, da, db, dv = pl.pallas_call(
-        functools.partial(_intra_kernel, scale=scale, dt=dt, f32_prec=_bwd_precision(config)),
+        functools.partial(_intra_kernel, scale=scale, dt=dt, f32_prec=_bwd_precision(config, interpret)),
         grid=(NC, H, nv),
         in_specs=[
             pl.BlockSpec((cu_chunks.shape[0],), lambda c, h, j: (0,)),
@@ -391,7 +391,7 @@ def _gated_bwd(x: Inputs, res: Residuals, cu_chunks, do, dht, *, scale, chunk_si
     N, C = dht.shape[0], chunk_size
     NC = L // C
     dt = jnp.result_type(q, k, v, a, b)
-    prec = _bwd_precision(config)
+    prec = _bwd_precision(config, interpret)
     bv = config.bwd_intra_block_v
     nv = Vp // bv
     kc = pl.BlockSpec((None, C, None, Kp), lambda c, h, j: (0, c, h, 0))

@@ -246,7 +246,7 @@ def wy_fwd(
         ]
     kernel = functools.partial(
         _wy_kernel, block_v=config.wy_block_v, precision=PRECISIONS[config.wy_precision],
-        f32_prec=f32_precision(config.f32_dots), **gated,
+        f32_prec=f32_precision(config.f32_dots, interpret), **gated,
     )
     return tuple(pl.pallas_call(
         kernel,
