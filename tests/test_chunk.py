@@ -262,7 +262,8 @@ def test_traced_scale(rng, impl):
 
 def test_precision_choice(rng, monkeypatch):
     """float32 accuracy on request: `precision="highest"` (or `jax.default_matmul_precision`)
-    makes every float32-operand product of the kernels HIGHEST (tf32 otherwise on a GPU); the
+    makes every float32-operand product of the compiled kernels three tf32 passes (tf32
+    otherwise on a GPU) and, for float32 inputs, the backward the jnp equations at HIGHEST; the
     default kernels are unchanged; the result still matches the float64 recurrence."""
     import iplr_jax.inputs as inputs_module
 
@@ -273,6 +274,7 @@ def test_precision_choice(rng, monkeypatch):
     with jax.default_matmul_precision("highest"):
         assert rule().f32_dots == "highest"
     assert rule(f32_dots="highest").f32_dots == "highest"
+    assert rule().bwd_kernels and not rule(f32_dots="highest").bwd_kernels
 
     monkeypatch.setattr(inputs_module, "has_gpu", lambda: True)  # trace the compiled path
     x = [jax.ShapeDtypeStruct((1, 64, 1, 32), jnp.float32)] * 5
@@ -282,7 +284,8 @@ def test_precision_choice(rng, monkeypatch):
             loss = lambda *x: iplr_jax.chunk(*x, implementation="pallas", precision=precision)[0].sum()
             return jax.grad(loss, argnums=tuple(range(5)))(*x)
 
-        return str(jax.make_jaxpr(step)(*x)).count("HIGHEST")
+        text = str(jax.make_jaxpr(step)(*x))
+        return text.count("HIGHEST") + text.count("TF32_TF32_F32_X3")
 
     assert highest_dots("highest") > highest_dots(None) == highest_dots("default")
     monkeypatch.undo()

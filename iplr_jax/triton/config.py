@@ -169,8 +169,10 @@ def chunk_config(
         # Kp = 256: the kernels' [C, Kp] dot operands exceed shared memory (K = 200, float32:
         # 384 KB requested, 227 KB available), so the backward runs in jnp there (with the gate:
         # the jnp form's VJP). Gated S1 forward+backward on an H100: kernels 13.4 ms, the jnp
-        # form's VJP 25.1 (benchmarks/NOTES.md, session 9).
-        bwd_kernels=lambda: Kp <= 128,
+        # form's VJP 25.1 (benchmarks/NOTES.md, session 9). Float32 inputs at f32_dots="highest":
+        # the intra kernel's three-tf32 [C, Kp] products asked for 416 KB of shared memory on an
+        # H100, so the equations run in jnp at HIGHEST there.
+        bwd_kernels=lambda: Kp <= 128 and (low or c.f32_dots != "highest"),
         bwd_sweep_block_v=lambda: _sweep_block_v(chains_n, H, Kp, Vp),
     )
     return _fill(
