@@ -62,7 +62,9 @@ def unit_lower_inverse(L: jax.Array) -> jax.Array:
         L21 = jnp.diagonal(Lb[..., :, 1, :, :, 0, :], axis1=-4, axis2=-2)  # [..., s, s, n]
         L21 = jnp.moveaxis(L21, -1, -3)  # [..., n, s, s]
         Xa, Xd = X[..., 0::2, :, :], X[..., 1::2, :, :]
-        Xc = jnp.einsum("...ij,...jk,...kl->...il", Xd, L21, Xa)
+        # HIGHEST: X feeds every later product (the kernels' WY builds it at float32 accuracy
+        # too); at tf32 the jnp backward of precision="highest" had 2e-4 error (H100)
+        Xc = jnp.einsum("...ij,...jk,...kl->...il", Xd, L21, Xa, precision=_HI)
         top = jnp.concatenate([Xa, jnp.zeros_like(Xa)], axis=-1)
         X = jnp.concatenate([top, jnp.concatenate([Xc, Xd], axis=-1)], axis=-2)
         s *= 2
