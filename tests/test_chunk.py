@@ -251,6 +251,40 @@ def test_config_rule_and_override():
     hash(base)  # a static argument
 
 
+def test_low_precision_state_rule():
+    """16-bit state operands where the sweep's programs do not fill the GPU (S3: 64 programs),
+    float32 ones where they do (S2: 256); the field overrides the rule."""
+    s3 = dict(N=1, H=8, Kp=128, Vp=128, num_chunks=512, dtype=jnp.bfloat16, interpret=False)
+    s2 = dict(N=4, H=16, Kp=128, Vp=128, num_chunks=256, dtype=jnp.bfloat16, interpret=False)
+    assert _config(**s3).low_precision_state and not _config(**s2).low_precision_state
+    assert not _config(**s3, low_precision_state=False).low_precision_state
+
+
+@pytest.mark.parametrize("low", [False, True])
+def test_low_precision_state_both_ways(rng, low):
+    """bf16 inputs through the interpreted kernels with the state sweep's products at 16-bit or
+    float32 operands, against the float64 recurrence (output, final state, six gradients)."""
+    (q, k, v, a, b), h0 = make_inputs(rng, 1, 100, 2, 32, 16, dtype=jnp.bfloat16)
+    cfg = ChunkConfig(low_precision_state=low)
+
+    def run(q, k, v, a, b, h0):
+        return iplr_jax.chunk(q, k, v, a, b, initial_state=h0, output_final_state=True,
+                              implementation="interpret", config=cfg)
+
+    def loss(f, *x):
+        o, ht = f(*x)
+        return jnp.sum(o.astype(jnp.float32) * jnp.cos(jnp.arange(o.size).reshape(o.shape))) + jnp.sum(ht)
+
+    up = lambda x: x.astype(jnp.float64)  # noqa: E731
+    ref = lambda *x: reference(*x[:5], initial_state=x[5], output_final_state=True)  # noqa: E731
+    (o, ht), (ro, rht) = run(q, k, v, a, b, h0), ref(*map(up, (q, k, v, a, b, h0)))
+    assert rel_err(o, ro) < tol(jnp.bfloat16) and rel_err(ht, rht) < tol(jnp.bfloat16)
+    got = jax.grad(lambda *x: loss(run, *x), argnums=range(6))(q, k, v, a, b, h0)
+    want = jax.grad(lambda *x: loss(ref, *x), argnums=range(6))(*map(up, (q, k, v, a, b, h0)))
+    for g, w in zip(got, want, strict=True):
+        assert rel_err(g, w) < tol(jnp.bfloat16)
+
+
 @pytest.mark.parametrize("impl", CHUNK_IMPLS)
 def test_traced_scale(rng, impl):
     """A scale traced under jit reaches the kernels (folded into q) with the same result."""
