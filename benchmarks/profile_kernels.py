@@ -13,6 +13,7 @@ Inputs are drawn as a layer draws them, on the aligned layout the kernels take.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 
 import jax
@@ -108,19 +109,21 @@ def profile_chunk(label, B, T, H, K, V, dtype, interpret, C=64):
 
 def profile_gated(label, B, T, H, K, V, dtype, interpret, C=64):
     """The gated (DPLR) kernels, gk = -softplus(N(0, 1)), with the diagonal blocks factored
-    (`ChunkConfig.gate_factored`, the default) and pairwise."""
+    (`ChunkConfig.gate_factored`, the default), the whole chunk factored in the WY pass
+    (`gate_chunk_factored`, opt-in) and pairwise."""
     q, k, v, a, b, do, h0 = inputs(B, T, H, K, V, dtype)
     gk = jnp.asarray(-np.logaddexp(0.0, np.random.default_rng(1).standard_normal(q.shape)), dtype)
     x = Inputs(q, k, v, a, b, gk)
     cu = jnp.arange(B + 1, dtype=jnp.int32) * (T // C)
     kw = dict(scale=K**-0.5, chunk_size=C, interpret=interpret)
     rows = []
-    for factored in (True, False):
+    variants = {"factored": ChunkConfig(), "chunk-factored WY": ChunkConfig(gate_chunk_factored=True),
+                "pairwise": ChunkConfig(gate_factored=False)}
+    for tag, fields in variants.items():
         cfg = chunk_config(
-            ChunkConfig(gate_factored=factored, bwd_kernels=True), N=B, H=H, Kp=q.shape[-1],
+            dataclasses.replace(fields, bwd_kernels=True), N=B, H=H, Kp=q.shape[-1],
             Vp=v.shape[-1], num_chunks=q.shape[1] // C, dtype=dtype, interpret=interpret, gated=True,
         )
-        tag = "factored" if factored else "pairwise"
         wy = jax.jit(lambda a, b, k, v, gk, cfg=cfg: wy_fwd(
             a, b, k, v, chunk_size=C, config=cfg, out_dtype=dtype, with_x=True, interpret=interpret, gk=gk))
         fwd = jax.jit(functools.partial(ck.chunk_fwd, config=cfg, **kw))

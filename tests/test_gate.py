@@ -8,6 +8,7 @@ rounding), and all -20 at chunk 64 (no inf / NaN anywhere).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -216,22 +217,26 @@ def test_chunk_bf16(impl, rng):
     check(_op("chunk", impl), inputs, h0)
 
 
-@pytest.mark.parametrize("kind", ["strong", "all_strong"])
+@pytest.mark.parametrize("chunk_factored", [False, True])
+@pytest.mark.parametrize("kind", ["softplus", "strong", "all_strong"])
 @pytest.mark.parametrize("C", [16, 64])
-def test_wy_kernel_gated(C, kind, rng):
+def test_wy_kernel_gated(C, kind, chunk_factored, rng):
     """The gated WY kernel's X, W, U and the sweep's decayed operands K e^{G_C - G},
-    B e^{G_C - G}, e^{G_C} against float64 numpy with the decays formed pairwise (docs/gate.md)."""
+    B e^{G_C - G}, e^{G_C} against float64 numpy with the decays formed pairwise (docs/gate.md);
+    with `gate_chunk_factored` the IPLR kernel on decayed operands where the gate allows it
+    (softplus: taken; strong gates: the blockwise kernel)."""
     from test_chunk import _config
 
-    from iplr_jax.triton.wy_fast import wy_fwd
+    from iplr_jax.triton.wy_fast import _decayed_operands, wy_fwd
 
     L, H, Kp, Vp = 2 * C, 2, 32, 32
     (_, k, v, a, b), _ = make_inputs(rng, 1, L, H, Kp, Vp, dtype=jnp.float64)
     g = draw_gate(rng, (1, L, H, Kp), kind)
     f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
+    assert bool(_decayed_operands(*map(f32, (a, b, k, g)), C)[-1]) == (kind == "softplus")
     w, u, x, kd, bd, gc = wy_fwd(
-        *map(f32, (a, b, k, v)), chunk_size=C, config=_config(Kp=Kp, Vp=Vp), with_x=True,
-        interpret=True, gk=f32(g),
+        *map(f32, (a, b, k, v)), chunk_size=C, with_x=True, interpret=True, gk=f32(g),
+        config=_config(Kp=Kp, Vp=Vp, gate_chunk_factored=chunk_factored),
     )
     split = lambda y: np.asarray(y, np.float64)[0].reshape(L // C, C, H, -1).transpose(0, 2, 1, 3)  # noqa: E731
     A, B, K, Vc, g = map(split, (f32(a), f32(b), f32(k), f32(v), f32(g)))
@@ -257,6 +262,9 @@ E2E_BWD = {
     "logsigmoid_c32_k60": (1, 77, 1, 60, 20, "logsigmoid", 32, jnp.float32, None),
     "strong_packed_c16": (1, 120, 2, 16, 16, "strong", 16, jnp.float32, [0, 40, 40, 110, 111, 120]),
     "zero": (1, 50, 1, 16, 16, "zero", 32, jnp.float32, None),
+    # the gated WY as the IPLR kernel on decayed operands (`gate_chunk_factored`)
+    "chunk_factored_bf16": (1, 100, 2, 32, 16, "softplus", 64, jnp.bfloat16, None, True),
+    "chunk_factored_packed": (1, 120, 2, 16, 16, "softplus", 32, jnp.float32, [0, 40, 40, 110, 120], True),
     # diagonal blocks factored and pairwise in the same chunks (`gate.factorable`)
     "mixed": (1, 150, 2, 32, 16, "mixed", 64, jnp.float32, None),
     "bf16": (1, 80, 2, 32, 16, "softplus", 64, jnp.bfloat16, None),
@@ -269,11 +277,12 @@ E2E_BWD = {
 def test_chunk_backward_kernels(case, impl, rng):
     """`chunk` with the gated backward kernels (`ChunkConfig(bwd_kernels=True)`): outputs, final
     states and all seven gradients against the float64 recurrence."""
-    B, T, H, K, V, kind, C, dtype, cu = E2E_BWD[case]
+    B, T, H, K, V, kind, C, dtype, cu, *chunk_factored = E2E_BWD[case]
     N = None if cu is None else len(cu) - 1
     cu = None if cu is None else jnp.asarray(cu, jnp.int32)
     inputs, h0 = gated_inputs(rng, B, T, H, K, V, kind, dtype=dtype, N=N)
-    check(_op("chunk", impl, chunk_size=C, cu=cu, config=BWD_KERNELS), inputs, h0, cu=cu)
+    config = dataclasses.replace(BWD_KERNELS, gate_chunk_factored=bool(chunk_factored))
+    check(_op("chunk", impl, chunk_size=C, cu=cu, config=config), inputs, h0, cu=cu)
 
 
 @pytest.mark.parametrize("impl", KERNEL_IMPLS)
@@ -522,6 +531,10 @@ def test_gated_fused_recurrent_lowers_for_cuda(K, V, dtype, monkeypatch, unguard
     for C in (16, 64):
         chunk = lambda *a, C=C: iplr_jax.chunk(*a, implementation="pallas", chunk_size=C)[0]  # noqa: E731
         assert triton_kernels(chunk, *x) == [WY, STATE, OUT]
+    # the gated WY as the IPLR kernel on decayed operands: both routes, chosen under lax.cond
+    factored = iplr_jax.ChunkConfig(gate_chunk_factored=True)
+    chunk_f = lambda *a: iplr_jax.chunk(*a, implementation="pallas", config=factored)[0]  # noqa: E731
+    assert triton_kernels(chunk_f, *x) == [WY, WY, STATE, OUT]
 
     def chunk_step(*a, config=None):
         def loss(*d):

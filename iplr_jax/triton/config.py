@@ -49,7 +49,9 @@ class ChunkConfig:
     `jax.default_matmul_precision` (docs/numerics.md).
     Gate: `gate_factored` computes the gated kernels' diagonal 16-row blocks as one product of
     decayed operands wherever the block's decay allows it (pairwise elsewhere; docs/gate.md);
-    False: always pairwise.
+    False: always pairwise. `gate_chunk_factored`: where every chunk's decay stays within
+    `gate.FACTOR_BOUND` of its middle row, the gated WY pass as the IPLR kernel on decayed
+    operands (`wy_fast._wy_factored`); off by default until timed on a GPU.
     """
 
     wy_warps: int | None = None
@@ -72,6 +74,7 @@ class ChunkConfig:
     f32_dots: Literal["tf32", "highest"] | None = None
     segment_chunks: int | None = None
     gate_factored: bool | None = None
+    gate_chunk_factored: bool | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,6 +147,7 @@ def chunk_config(
         low_precision_v2=lambda: low,
         f32_dots=default_f32_dots,
         gate_factored=lambda: True,
+        gate_chunk_factored=lambda: False,
     )
     programs = N * H * (Vp // c.state_block_v)
     # Fusing the output adds Q K^T, Q B^T and three more dots to every step of the sequential

@@ -202,6 +202,7 @@ def _wy_kernel(
 def wy_fwd(
     a: jax.Array, b: jax.Array, k: jax.Array, v: jax.Array, *, chunk_size: int, config: ChunkConfig,
     out_dtype=None, with_x: bool = False, interpret: bool = False, gk: jax.Array | None = None,
+    _blockwise: bool = False,
 ) -> tuple[jax.Array, ...]:
     """W = X A and U = X strict(A K^T) V for every chunk, X = (I - strict(A B^T))^{-1}.
 
@@ -214,6 +215,8 @@ def wy_fwd(
       gk: the gate [1, L, H, Kp] or None. Given, the products are the decayed ones of
         docs/gate.md (X = (I - [a_t . e^{Gx_t - G_s} b_s]_{s<t})^{-1}, W = X (A e^{Gx}),
         U = X [a_t . e^{Gx_t - G_s} k_s]_{s<t} V) and the sweep's decayed operands come too.
+        With `config.gate_chunk_factored`, when every chunk allows it, the IPLR kernel on
+        decayed operands instead (`_wy_factored`).
 
     Returns:
       W [1, L, H, Kp] and U [1, L, H, Vp] in `out_dtype`; with `with_x` also X [NC, H, C, C]
@@ -226,6 +229,14 @@ def wy_fwd(
     if C % SUB or L % C:
         raise ValueError(f"chunk_size must be a multiple of {SUB} dividing L={L}, got {C}")
     out_dtype = F32 if out_dtype is None else out_dtype
+    if gk is not None and config.gate_chunk_factored and not _blockwise:
+        kw = dict(chunk_size=C, config=config, out_dtype=out_dtype, with_x=with_x, interpret=interpret)
+        decayed = _decayed_operands(a, b, k, gk, C)
+        return jax.lax.cond(
+            decayed[-1],
+            lambda: _wy_factored(decayed, v, **kw),
+            lambda: wy_fwd(a, b, k, v, gk=gk, **kw, _blockwise=True),
+        )
     kspec = pl.BlockSpec((None, C, None, Kp), lambda c, h: (0, c, h, 0))
     vspec = pl.BlockSpec((None, C, None, Vp), lambda c, h: (0, c, h, 0))
     out_specs = [kspec, vspec]
@@ -258,3 +269,42 @@ def wy_fwd(
         interpret=interpret,
         name="iplr_wy_fwd",
     )(*args))
+
+
+def _decayed_operands(a, b, k, gk, C):
+    """Per chunk, with the gate summed from the chunk's start (G inclusive, Gx exclusive) and
+    referred to its middle row m (Gm): A e^{Gx - Gm}, B e^{Gm - G}, K e^{Gm - G} (the inputs'
+    dtype; float32 for fp16, whose range e^{60} exceeds), so that their products are the
+    decayed ones of docs/gate.md; e^{Gm} [NC, 1, H, Kp] to restore W's reference; the sweep's
+    K e^{G_C - G}, B e^{G_C - G} [NC, C, H, Kp] and e^{G_C} [NC, H, Kp] (float32); and whether
+    every exponent formed is within `gate.FACTOR_BOUND` of 0 (a scalar)."""
+    _, L, H, Kp = a.shape
+    dt = F32 if a.dtype == jnp.float16 else a.dtype
+    chunks = lambda x: x.astype(F32).reshape(L // C, C, H, Kp)  # noqa: E731
+    g = chunks(gk)
+    G = jnp.cumsum(g, axis=1)
+    Gx = G - g
+    Gm, GC = G[:, C // 2 - 1 : C // 2], G[:, -1:]
+    ok = jnp.maximum(jnp.max(jnp.abs(Gx - Gm)), jnp.max(jnp.abs(G - Gm))) <= gate.FACTOR_BOUND
+    flat = lambda x: x.reshape(1, L, H, Kp).astype(dt)  # noqa: E731
+    to_end = jnp.exp(GC - G)
+    return (
+        flat(chunks(a) * jnp.exp(Gx - Gm)), flat(chunks(b) * jnp.exp(Gm - G)),
+        flat(chunks(k) * jnp.exp(Gm - G)), jnp.exp(Gm), chunks(k) * to_end, chunks(b) * to_end,
+        jnp.exp(GC[:, 0]), ok,
+    )
+
+
+def _wy_factored(decayed, v, *, chunk_size, config, out_dtype, with_x, interpret):
+    """The gated WY outputs from the IPLR kernel on decayed operands (`_decayed_operands`):
+    their products are the decayed ones, so X and U are the gated ones, and W = X (A e^{Gx}) is
+    the kernel's X (A e^{Gx - Gm}) scaled back by e^{Gm} per key. One elementwise pass and the
+    IPLR kernel in place of the blockwise gated kernel, for gates whose decay within a chunk
+    stays within `gate.FACTOR_BOUND` of its middle row (docs/gate.md)."""
+    a_d, b_d, k_d, e_m, k_end, b_end, gc, _ = decayed
+    _, L, H, Kp = a_d.shape
+    w, u, *x = wy_fwd(a_d, b_d, k_d, v, chunk_size=chunk_size, config=config, out_dtype=F32,
+                      with_x=with_x, interpret=interpret)
+    flat = lambda y: y.reshape(1, L, H, Kp).astype(out_dtype)  # noqa: E731
+    w = w.reshape(L // chunk_size, chunk_size, H, Kp) * e_m
+    return (flat(w), u.astype(out_dtype), *x, flat(k_end), flat(b_end), gc)
