@@ -202,7 +202,6 @@ def _wy_kernel(
 def wy_fwd(
     a: jax.Array, b: jax.Array, k: jax.Array, v: jax.Array, *, chunk_size: int, config: ChunkConfig,
     out_dtype=None, with_x: bool = False, interpret: bool = False, gk: jax.Array | None = None,
-    _blockwise: bool = False,
 ) -> tuple[jax.Array, ...]:
     """W = X A and U = X strict(A K^T) V for every chunk, X = (I - strict(A B^T))^{-1}.
 
@@ -223,20 +222,24 @@ def wy_fwd(
       float32 (NC = L / chunk_size); with `gk` then K e^{G_C - G}, B e^{G_C - G} [1, L, H, Kp]
       in `out_dtype` and e^{G_C} [NC, H, Kp] float32.
     """
+    L, C = a.shape[1], chunk_size
+    if C % SUB or L % C:
+        raise ValueError(f"chunk_size must be a multiple of {SUB} dividing L={L}, got {C}")
+    kw = dict(chunk_size=C, config=config, out_dtype=F32 if out_dtype is None else out_dtype,
+              with_x=with_x, interpret=interpret)
+    if gk is None or not config.gate_chunk_factored:
+        return _wy_call(a, b, k, v, gk=gk, **kw)
+    decayed = _decayed_operands(a, b, k, gk, C)
+    return jax.lax.cond(
+        decayed[-1], lambda: _wy_factored(decayed, v, **kw), lambda: _wy_call(a, b, k, v, gk=gk, **kw)
+    )
+
+
+def _wy_call(a, b, k, v, *, chunk_size, config, out_dtype, with_x, interpret, gk):
+    """`wy_fwd` as one launch of `_wy_kernel` (with a gate, its blockwise gated mode)."""
     _, L, H, Kp = a.shape
     Vp = v.shape[-1]
     C = chunk_size
-    if C % SUB or L % C:
-        raise ValueError(f"chunk_size must be a multiple of {SUB} dividing L={L}, got {C}")
-    out_dtype = F32 if out_dtype is None else out_dtype
-    if gk is not None and config.gate_chunk_factored and not _blockwise:
-        kw = dict(chunk_size=C, config=config, out_dtype=out_dtype, with_x=with_x, interpret=interpret)
-        decayed = _decayed_operands(a, b, k, gk, C)
-        return jax.lax.cond(
-            decayed[-1],
-            lambda: _wy_factored(decayed, v, **kw),
-            lambda: wy_fwd(a, b, k, v, gk=gk, **kw, _blockwise=True),
-        )
     kspec = pl.BlockSpec((None, C, None, Kp), lambda c, h: (0, c, h, 0))
     vspec = pl.BlockSpec((None, C, None, Vp), lambda c, h: (0, c, h, 0))
     out_specs = [kspec, vspec]
@@ -303,8 +306,8 @@ def _wy_factored(decayed, v, *, chunk_size, config, out_dtype, with_x, interpret
     stays within `gate.FACTOR_BOUND` of its middle row (docs/gate.md)."""
     a_d, b_d, k_d, e_m, k_end, b_end, gc, _ = decayed
     _, L, H, Kp = a_d.shape
-    w, u, *x = wy_fwd(a_d, b_d, k_d, v, chunk_size=chunk_size, config=config, out_dtype=F32,
-                      with_x=with_x, interpret=interpret)
+    w, u, *x = _wy_call(a_d, b_d, k_d, v, chunk_size=chunk_size, config=config, out_dtype=F32,
+                        with_x=with_x, interpret=interpret, gk=None)
     flat = lambda y: y.reshape(1, L, H, Kp).astype(out_dtype)  # noqa: E731
     w = w.reshape(L // chunk_size, chunk_size, H, Kp) * e_m
     return (flat(w), u.astype(out_dtype), *x, flat(k_end), flat(b_end), gc)
