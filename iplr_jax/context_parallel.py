@@ -334,17 +334,26 @@ def _one_crossing(x, crossing):
     return jnp.sum(jnp.where(crossing[:, None, None, None], x, 0), axis=0)
 
 
+def _packed_fold(summary, x, *, own, passes, axis_name, backward):
+    """The packed fold, either way: pieces marked `own` continue a sequence from the device the
+    fold comes from and take the carried value; the rest keep `x`. Each device passes on, for
+    the piece marked `passes`, its map if that piece also continued, else its true value with a
+    zero map (the fold restarts there). summary: [N, H, K, V + K]; x: [N, H, K, V]."""
+    V = x.shape[-1]
+    h, m = summary[..., :V], summary[..., V:]
+    cont = own[:, None, None, None]
+    passed = jnp.concatenate([jnp.where(cont, h, _apply(m, x) + h), jnp.where(cont, m, 0)], -1)
+    c = _carry(_one_crossing(passed, passes), jnp.zeros_like(x[0]), axis_name, backward=backward)
+    return jnp.where(cont, c[None], x)
+
+
 def packed_fold_entering(summary, h0, *, where: PackedSlice, axis_name):
     """`fold_entering` for packed sequences: every sequence starts from its h0 except the one
     entering from the left, whose state comes from the all-gathered map each device passes on
     for the sequence leaving it: [h | M] if that sequence also entered it, else its true end
     state with M = 0 (the fold restarts there). summary, h0: [N, H, K, *] per local piece."""
-    V = h0.shape[-1]
-    h, m = summary[..., :V], summary[..., V:]
-    cont = where.enters[:, None, None, None]
-    passed = jnp.concatenate([jnp.where(cont, h, _apply(m, h0) + h), jnp.where(cont, m, 0)], -1)
-    c = _carry(_one_crossing(passed, where.leaves), jnp.zeros_like(h0[0]), axis_name, backward=False)
-    return jnp.where(cont, c[None], h0)
+    return _packed_fold(summary, h0, own=where.enters, passes=where.leaves, axis_name=axis_name,
+                        backward=False)
 
 
 def packed_fold_exiting(summary, dht, *, where: PackedSlice, axis_name):
@@ -352,12 +361,8 @@ def packed_fold_exiting(summary, dht, *, where: PackedSlice, axis_name):
     leaving to the right, whose cotangent comes from the all-gathered maps each device passes
     back for the sequence entering it: [g | M^T] if that sequence also leaves it, else its true
     start cotangent with M^T = 0."""
-    V = dht.shape[-1]
-    g, mt = summary[..., :V], summary[..., V:]
-    cont = where.leaves[:, None, None, None]
-    passed = jnp.concatenate([jnp.where(cont, g, _apply(mt, dht) + g), jnp.where(cont, mt, 0)], -1)
-    c = _carry(_one_crossing(passed, where.enters), jnp.zeros_like(dht[0]), axis_name, backward=True)
-    return jnp.where(cont, c[None], dht)
+    return _packed_fold(summary, dht, own=where.leaves, passes=where.enters, axis_name=axis_name,
+                        backward=True)
 
 
 def _kernel_path(q, k, v, a, b, gk, cu_seqlens, chunk_size, implementation, exchange, combine) -> bool:

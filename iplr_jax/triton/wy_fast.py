@@ -26,13 +26,13 @@ from jax.experimental.pallas import triton as pltr
 from iplr_jax.sharding import shape_dtype, vma_of
 from iplr_jax.triton import gate
 from iplr_jax.triton.config import ChunkConfig
-from iplr_jax.triton.helpers import F32, HIGHEST, NN, NT, dot, f32_precision, is_low, mask, tri
+from iplr_jax.triton.helpers import F32, HIGHEST, NN, NT, TF32X3, dot, f32_precision, is_low, mask, tri
 
 SUB = 16  # the diagonal-block size of the triangular inverse (the smallest Triton dot)
 # The float32 16 x 16 block products that build X off the diagonal and P = X L: their operands
 # are results, not inputs, so they run at float32 accuracy, either on the FMA units (HIGHEST) or
 # as three tf32 products on the matrix units; `config.chunk_config` picks (docs/numerics.md).
-PRECISIONS = {"highest": HIGHEST, "tf32x3": jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3}
+PRECISIONS = {"highest": HIGHEST, "tf32x3": TF32X3}
 
 
 def _dot(x, y, precision=None):
@@ -290,11 +290,10 @@ def _decayed_operands(a, b, k, gk, C):
     Gm, GC = G[:, C // 2 - 1 : C // 2], G[:, -1:]
     ok = jnp.maximum(jnp.max(jnp.abs(Gx - Gm)), jnp.max(jnp.abs(G - Gm))) <= gate.FACTOR_BOUND
     flat = lambda x: x.reshape(1, L, H, Kp).astype(dt)  # noqa: E731
-    to_end = jnp.exp(GC - G)
+    B, K, from_m, to_end = chunks(b), chunks(k), jnp.exp(Gm - G), jnp.exp(GC - G)
     return (
-        flat(chunks(a) * jnp.exp(Gx - Gm)), flat(chunks(b) * jnp.exp(Gm - G)),
-        flat(chunks(k) * jnp.exp(Gm - G)), jnp.exp(Gm), chunks(k) * to_end, chunks(b) * to_end,
-        jnp.exp(GC[:, 0]), ok,
+        flat(chunks(a) * jnp.exp(Gx - Gm)), flat(B * from_m), flat(K * from_m), jnp.exp(Gm),
+        K * to_end, B * to_end, jnp.exp(GC[:, 0]), ok,
     )
 
 
