@@ -107,19 +107,25 @@ def profile_chunk(label, B, T, H, K, V, dtype, interpret, C=64):
     return rows
 
 
-def profile_gated(label, B, T, H, K, V, dtype, interpret, C=64):
-    """The gated (DPLR) kernels, gk = -softplus(N(0, 1)), with the diagonal blocks factored
-    (`ChunkConfig.gate_factored`, the default), the whole chunk factored in the WY pass
-    (`gate_chunk_factored`, opt-in) and pairwise."""
+GATE_VARIANTS = {
+    "factored": ChunkConfig(gate_chunk_factored=False),  # the 16-row diagonal blocks factored
+    "chunk-factored": ChunkConfig(gate_chunk_factored=True),  # the whole chunk, where it may be
+    "pairwise": ChunkConfig(gate_factored=False, gate_chunk_factored=False),
+}
+
+
+def profile_gated(label, B, T, H, K, V, dtype, interpret, C=64, variants=tuple(GATE_VARIANTS), bwd=True):
+    """The gated (DPLR) kernels, gk = -softplus(N(0, 1)), in the `GATE_VARIANTS` named by
+    `variants` (`ChunkConfig.gate_factored`, `gate_chunk_factored`); `bwd=False` skips the
+    backward's row (its compile is the slowest)."""
     q, k, v, a, b, do, h0 = inputs(B, T, H, K, V, dtype)
     gk = jnp.asarray(-np.logaddexp(0.0, np.random.default_rng(1).standard_normal(q.shape)), dtype)
     x = Inputs(q, k, v, a, b, gk)
     cu = jnp.arange(B + 1, dtype=jnp.int32) * (T // C)
     kw = dict(scale=K**-0.5, chunk_size=C, interpret=interpret)
     rows = []
-    variants = {"factored": ChunkConfig(), "chunk-factored WY": ChunkConfig(gate_chunk_factored=True),
-                "pairwise": ChunkConfig(gate_factored=False)}
-    for tag, fields in variants.items():
+    for tag in variants:
+        fields = GATE_VARIANTS[tag]
         cfg = chunk_config(
             dataclasses.replace(fields, bwd_kernels=True), N=B, H=H, Kp=q.shape[-1],
             Vp=v.shape[-1], num_chunks=q.shape[1] // C, dtype=dtype, interpret=interpret, gated=True,
@@ -127,14 +133,17 @@ def profile_gated(label, B, T, H, K, V, dtype, interpret, C=64):
         wy = jax.jit(lambda a, b, k, v, gk, cfg=cfg: wy_fwd(
             a, b, k, v, chunk_size=C, config=cfg, out_dtype=dtype, with_x=True, interpret=interpret, gk=gk))
         fwd = jax.jit(functools.partial(ck.chunk_fwd, config=cfg, **kw))
-        _, _, res = fwd(x, h0, cu)
-        bwd = jax.jit(functools.partial(cb.chunk_bwd, config=cfg, **kw))
-        rows += [
+        new = [
             (label, f"gated wy_fwd with X, {tag}", median_ms(wy, a, b, k, v, gk)),
             (label, f"gated chunk_fwd total, {tag}", median_ms(fwd, x, h0, cu)),
-            (label, f"gated bwd total, {tag}", median_ms(bwd, x, res, cu, do, jnp.zeros_like(h0))),
         ]
-        print(*rows[-3:], sep="\n", flush=True)
+        if bwd:
+            _, _, res = fwd(x, h0, cu)
+            back = jax.jit(functools.partial(cb.chunk_bwd, config=cfg, **kw))
+            dht = jnp.zeros_like(h0)
+            new.append((label, f"gated bwd total, {tag}", median_ms(back, x, res, cu, do, dht)))
+        rows += new
+        print(*new, sep="\n", flush=True)
     return rows
 
 
@@ -166,6 +175,8 @@ def main():
     p.add_argument("--sizes", default="S1,S2,S3", help="chunk sizes to profile, e.g. S2")
     p.add_argument("--no-recurrent", action="store_true", help="skip the fused recurrence")
     p.add_argument("--gate", action="store_true", help="the gated kernels only (gk = -softplus(N(0, 1)))")
+    p.add_argument("--gate-variants", default=",".join(GATE_VARIANTS), help="with --gate: which configs")
+    p.add_argument("--no-bwd", action="store_true", help="with --gate: forward rows only")
     args = p.parse_args()
     if args.interpret:
         sizes = {"tiny": dict(B=1, T=128, H=1, K=32, V=32)}
@@ -176,7 +187,8 @@ def main():
     rows = []
     for label, d in sizes.items():
         if args.gate:
-            rows += profile_gated(label, **d, dtype=jnp.bfloat16, interpret=args.interpret)
+            rows += profile_gated(label, **d, dtype=jnp.bfloat16, interpret=args.interpret,
+                                  variants=args.gate_variants.split(","), bwd=not args.no_bwd)
             continue
         new = profile_chunk(label, **d, dtype=jnp.bfloat16, interpret=args.interpret)
         rows += new

@@ -226,22 +226,24 @@ def test_chunk_bf16(impl, rng):
 
 
 @pytest.mark.parametrize("chunk_factored", [False, True])
-@pytest.mark.parametrize("kind", ["softplus", "strong", "all_strong"])
+@pytest.mark.parametrize("kind", ["softplus", "strong", "all_strong", "split"])
 @pytest.mark.parametrize("C", [16, 64])
 def test_wy_kernel_gated(C, kind, chunk_factored, rng):
     """The gated WY kernel's X, W, U and the sweep's decayed operands K e^{G_C - G},
     B e^{G_C - G}, e^{G_C} against float64 numpy with the decays formed pairwise (docs/gate.md);
-    with `gate_chunk_factored` the IPLR kernel on decayed operands where the gate allows it
-    (softplus: taken; strong gates: the blockwise kernel)."""
+    with `gate_chunk_factored` each chunk within the bound of its middle row takes one product
+    per block pair (softplus: every chunk; strong gates: none; split: the first of two)."""
     from test_chunk import _config
 
-    from iplr_jax.triton.wy_fast import _decayed_operands, wy_fwd
+    from iplr_jax.triton.wy_fast import wy_fwd
 
     L, H, Kp, Vp = 2 * C, 2, 32, 32
     (_, k, v, a, b), _ = make_inputs(rng, 1, L, H, Kp, Vp, dtype=jnp.float64)
-    g = draw_gate(rng, (1, L, H, Kp), kind)
+    if kind == "split":  # a softplus chunk, then a strong one
+        g = np.concatenate([draw_gate(rng, (1, C, H, Kp), kd) for kd in ("softplus", "strong")], axis=1)
+    else:
+        g = draw_gate(rng, (1, L, H, Kp), kind)
     f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
-    assert bool(_decayed_operands(*map(f32, (a, b, k, g)), C)[-1]) == (kind == "softplus")
     w, u, x, kd, bd, gc = wy_fwd(
         *map(f32, (a, b, k, v)), chunk_size=C, with_x=True, interpret=True, gk=f32(g),
         config=_config(Kp=Kp, Vp=Vp, gate_chunk_factored=chunk_factored),
@@ -250,6 +252,10 @@ def test_wy_kernel_gated(C, kind, chunk_factored, rng):
     A, B, K, Vc, g = map(split, (f32(a), f32(b), f32(k), f32(v), f32(g)))
     G = np.cumsum(g, axis=-2)
     Gx = G - g
+    # the chunks the factored products take: every exponent within 60 of the middle row's G
+    Gm = G[..., C // 2 - 1 : C // 2, :]
+    spread = np.maximum(np.abs(G - Gm), np.abs(Gx - Gm)).max(axis=(1, 2, 3))
+    assert list(spread <= 60) == {"softplus": [True] * 2, "split": [True, False]}.get(kind, [False] * 2)
     lower = np.tri(C, k=-1, dtype=bool)[:, :, None]
     E = np.exp(np.where(lower, Gx[..., :, None, :] - G[..., None, :, :], -np.inf))  # [.., t, s, K]
     gram = lambda x, y: np.einsum("...tk,...sk,...tsk->...ts", x, y, E)  # noqa: E731

@@ -20,6 +20,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
 
@@ -84,30 +85,43 @@ def _store_lower(ref, x, nb: int):
             ref[pl.ds(i * SUB, SUB), pl.ds(j * SUB, SUB)] = x[i, j] if j <= i else zero
 
 
-def _gated_products(a_ref, b_ref, k_ref, g_ref, kd_ref, bd_ref, gc_ref, nb: int, precision, factor):
+def _gated_products(
+    a_ref, b_ref, k_ref, g_ref, kd_ref, bd_ref, gc_ref, nb: int, precision, factor, chunk_factor
+):
     """The WY kernel's decayed products (docs/gate.md): m[i, j] = [a_t . e^{Gx_t - G_s} b_s] and
-    lak[i, j] likewise with k, for blocks j <= i (s < t on the diagonal blocks, pairwise there).
-    Also writes the sweep's operands K e^{G_C - G}, B e^{G_C - G} and e^{G_C}. Returns
-    (m, lak, a_rows), a_rows(j) = A_j e^{Gx_j} (decayed from the chunk start) for W = X (A e^{Gx}).
+    lak[i, j] likewise with k, for blocks j <= i (s < t on the diagonal blocks). Also writes the
+    sweep's operands K e^{G_C - G}, B e^{G_C - G} and e^{G_C}. Returns (m, lak, a_rows),
+    a_rows(j) = A_j e^{Gx_j} (decayed from the chunk start) for W = X (A e^{Gx}).
 
-    The decayed operands are float32, so the off-diagonal products run at the inverse's
-    precision (`precision`), not on the inputs' 16-bit matrix units: they feed X."""
+    With `chunk_factor`, a chunk whose gate stays within FACTOR_BOUND of its middle row takes
+    `_chunk_factored_products`; any other chunk (and every chunk without it) the blockwise
+    products: the decays factored through the block boundaries, float32 operands at the
+    inverse's `precision` (they feed X), the diagonal blocks by `gate.diag_products`."""
     f32_rows = lambda ref, i: ref[pl.ds(i * SUB, SUB), :].astype(F32)  # noqa: E731
     tot = gate.totals(g_ref, nb)
-    m, lak = {}, {}
-    for i in range(nb):
-        m[i, i], lak[i, i] = gate.diag_products(
-            a_ref, (b_ref, k_ref), g_ref, i, strict=True, factor=factor, precision=precision
-        )
-        if i == 0:
-            continue
-        a_i = f32_rows(a_ref, i) * jnp.exp(gate.block_gate(g_ref, i)[1])  # from the boundary before i
-        for j in range(i):
-            mid = gate.between(tot, j, i)
-            a_ij = a_i if mid is None else a_i * jnp.exp(mid)[None, :]
-            to_end = gate.to_block_end(g_ref, tot, j)
-            m[i, j] = dot(a_ij, f32_rows(b_ref, j) * to_end, NT, precision)
-            lak[i, j] = dot(a_ij, f32_rows(k_ref, j) * to_end, NT, precision)
+
+    def blockwise():
+        m, lak = {}, {}
+        for i in range(nb):
+            m[i, i], lak[i, i] = gate.diag_products(
+                a_ref, (b_ref, k_ref), g_ref, i, strict=True, factor=factor, precision=precision
+            )
+            if i == 0:
+                continue
+            a_i = f32_rows(a_ref, i) * jnp.exp(gate.block_gate(g_ref, i)[1])  # from the boundary before i
+            for j in range(i):
+                mid = gate.between(tot, j, i)
+                a_ij = a_i if mid is None else a_i * jnp.exp(mid)[None, :]
+                to_end = gate.to_block_end(g_ref, tot, j)
+                m[i, j] = dot(a_ij, f32_rows(b_ref, j) * to_end, NT, precision)
+                lak[i, j] = dot(a_ij, f32_rows(k_ref, j) * to_end, NT, precision)
+        return m, lak
+
+    if chunk_factor and nb > 1:
+        factored = lambda: _chunk_factored_products(a_ref, b_ref, k_ref, g_ref, tot, nb, precision)  # noqa: E731
+        m, lak = lax.cond(_chunk_factorable(g_ref, tot, nb), factored, blockwise)
+    else:
+        m, lak = blockwise()
     for j in range(nb):  # K and B decayed to the chunk's end
         after = gate.between(tot, j, nb)
         to_end = gate.to_block_end(g_ref, tot, j)
@@ -124,9 +138,52 @@ def _gated_products(a_ref, b_ref, k_ref, g_ref, kd_ref, bd_ref, gc_ref, nb: int,
     return m, lak, a_rows
 
 
+def _gate_from_middle(g_ref, tot, nb: int, j: int):
+    """(G - Gm, Gx - Gm) for the rows of block j, [16, Kp] float32 each: the cumulative gate
+    from the chunk's start, referred to the chunk's middle row (the last of block nb/2 - 1)."""
+    G, Gx = gate.block_gate(g_ref, j)
+    half = nb // 2
+    if j < half:  # minus the blocks j .. half - 1
+        off = -functools.reduce(jnp.add, tot[j:half])
+    elif j > half:  # plus the blocks half .. j - 1
+        off = functools.reduce(jnp.add, tot[half:j])
+    else:
+        return G, Gx
+    return G + off[None, :], Gx + off[None, :]
+
+
+def _chunk_factorable(g_ref, tot, nb: int):
+    """Whether every exponent `_chunk_factored_products` forms is within FACTOR_BOUND of 0."""
+    worst = [jnp.max(jnp.abs(x)) for j in range(nb) for x in _gate_from_middle(g_ref, tot, nb, j)]
+    return functools.reduce(jnp.maximum, worst) <= gate.FACTOR_BOUND
+
+
+def _chunk_factored_products(a_ref, b_ref, k_ref, g_ref, tot, nb: int, precision):
+    """The decayed products of the whole chunk through its middle row m (docs/gate.md):
+    e^{Gx_t - G_s} = e^{Gx_t - Gm} e^{Gm - G_s}, so each block pair is one product of
+    A e^{Gx - Gm} and B e^{Gm - G} (K likewise), the diagonal blocks masked strictly. Taken
+    where `_chunk_factorable` holds, so the factors stay below e^{60}. The decayed operands are
+    rounded to 16-bit inputs' dtype (bf16: the matrix units, as the IPLR kernel's inputs) and
+    stay float32 otherwise (fp16's range is below e^{60}), multiplied at `precision`."""
+    dt = a_ref.dtype if a_ref.dtype == jnp.bfloat16 else F32
+    prec = None if dt == jnp.bfloat16 else precision
+    strict = tri(SUB, strict=True)
+    rows = lambda ref, i: ref[pl.ds(i * SUB, SUB), :].astype(F32)  # noqa: E731
+    m, lak = {}, {}
+    for i in range(nb):
+        a_i = (rows(a_ref, i) * jnp.exp(_gate_from_middle(g_ref, tot, nb, i)[1])).astype(dt)
+        for j in range(i + 1):
+            up = jnp.exp(-_gate_from_middle(g_ref, tot, nb, j)[0])
+            m[i, j] = dot(a_i, (rows(b_ref, j) * up).astype(dt), NT, prec)
+            lak[i, j] = dot(a_i, (rows(k_ref, j) * up).astype(dt), NT, prec)
+            if j == i:
+                m[i, j], lak[i, j] = mask(strict, m[i, j]), mask(strict, lak[i, j])
+    return m, lak
+
+
 def _wy_kernel(
     a_ref, b_ref, k_ref, v_ref, *refs, block_v: int, precision, f32_prec=None, gated=False,
-    factor=True,
+    factor=True, chunk_factor=False,
 ):
     """One (chunk, head): X blockwise, then W, U (and X, when a ref for it is given).
 
@@ -162,7 +219,7 @@ def _wy_kernel(
 
     if gated:
         m, lak, a_rows = _gated_products(
-            a_ref, b_ref, k_ref, g_ref, kd_ref, bd_ref, gc_ref, nb, precision, factor
+            a_ref, b_ref, k_ref, g_ref, kd_ref, bd_ref, gc_ref, nb, precision, factor, chunk_factor
         )
     else:
         # M_im = A_i B_m^T and L_im = A_i K_m^T for m <= i (strict on the diagonal)
@@ -213,33 +270,20 @@ def wy_fwd(
       with_x: also return X (for the backward).
       gk: the gate [1, L, H, Kp] or None. Given, the products are the decayed ones of
         docs/gate.md (X = (I - [a_t . e^{Gx_t - G_s} b_s]_{s<t})^{-1}, W = X (A e^{Gx}),
-        U = X [a_t . e^{Gx_t - G_s} k_s]_{s<t} V) and the sweep's decayed operands come too.
-        With `config.gate_chunk_factored`, when every chunk allows it, the IPLR kernel on
-        decayed operands instead (`_wy_factored`).
+        U = X [a_t . e^{Gx_t - G_s} k_s]_{s<t} V) and the sweep's decayed operands come too;
+        with `config.gate_chunk_factored` each chunk that allows it takes one product per block
+        pair (`_chunk_factored_products`).
 
     Returns:
       W [1, L, H, Kp] and U [1, L, H, Vp] in `out_dtype`; with `with_x` also X [NC, H, C, C]
       float32 (NC = L / chunk_size); with `gk` then K e^{G_C - G}, B e^{G_C - G} [1, L, H, Kp]
       in `out_dtype` and e^{G_C} [NC, H, Kp] float32.
     """
-    L, C = a.shape[1], chunk_size
+    _, L, H, Kp = a.shape
+    Vp, C = v.shape[-1], chunk_size
     if C % SUB or L % C:
         raise ValueError(f"chunk_size must be a multiple of {SUB} dividing L={L}, got {C}")
-    kw = dict(chunk_size=C, config=config, out_dtype=F32 if out_dtype is None else out_dtype,
-              with_x=with_x, interpret=interpret)
-    if gk is None or not config.gate_chunk_factored:
-        return _wy_call(a, b, k, v, gk=gk, **kw)
-    decayed = _decayed_operands(a, b, k, gk, C)
-    return jax.lax.cond(
-        decayed[-1], lambda: _wy_factored(decayed, v, **kw), lambda: _wy_call(a, b, k, v, gk=gk, **kw)
-    )
-
-
-def _wy_call(a, b, k, v, *, chunk_size, config, out_dtype, with_x, interpret, gk):
-    """`wy_fwd` as one launch of `_wy_kernel` (with a gate, its blockwise gated mode)."""
-    _, L, H, Kp = a.shape
-    Vp = v.shape[-1]
-    C = chunk_size
+    out_dtype = F32 if out_dtype is None else out_dtype
     kspec = pl.BlockSpec((None, C, None, Kp), lambda c, h: (0, c, h, 0))
     vspec = pl.BlockSpec((None, C, None, Vp), lambda c, h: (0, c, h, 0))
     out_specs = [kspec, vspec]
@@ -252,7 +296,7 @@ def _wy_call(a, b, k, v, *, chunk_size, config, out_dtype, with_x, interpret, gk
     if gk is not None:  # a static flag: without a gate the kernel is compiled as it always was
         in_specs.append(kspec)
         args.append(gk)
-        gated = dict(gated=True, factor=config.gate_factored)
+        gated = dict(gated=True, factor=config.gate_factored, chunk_factor=config.gate_chunk_factored)
         out_specs += [kspec, kspec, pl.BlockSpec((None, None, Kp), lambda c, h: (c, h, 0))]
         out_shape += [
             shape_dtype((1, L, H, Kp), out_dtype, vma), shape_dtype((1, L, H, Kp), out_dtype, vma),
@@ -272,41 +316,3 @@ def _wy_call(a, b, k, v, *, chunk_size, config, out_dtype, with_x, interpret, gk
         interpret=interpret,
         name="iplr_wy_fwd",
     )(*args))
-
-
-def _decayed_operands(a, b, k, gk, C):
-    """Per chunk, with the gate summed from the chunk's start (G inclusive, Gx exclusive) and
-    referred to its middle row m (Gm): A e^{Gx - Gm}, B e^{Gm - G}, K e^{Gm - G} (the inputs'
-    dtype; float32 for fp16, whose range e^{60} exceeds), so that their products are the
-    decayed ones of docs/gate.md; e^{Gm} [NC, 1, H, Kp] to restore W's reference; the sweep's
-    K e^{G_C - G}, B e^{G_C - G} [NC, C, H, Kp] and e^{G_C} [NC, H, Kp] (float32); and whether
-    every exponent formed is within `gate.FACTOR_BOUND` of 0 (a scalar)."""
-    _, L, H, Kp = a.shape
-    dt = F32 if a.dtype == jnp.float16 else a.dtype
-    chunks = lambda x: x.astype(F32).reshape(L // C, C, H, Kp)  # noqa: E731
-    g = chunks(gk)
-    G = jnp.cumsum(g, axis=1)
-    Gx = G - g
-    Gm, GC = G[:, C // 2 - 1 : C // 2], G[:, -1:]
-    ok = jnp.maximum(jnp.max(jnp.abs(Gx - Gm)), jnp.max(jnp.abs(G - Gm))) <= gate.FACTOR_BOUND
-    flat = lambda x: x.reshape(1, L, H, Kp).astype(dt)  # noqa: E731
-    B, K, from_m, to_end = chunks(b), chunks(k), jnp.exp(Gm - G), jnp.exp(GC - G)
-    return (
-        flat(chunks(a) * jnp.exp(Gx - Gm)), flat(B * from_m), flat(K * from_m), jnp.exp(Gm),
-        K * to_end, B * to_end, jnp.exp(GC[:, 0]), ok,
-    )
-
-
-def _wy_factored(decayed, v, *, chunk_size, config, out_dtype, with_x, interpret):
-    """The gated WY outputs from the IPLR kernel on decayed operands (`_decayed_operands`):
-    their products are the decayed ones, so X and U are the gated ones, and W = X (A e^{Gx}) is
-    the kernel's X (A e^{Gx - Gm}) scaled back by e^{Gm} per key. One elementwise pass and the
-    IPLR kernel in place of the blockwise gated kernel, for gates whose decay within a chunk
-    stays within `gate.FACTOR_BOUND` of its middle row (docs/gate.md)."""
-    a_d, b_d, k_d, e_m, k_end, b_end, gc, _ = decayed
-    _, L, H, Kp = a_d.shape
-    w, u, *x = _wy_call(a_d, b_d, k_d, v, chunk_size=chunk_size, config=config, out_dtype=F32,
-                        with_x=with_x, interpret=interpret, gk=None)
-    flat = lambda y: y.reshape(1, L, H, Kp).astype(out_dtype)  # noqa: E731
-    w = w.reshape(L // chunk_size, chunk_size, H, Kp) * e_m
-    return (flat(w), u.astype(out_dtype), *x, flat(k_end), flat(b_end), gc)
