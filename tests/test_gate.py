@@ -43,6 +43,10 @@ def draw_gate(rng, shape, kind):
         soft = -np.logaddexp(0.0, rng.standard_normal(shape))
         block = (np.arange(shape[1]) // 16 % 3).reshape(1, -1, *([1] * (len(shape) - 2)))
         return np.where(block == 0, -20.0, np.where(block == 1, -3.7, soft))
+    if kind == "by_chunk":  # by 64-row chunks along T: softplus (factored whole), strong (blockwise)
+        soft, strong = draw_gate(rng, shape, "softplus"), draw_gate(rng, shape, "strong")
+        chunk = (np.arange(shape[1]) // 64 % 2).reshape(1, -1, *([1] * (len(shape) - 2)))
+        return np.where(chunk == 0, soft, strong)
     if kind == "zero":
         return np.zeros(shape)
     raise ValueError(kind)
@@ -279,6 +283,7 @@ E2E_BWD = {
     # the gated WY as the IPLR kernel on decayed operands (`gate_chunk_factored`)
     "chunk_factored_bf16": (1, 100, 2, 32, 16, "softplus", 64, jnp.bfloat16, None, True),
     "chunk_factored_packed": (1, 120, 2, 16, 16, "softplus", 32, jnp.float32, [0, 40, 40, 110, 120], True),
+    "chunk_factored_by_chunk": (1, 200, 2, 32, 16, "by_chunk", 64, jnp.float32, None, True),
     # diagonal blocks factored and pairwise in the same chunks (`gate.factorable`)
     "mixed": (1, 150, 2, 32, 16, "mixed", 64, jnp.float32, None),
     "bf16": (1, 80, 2, 32, 16, "softplus", 64, jnp.bfloat16, None),

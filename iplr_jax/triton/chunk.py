@@ -171,17 +171,61 @@ def _output_kernel(q_ref, k_ref, b_ref, v_ref, vn_ref, h_ref, o_ref, *, scale, l
 
 
 def _gated_output_kernel(
-    q_ref, k_ref, b_ref, v_ref, vn_ref, h_ref, g_ref, o_ref, *, scale, low_v2, prec=None, factor=True
+    q_ref, k_ref, b_ref, v_ref, vn_ref, h_ref, g_ref, o_ref, *, scale, low_v2, prec=None, factor=True,
+    chunk_factor=False,
 ):
-    """One (chunk, head, V-block) with the gate (docs/gate.md), by 16-row blocks i:
+    """One (chunk, head, V-block) with the gate (docs/gate.md):
 
-        O_i = scale ((Q_i e^{G_i}) S0 + sum_{j<=i} A_qk[i, j] V_j + A_qb[i, j] V2_j),
+        O = scale ((Q e^{G}) S0 + incl(A_qk) V + incl(A_qb) V2),
         A_qk[t, s] = q_t . e^{G_t - G_s} k_s  (s <= t),  A_qb likewise with b.
 
-    Off-diagonal blocks factor through the block boundaries (`gate`), the diagonal ones are
-    pairwise. Dot operands as in `_chunk_output`: the decayed float32 operands are rounded to
-    16-bit inputs' dtype (the output feeds nothing later), else float32 at `prec`.
+    With `chunk_factor`, a chunk whose gate stays within FACTOR_BOUND of its middle row takes
+    `_output_factored` (whole [C, Kp] tiles); others, and every chunk without it, go by 16-row
+    blocks (`_output_blockwise`).
     """
+    refs = (q_ref, k_ref, b_ref, v_ref, vn_ref, h_ref, g_ref, o_ref)
+    kw = dict(scale=scale, low_v2=low_v2, prec=prec)
+    if not chunk_factor:
+        _output_blockwise(*refs, factor=factor, **kw)
+        return
+    C = q_ref.shape[0]
+    G = jnp.cumsum(g_ref[...].astype(F32), axis=0)
+    rows = jax.lax.broadcasted_iota(jnp.int32, G.shape, 0)
+    rel = G - jnp.sum(mask(rows == C // 2 - 1, G), axis=0)[None, :]  # G - Gm
+    ok = jnp.max(jnp.abs(rel)) <= gate.FACTOR_BOUND
+    pl.when(ok)(lambda: _output_factored(*refs, G=G, rel=rel, **kw))
+    pl.when(jnp.logical_not(ok))(lambda: _output_blockwise(*refs, factor=factor, **kw))
+
+
+def _output_factored(q_ref, k_ref, b_ref, v_ref, vn_ref, h_ref, g_ref, o_ref, *, G, rel, scale, low_v2, prec):
+    """The gated output of a chunk through its middle row m: e^{G_t - G_s} = e^{G_t - Gm}
+    e^{Gm - G_s}, so A_qk and A_qb are products of Q e^{G - Gm} with K, B e^{Gm - G} (factors
+    below e^{60} where taken; entries above the diagonal may overflow and are masked). The
+    decayed operands are rounded to bf16 inputs' dtype, else float32 at `prec` (fp16's range is
+    below e^{60})."""
+    dt = k_ref.dtype
+    fdt = dt if dt == jnp.bfloat16 else F32
+    mm = functools.partial(dot_as, dt=fdt, f32_precision=prec)
+    mm_v2 = functools.partial(dot_as, dt=dt if low_v2 else F32, f32_precision=prec)
+    incl = tri(q_ref.shape[0], strict=False)
+    q = q_ref[...].astype(F32)
+    up = jnp.exp(-rel)
+    qd = q * jnp.exp(rel)
+    qk = mask(incl, mm(qd, k_ref[...].astype(F32) * up, tb=True))
+    qb = mask(incl, mm(qd, b_ref[...].astype(F32) * up, tb=True))
+    o = dot_as(q * jnp.exp(G), h_ref[...], dt=dt, f32_precision=prec)  # (Q e^{G}) S0
+    o = o + mm(qk, v_ref[...]) + mm_v2(qb, vn_ref[...])
+    o_ref[...] = (scale * o).astype(o_ref.dtype)
+
+
+def _output_blockwise(
+    q_ref, k_ref, b_ref, v_ref, vn_ref, h_ref, g_ref, o_ref, *, scale, low_v2, prec, factor
+):
+    """The gated output by 16-row blocks i: O_i = scale ((Q_i e^{G_i}) S0 + sum_{j<=i} A_qk[i, j]
+    V_j + A_qb[i, j] V2_j). Off-diagonal blocks factor through the block boundaries (`gate`),
+    the diagonal ones by `gate.diag_products`. Dot operands as in `_chunk_output`: the decayed
+    float32 operands (at most 1) are rounded to 16-bit inputs' dtype (the output feeds nothing
+    later), else float32 at `prec`."""
     C = q_ref.shape[0]
     nb, dt = C // SUB, k_ref.dtype
     mm = functools.partial(dot_as, dt=dt, f32_precision=prec)
@@ -222,7 +266,10 @@ def output_fwd(
     hc = pl.BlockSpec((None, None, Kp, BVo), lambda c, h, j: (c, h, 0, j))
     kernel, args, in_specs = _output_kernel, [q, k, b, v, v_new, h], [kc, kc, kc, vc, vc, hc]
     if gk is not None:
-        kernel = functools.partial(_gated_output_kernel, factor=config.gate_factored)
+        kernel = functools.partial(
+            _gated_output_kernel, factor=config.gate_factored,
+            chunk_factor=config.gate_chunk_factored and C > SUB and Kp <= 128,
+        )
         args, in_specs = args + [gk], in_specs + [kc]
     return pl.pallas_call(
         functools.partial(
