@@ -1,0 +1,125 @@
+"""Where the gated kernels' time goes (issue 17): the WY and output kernels at S1 timed in
+variants that each remove one suspect, in one process (bf16, gk = -softplus(N(0, 1))):
+
+    python benchmarks/gate_variants.py [--sizes S1] [--rows wy,out]
+
+WY rows: the IPLR kernel (gk=None, the floor); the gated kernel with the whole chunk factored
+(`gate_chunk_factored`, each chunk choosing under `lax.cond`); the same with the choice fixed
+to the factored branch ("no cond": the blockwise branch is not compiled); and that with each
+16-row cumulative gate formed by a product with a triangle of ones instead of `jnp.cumsum`
+("no cond, tri-dot cumsum"). Output rows: the IPLR output kernel, the gated one by 16-row
+blocks and by whole chunks. The variants that patch modules are for timing only: their
+numbers are right only where every chunk takes the factored branch (true for this gate).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import functools
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from profile_kernels import inputs
+from timing import median_ms
+
+from iplr_jax.bench import SIZES
+from iplr_jax.inputs import Inputs
+from iplr_jax.triton import chunk as ck
+from iplr_jax.triton import gate, wy_fast
+from iplr_jax.triton.config import ChunkConfig, chunk_config
+from iplr_jax.triton.helpers import F32, HIGHEST, dot, is_low, tri
+
+
+@contextlib.contextmanager
+def patched(module, name, value):
+    old = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, old)
+
+
+def tri_dot_block_gate(g_ref, i):
+    """`gate.block_gate` with the cumulative sum as one product with a lower triangle of ones
+    (exact products for 16-bit g, float32 sums)."""
+    g = g_ref[pl_rows(i), :]
+    ones = tri(gate.SUB, strict=False).astype(g.dtype)
+    G = dot(ones, g, None, None if is_low(g.dtype) else HIGHEST)
+    return G, G - g.astype(F32)
+
+
+def pl_rows(i):
+    from jax.experimental import pallas as pl
+
+    return pl.ds(i * gate.SUB, gate.SUB)
+
+
+def profile(label, B, T, H, K, V, wanted, interp, C=64, dt=jnp.bfloat16):
+    rows = []
+    q, k, v, a, b, _, h0 = inputs(B, T, H, K, V, dt)
+    gk = jnp.asarray(-np.logaddexp(0.0, np.random.default_rng(1).standard_normal(q.shape)), dt)
+    cfg = lambda gated, **f: chunk_config(  # noqa: E731
+        dataclasses.replace(ChunkConfig(), **f), N=B, H=H, Kp=q.shape[-1], Vp=v.shape[-1],
+        num_chunks=q.shape[1] // C, dtype=dt, interpret=interp, gated=gated,
+    )
+
+    def wy(config, gated=True):
+        f = functools.partial(
+            wy_fast.wy_fwd, chunk_size=C, config=config, out_dtype=dt, with_x=True, interpret=interp
+        )
+        return jax.jit(lambda *x: f(*x[:4], gk=x[4] if gated else None))
+
+    def row(name, f, *x):
+        rows.append((label, name, median_ms(f, *x)))
+        print(*rows[-1], flush=True)
+
+    if "wy" in wanted:
+        no_cond = types.SimpleNamespace(cond=lambda pred, yes, no: yes())
+        row("wy IPLR (gk=None)", wy(cfg(False), gated=False), a, b, k, v, gk)
+        factored = cfg(True, gate_chunk_factored=True)
+        row("wy gated, chunk-factored", wy(factored), a, b, k, v, gk)
+        with patched(wy_fast, "lax", no_cond):
+            row("wy gated, chunk-factored, no cond", wy(factored), a, b, k, v, gk)
+            two = dataclasses.replace(factored, wy_warps=2)
+            row("wy gated, chunk-factored, no cond, 2 warps", wy(two), a, b, k, v, gk)
+            with patched(gate, "block_gate", tri_dot_block_gate):
+                row("wy gated, chunk-factored, no cond, tri-dot cumsum", wy(factored), a, b, k, v, gk)
+    if "out" in wanted:
+        cu = jnp.arange(B + 1, dtype=jnp.int32) * (T // C)
+        kw = dict(scale=K**-0.5, chunk_size=C, interpret=interp)
+        variants = {
+            "gated, blockwise": (cfg(True), Inputs(q, k, v, a, b, gk)),
+            "gated, chunk-factored": (cfg(True, gate_chunk_factored=True), Inputs(q, k, v, a, b, gk)),
+            "IPLR": (cfg(False), Inputs(q, k, v, a, b)),
+        }
+        for tag, (config, x) in variants.items():
+            fwd = jax.jit(functools.partial(ck.chunk_fwd, config=config, **kw))
+            _, _, res = fwd(x, h0, cu)
+            out = jax.jit(functools.partial(ck.output_fwd, config=config, **kw))
+            row(f"output {tag}", lambda *y, out=out: out(*y[:6], gk=y[6]), q, k, b, v, res.v_new, res.h, x.gk)
+            row(f"chunk_fwd total {tag}", fwd, x, h0, cu)
+    return rows
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sizes", default="S1")
+    p.add_argument("--rows", default="wy,out")
+    p.add_argument("--interpret", action="store_true", help="a CPU smoke run at a tiny size")
+    args = p.parse_args()
+    sizes = {"tiny": dict(B=1, T=128, H=1, K=32, V=32)} if args.interpret else SIZES
+    rows = []
+    for label in ["tiny"] if args.interpret else args.sizes.split(","):
+        rows += profile(label, **sizes[label], wanted=args.rows, interp=args.interpret)
+    print(f"\n{jax.devices()[0].device_kind}, jax {jax.__version__}, bf16, median ms")
+    for label, name, ms in rows:
+        print(f"{label:4} {name:52} {ms:8.3f}")
+
+
+if __name__ == "__main__":
+    main()
