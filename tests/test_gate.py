@@ -547,13 +547,15 @@ def test_gated_fused_recurrent_lowers_for_cuda(K, V, dtype, monkeypatch, unguard
 
     assert triton_kernels(fwd, *x) == FUSED
     assert triton_kernels(step, *x, h0) == FUSED_BWD
+    # by default both gated routes, chosen under lax.cond: the IPLR WY kernel on decayed
+    # operands, the blockwise gated one (docs/gate.md "Whole-chunk factoring")
+    blockwise = iplr_jax.ChunkConfig(gate_chunk_factored=False)
     for C in (16, 64):
-        chunk = lambda *a, C=C: iplr_jax.chunk(*a, implementation="pallas", chunk_size=C)[0]  # noqa: E731
-        assert triton_kernels(chunk, *x) == [WY, STATE, OUT]
-    # the gated WY as the IPLR kernel on decayed operands: both routes, chosen under lax.cond
-    factored = iplr_jax.ChunkConfig(gate_chunk_factored=True)
-    chunk_f = lambda *a: iplr_jax.chunk(*a, implementation="pallas", config=factored)[0]  # noqa: E731
-    assert triton_kernels(chunk_f, *x) == [WY, WY, STATE, OUT]
+        chunk = lambda *a, C=C, config=None: iplr_jax.chunk(  # noqa: E731
+            *a, implementation="pallas", chunk_size=C, config=config
+        )[0]
+        assert triton_kernels(chunk, *x) == [WY, WY, STATE, OUT]
+        assert triton_kernels(functools.partial(chunk, config=blockwise), *x) == [WY, STATE, OUT]
 
     def chunk_step(*a, config=None):
         def loss(*d):
@@ -565,10 +567,15 @@ def test_gated_fused_recurrent_lowers_for_cuda(K, V, dtype, monkeypatch, unguard
 
         return jax.value_and_grad(loss, argnums=tuple(range(7)))(*a)
 
-    # differentiated: the gated backward kernels for K <= 128; for K > 128, or with
-    # bwd_kernels=False, the jnp form forward and backward (docs/gate.md): no kernel
-    kernels = [WY, STATE, OUT, DV2_GATED, SWEEP, INTRA]
+    # differentiated: the backward kernels for K <= 128, both routes (the IPLR sweep and intra
+    # kernels on decayed operands; the gated dv2, sweep and intra kernels); for K > 128, or
+    # with bwd_kernels=False, the jnp form forward and backward (docs/gate.md): no kernel
+    kernels = [WY, WY, STATE, OUT, DV2_GATED, SWEEP, INTRA, SWEEP, INTRA]
     assert triton_kernels(chunk_step, *x, h0) == (kernels if K <= 128 else [])
     assert triton_kernels(functools.partial(chunk_step, config=BWD_KERNELS), *x, h0) == kernels
+    only_blockwise = dataclasses.replace(BWD_KERNELS, gate_chunk_factored=False)
+    assert triton_kernels(functools.partial(chunk_step, config=only_blockwise), *x, h0) == [
+        WY, STATE, OUT, DV2_GATED, SWEEP, INTRA
+    ]
     no_kernels = functools.partial(chunk_step, config=iplr_jax.ChunkConfig(bwd_kernels=False))
     assert triton_kernels(no_kernels, *x, h0) == []

@@ -49,7 +49,7 @@ from iplr_jax import segments
 from iplr_jax.inputs import Inputs
 from iplr_jax.reference.chunk import chunk_bwd_aligned
 from iplr_jax.sharding import shape_dtype, vma_of
-from iplr_jax.triton import gate
+from iplr_jax.triton import gate, gate_factors
 from iplr_jax.triton.chunk import Residuals
 from iplr_jax.triton.config import ChunkConfig
 from iplr_jax.triton.gate import SUB
@@ -66,12 +66,15 @@ def _bwd_precision(config: ChunkConfig, interpret: bool):
 
 def _sweep_kernel(
     cu_ref, q_ref, b_ref, w_ref, do_ref, dht_ref, *refs, scale, C, dt,
-    f32_prec=lax.Precision.DEFAULT, summary_blocks=0,
+    f32_prec=lax.Precision.DEFAULT, summary_blocks=0, scaled=False,
 ):
     """One (sequence, head, V-block): dS from dht back to the sequence's first chunk. With
     `summary_blocks` (the number of V-blocks) a segment summary (`segments`): value columns
     from 0, programs past them K identity columns that read no dO, ending at [g | M^T]; only
-    that start cotangent is written."""
+    that start cotangent is written. With `scaled` (the gated chunk on decayed operands,
+    `gate_factors`), two refs of per-chunk rows [NC, Kp] come first: dS_C is scaled by
+    e^{G_C - Gm} on entering the chunk (and written so) and dS0 by e^{Gm} on leaving it."""
+    (into_ref, out_ref, *refs) = refs if scaled else (None, None, *refs)
     dsc_ref, dh0_ref = (None, refs[0]) if summary_blocks else refs
     n = pl.program_id(0)
     c0, c1 = cu_ref[n], cu_ref[n + 1]
@@ -85,6 +88,8 @@ def _sweep_kernel(
 
     def body(i, ds):
         c = c1 - 1 - i
+        if scaled:
+            ds = into_ref[c][:, None] * ds
         if dsc_ref is not None:
             dsc_ref[c] = ds.astype(dsc_ref.dtype)  # cotangent of the state after chunk c
         rows = pl.ds(c * C, C)
@@ -96,15 +101,19 @@ def _sweep_kernel(
         if takes_do is not None:
             from_do, from_q = takes_do * from_do, takes_do * from_q
         dv2 = from_do + mm(b, ds)
-        return ds + from_q + mm(w, dv2, ta=True)
+        ds = ds + from_q + mm(w, dv2, ta=True)
+        return out_ref[c][:, None] * ds if scaled else ds
 
     ds = lax.fori_loop(0, c1 - c0, body, ds0)
     dh0_ref[...] = ds  # empty sequence: no iterations, dh0 = dht
 
 
-def _sweep(q, b, w, do, dht, cu_chunks, *, scale, chunk_size, dt, config, interpret, summary=False):
+def _sweep(
+    q, b, w, do, dht, cu_chunks, *, scale, chunk_size, dt, config, interpret, summary=False, scales=None
+):
     """dS_C [NC, H, Kp, Vp] (dt) for every chunk and dh0 [N, H, Kp, Vp] float32; `summary`:
-    [g | M^T] [N, H, Kp, Vp + Kp] alone (dht unread, only its shape)."""
+    [g | M^T] [N, H, Kp, Vp + Kp] alone (dht unread, only its shape). `scales`: the per-chunk
+    rows (e^{G_C - Gm}, e^{Gm}) [NC, H, Kp] of `_sweep_kernel`'s `scaled` mode."""
     _, L, H, Kp = q.shape
     Vp = do.shape[-1]
     N = dht.shape[0]
@@ -117,10 +126,11 @@ def _sweep(q, b, w, do, dht, cu_chunks, *, scale, chunk_size, dt, config, interp
     sspec = pl.BlockSpec((None, None, Kp, bv), lambda n, h, j: (n, h, 0, j))
     vma = vma_of(q, b, w, do, dht, cu_chunks)
     dh0_shape = shape_dtype((N, H, Kp, Vp + (Kp if summary else 0)), jnp.float32, vma)
+    rows = [] if scales is None else [pl.BlockSpec((NC, None, Kp), lambda n, h, j: (0, h, 0))] * 2
     return pl.pallas_call(
         functools.partial(
             _sweep_kernel, scale=scale, C=C, dt=dt, f32_prec=_bwd_precision(config, interpret),
-            **({"summary_blocks": nvb} if summary else {}),
+            **({"summary_blocks": nvb} if summary else {}), scaled=scales is not None,
         ),
         grid=(N, H, nvb + (Kp // bv if summary else 0)),
         in_specs=[
@@ -128,6 +138,7 @@ def _sweep(q, b, w, do, dht, cu_chunks, *, scale, chunk_size, dt, config, interp
             kspec, kspec, kspec,
             pl.BlockSpec((None, L, None, bv), lambda n, h, j: (0, 0, h, clamp(j))),
             pl.BlockSpec((None, None, Kp, bv), lambda n, h, j: (n, h, 0, clamp(j))),
+            *rows,
         ],
         out_specs=[sspec] if summary else [
             pl.BlockSpec((NC, None, Kp, bv), lambda n, h, j: (0, h, 0, j)), sspec
@@ -138,7 +149,7 @@ def _sweep(q, b, w, do, dht, cu_chunks, *, scale, chunk_size, dt, config, interp
         ),
         interpret=interpret,
         name="iplr_chunk_bwd_summary" if summary else "iplr_chunk_bwd_sweep",
-    )(cu_chunks, q, b, w, do, dht)
+    )(cu_chunks, q, b, w, do, dht, *(scales or ()))
 
 
 def _segmented_sweep(q, b, w, do, dht, cu_chunks, *, chunk_size, **kw):
@@ -158,8 +169,12 @@ def _segmented_sweep(q, b, w, do, dht, cu_chunks, *, chunk_size, **kw):
 
 def _intra_kernel(
     cu_ref, q_ref, k_ref, a_ref, b_ref, v_ref, v2_ref, do_ref, h_ref, dsc_ref, x_ref,
-    dq_ref, dk_ref, da_ref, db_ref, dv_ref, *, scale, dt, f32_prec=lax.Precision.DEFAULT,
+    dq_ref, dk_ref, da_ref, db_ref, dv_ref, *dgc_ref, scale, dt, f32_prec=lax.Precision.DEFAULT,
 ):
+    """One (chunk, head, V-block): the five input gradients (the module's equations). With a
+    `dgc_ref` (the gated chunk on decayed operands, `gate_factors`) also the cotangent of the
+    chunk's total decay, dG_C = rowsum(dS_C' * S_C') over this V-block, S_C' = S0' + K^T Vc +
+    B^T V2 the IPLR chunk's end state (equal to dS_C * S_C of the gated one)."""
     C = q_ref.shape[0]
     n_seq = cu_ref.shape[0] - 1
     incl, strict = tri(C, strict=False), tri(C, strict=True)
@@ -195,9 +210,17 @@ def _intra_kernel(
     dq_ref[...] = dq.astype(dq_ref.dtype)
     da = mm(dz, s0, tb=True) + mm(dzv, k) + mm(dzv2, b)
     da_ref[...] = da.astype(da_ref.dtype)
+    if dgc_ref:
+        sc = s0.astype(jnp.float32) + mm(k, v, ta=True) + mm(b, v2, ta=True)
+        dgc_ref[0][...] = jnp.sum(ds * sc, axis=1)
 
 
-def _intra(q, k, v, a, b, h, v_new, do, dsc, x, cu_chunks, *, scale, chunk_size, dt, config, interpret):
+def _intra(
+    q, k, v, a, b, h, v_new, do, dsc, x, cu_chunks, *, scale, chunk_size, dt, config, interpret,
+    state_grad=False,
+):
+    """dq, dk, da, db (inputs' dtypes; float32 with `state_grad`), dv; with `state_grad` also
+    dG_C [NC, H, Kp] float32 (`_intra_kernel`)."""
     _, L, H, Kp = q.shape
     Vp = v.shape[-1]
     C = chunk_size
@@ -208,12 +231,16 @@ def _intra(q, k, v, a, b, h, v_new, do, dsc, x, cu_chunks, *, scale, chunk_size,
     vspec = pl.BlockSpec((None, C, None, bv), lambda c, h, j: (0, c, h, j))
     sspec = pl.BlockSpec((None, None, Kp, bv), lambda c, h, j: (c, h, 0, j))
     vma = vma_of(cu_chunks, q, k, a, b, v, v_new, do, h, dsc, x)
-    if nv == 1:
+    if nv == 1 and not state_grad:
         kout = [shape_dtype((1, L, H, Kp), y.dtype, vma) for y in (q, k, a, b)]
     else:  # float32 partials over V-blocks, summed below
         kout = [shape_dtype((nv, L, H, Kp), jnp.float32, vma)] * 4
     kout_spec = pl.BlockSpec((None, C, None, Kp), lambda c, h, j: (j, c, h, 0))
-    dq, dk, da, db, dv = pl.pallas_call(
+    extra, extra_spec = [], []
+    if state_grad:
+        extra = [shape_dtype((nv, NC, H, Kp), jnp.float32, vma)]
+        extra_spec = [pl.BlockSpec((None, None, None, Kp), lambda c, h, j: (j, c, h, 0))]
+    dq, dk, da, db, dv, *dgc = pl.pallas_call(
         functools.partial(_intra_kernel, scale=scale, dt=dt, f32_prec=_bwd_precision(config, interpret)),
         grid=(NC, H, nv),
         in_specs=[
@@ -221,12 +248,14 @@ def _intra(q, k, v, a, b, h, v_new, do, dsc, x, cu_chunks, *, scale, chunk_size,
             kspec, kspec, kspec, kspec, vspec, vspec, vspec, sspec, sspec,
             pl.BlockSpec((None, None, C, C), lambda c, h, j: (c, h, 0, 0)),
         ],
-        out_specs=[kout_spec] * 4 + [vspec],
-        out_shape=kout + [shape_dtype((1, L, H, Vp), v.dtype, vma)],
+        out_specs=[kout_spec] * 4 + [vspec] + extra_spec,
+        out_shape=kout + [shape_dtype((1, L, H, Vp), v.dtype, vma)] + extra,
         compiler_params=pltr.CompilerParams(num_warps=config.bwd_intra_warps, num_stages=1),
         interpret=interpret,
         name="iplr_chunk_bwd_intra",
     )(cu_chunks, q, k, a, b, v, v_new, do, h, dsc, x)
+    if state_grad:
+        return (*(g.sum(0, keepdims=True) for g in (dq, dk, da, db)), dv, dgc[0].sum(0))
     if nv > 1:
         dq, dk, da, db = (
             g.sum(0, keepdims=True).astype(y.dtype)
@@ -384,6 +413,48 @@ def _gated_intra_kernel(
 
 
 def _gated_bwd(x: Inputs, res: Residuals, cu_chunks, do, dht, *, scale, chunk_size, config, interpret):
+    """The gated backward: with `config.gate_chunk_factored`, when every chunk allows it, the
+    IPLR kernels on decayed operands (`_factored_bwd`), else the gated kernels (`_blockwise_bwd`)."""
+    kw = dict(scale=scale, chunk_size=chunk_size, config=config, interpret=interpret)
+    if not (config.gate_chunk_factored and gate_factors.applies(jnp.result_type(*x))):
+        return _blockwise_bwd(x, res, cu_chunks, do, dht, **kw)
+    f = gate_factors.factors(x.gk, chunk_size)
+    return lax.cond(
+        f.ok, lambda: _factored_bwd(x, res, cu_chunks, do, dht, f, **kw),
+        lambda: _blockwise_bwd(x, res, cu_chunks, do, dht, **kw),
+    )
+
+
+def _factored_bwd(x: Inputs, res: Residuals, cu_chunks, do, dht, f, *, scale, chunk_size, config, interpret):
+    """The gated backward as the IPLR backward on the decayed operands of `gate_factors`: the
+    dS sweep scales dS by e^{G_C - Gm} entering each chunk and by e^{Gm} leaving it, the intra
+    kernel reads S0' = e^{Gm} S0 and W e^{-Gm} = X Ad, and also gives dG_C; the gradients of
+    the decayed operands map back by their factors, and dgk follows from the identity."""
+    q, k, v, a, b, _ = x
+    dt = jnp.result_type(q, k, v, a, b)
+    decay = gate_factors.decay
+    up = -f.rel
+    qd, kd, ad, bd = decay(q, f.rel), decay(k, up), decay(a, f.rel_x), decay(b, up)
+    mid = gate_factors.per_chunk(f.mid)
+    scales = (jnp.exp(gate_factors.per_chunk(f.end) - mid), jnp.exp(mid))
+    kw = dict(scale=scale, chunk_size=chunk_size, dt=dt, config=config, interpret=interpret)
+    dsc, dh0 = _sweep(qd, bd, decay(res.w, -f.mid), do, dht, cu_chunks, scales=scales, **kw)
+    h = (res.h.astype(jnp.float32) * scales[1][..., None]).astype(res.h.dtype)
+    dqd, dkd, dad, dbd, dv, dgc = _intra(
+        qd, kd, v, ad, bd, h, res.v_new, do, dsc, res.x, cu_chunks, state_grad=True, **kw
+    )
+    dq, dk, da, db = (
+        decay(g, e, jnp.float32) for g, e in ((dqd, f.rel), (dkd, up), (dad, f.rel_x), (dbd, up))
+    )
+    # the identity on the operands the kernels multiplied (q dq = Qd dQd, ...): with the
+    # rounded decayed operands of 16-bit inputs its cancellation stays at their rounding
+    used = x._replace(q=qd, k=kd, a=ad, b=bd)
+    dgk = _gate_grad(used, dqd, dkd, dad, dbd, dgc, chunk_size)
+    grads = (dq, dk, dv, da, db, dgk)
+    return Inputs(*(g.astype(y.dtype) for g, y in zip(grads, x, strict=True))), dh0
+
+
+def _blockwise_bwd(x: Inputs, res: Residuals, cu_chunks, do, dht, *, scale, chunk_size, config, interpret):
     """The gated backward kernels and dgk (see the section's comment)."""
     q, k, v, a, b, gk = x
     _, L, H, Kp = q.shape

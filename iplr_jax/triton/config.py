@@ -49,9 +49,10 @@ class ChunkConfig:
     `jax.default_matmul_precision` (docs/numerics.md).
     Gate: `gate_factored` computes the gated kernels' diagonal 16-row blocks as one product of
     decayed operands wherever the block's decay allows it (pairwise elsewhere; docs/gate.md);
-    False: always pairwise. `gate_chunk_factored`: where every chunk's decay stays within
-    `gate.FACTOR_BOUND` of its middle row, the gated WY pass as the IPLR kernel on decayed
-    operands (`wy_fast._wy_factored`); off by default until timed on a GPU.
+    False: always pairwise. `gate_chunk_factored` (default on): where every chunk's decay stays
+    within `gate.FACTOR_BOUND` of its middle row, the gated WY pass and backward as the IPLR
+    kernels on decayed operands and the output kernel by whole chunks (`gate_factors`); the
+    blockwise gated kernels otherwise, chosen under `lax.cond` (bf16 and float32 inputs).
     """
 
     wy_warps: int | None = None
@@ -147,7 +148,7 @@ def chunk_config(
         low_precision_v2=lambda: low,
         f32_dots=default_f32_dots,
         gate_factored=lambda: True,
-        gate_chunk_factored=lambda: False,
+        gate_chunk_factored=lambda: True,
     )
     programs = N * H * (Vp // c.state_block_v)
     # Fusing the output adds Q K^T, Q B^T and three more dots to every step of the sequential

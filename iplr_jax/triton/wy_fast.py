@@ -25,7 +25,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
 
 from iplr_jax.sharding import shape_dtype, vma_of
-from iplr_jax.triton import gate
+from iplr_jax.triton import gate, gate_factors
 from iplr_jax.triton.config import ChunkConfig
 from iplr_jax.triton.helpers import F32, HIGHEST, NN, NT, TF32X3, dot, f32_precision, is_low, mask, tri
 
@@ -85,43 +85,31 @@ def _store_lower(ref, x, nb: int):
             ref[pl.ds(i * SUB, SUB), pl.ds(j * SUB, SUB)] = x[i, j] if j <= i else zero
 
 
-def _gated_products(
-    a_ref, b_ref, k_ref, g_ref, kd_ref, bd_ref, gc_ref, nb: int, precision, factor, chunk_factor
-):
+def _gated_products(a_ref, b_ref, k_ref, g_ref, kd_ref, bd_ref, gc_ref, nb: int, precision, factor):
     """The WY kernel's decayed products (docs/gate.md): m[i, j] = [a_t . e^{Gx_t - G_s} b_s] and
     lak[i, j] likewise with k, for blocks j <= i (s < t on the diagonal blocks). Also writes the
     sweep's operands K e^{G_C - G}, B e^{G_C - G} and e^{G_C}. Returns (m, lak, a_rows),
     a_rows(j) = A_j e^{Gx_j} (decayed from the chunk start) for W = X (A e^{Gx}).
 
-    With `chunk_factor`, a chunk whose gate stays within FACTOR_BOUND of its middle row takes
-    `_chunk_factored_products`; any other chunk (and every chunk without it) the blockwise
-    products: the decays factored through the block boundaries, float32 operands at the
-    inverse's `precision` (they feed X), the diagonal blocks by `gate.diag_products`."""
+    The decays factor through the block boundaries; the operands are float32 at the inverse's
+    `precision` (they feed X); the diagonal blocks come from `gate.diag_products`."""
     f32_rows = lambda ref, i: ref[pl.ds(i * SUB, SUB), :].astype(F32)  # noqa: E731
     tot = gate.totals(g_ref, nb)
 
-    def blockwise():
-        m, lak = {}, {}
-        for i in range(nb):
-            m[i, i], lak[i, i] = gate.diag_products(
-                a_ref, (b_ref, k_ref), g_ref, i, strict=True, factor=factor, precision=precision
-            )
-            if i == 0:
-                continue
-            a_i = f32_rows(a_ref, i) * jnp.exp(gate.block_gate(g_ref, i)[1])  # from the boundary before i
-            for j in range(i):
-                mid = gate.between(tot, j, i)
-                a_ij = a_i if mid is None else a_i * jnp.exp(mid)[None, :]
-                to_end = gate.to_block_end(g_ref, tot, j)
-                m[i, j] = dot(a_ij, f32_rows(b_ref, j) * to_end, NT, precision)
-                lak[i, j] = dot(a_ij, f32_rows(k_ref, j) * to_end, NT, precision)
-        return m, lak
-
-    if chunk_factor and nb > 1:
-        factored = lambda: _chunk_factored_products(a_ref, b_ref, k_ref, g_ref, tot, nb, precision)  # noqa: E731
-        m, lak = lax.cond(_chunk_factorable(g_ref, tot, nb), factored, blockwise)
-    else:
-        m, lak = blockwise()
+    m, lak = {}, {}
+    for i in range(nb):
+        m[i, i], lak[i, i] = gate.diag_products(
+            a_ref, (b_ref, k_ref), g_ref, i, strict=True, factor=factor, precision=precision
+        )
+        if i == 0:
+            continue
+        a_i = f32_rows(a_ref, i) * jnp.exp(gate.block_gate(g_ref, i)[1])  # from the boundary before i
+        for j in range(i):
+            mid = gate.between(tot, j, i)
+            a_ij = a_i if mid is None else a_i * jnp.exp(mid)[None, :]
+            to_end = gate.to_block_end(g_ref, tot, j)
+            m[i, j] = dot(a_ij, f32_rows(b_ref, j) * to_end, NT, precision)
+            lak[i, j] = dot(a_ij, f32_rows(k_ref, j) * to_end, NT, precision)
     for j in range(nb):  # K and B decayed to the chunk's end
         after = gate.between(tot, j, nb)
         to_end = gate.to_block_end(g_ref, tot, j)
@@ -138,52 +126,9 @@ def _gated_products(
     return m, lak, a_rows
 
 
-def _gate_from_middle(g_ref, tot, nb: int, j: int):
-    """(G - Gm, Gx - Gm) for the rows of block j, [16, Kp] float32 each: the cumulative gate
-    from the chunk's start, referred to the chunk's middle row (the last of block nb/2 - 1)."""
-    G, Gx = gate.block_gate(g_ref, j)
-    half = nb // 2
-    if j < half:  # minus the blocks j .. half - 1
-        off = -functools.reduce(jnp.add, tot[j:half])
-    elif j > half:  # plus the blocks half .. j - 1
-        off = functools.reduce(jnp.add, tot[half:j])
-    else:
-        return G, Gx
-    return G + off[None, :], Gx + off[None, :]
-
-
-def _chunk_factorable(g_ref, tot, nb: int):
-    """Whether every exponent `_chunk_factored_products` forms is within FACTOR_BOUND of 0."""
-    worst = [jnp.max(jnp.abs(x)) for j in range(nb) for x in _gate_from_middle(g_ref, tot, nb, j)]
-    return functools.reduce(jnp.maximum, worst) <= gate.FACTOR_BOUND
-
-
-def _chunk_factored_products(a_ref, b_ref, k_ref, g_ref, tot, nb: int, precision):
-    """The decayed products of the whole chunk through its middle row m (docs/gate.md):
-    e^{Gx_t - G_s} = e^{Gx_t - Gm} e^{Gm - G_s}, so each block pair is one product of
-    A e^{Gx - Gm} and B e^{Gm - G} (K likewise), the diagonal blocks masked strictly. Taken
-    where `_chunk_factorable` holds, so the factors stay below e^{60}. The decayed operands are
-    rounded to 16-bit inputs' dtype (bf16: the matrix units, as the IPLR kernel's inputs) and
-    stay float32 otherwise (fp16's range is below e^{60}), multiplied at `precision`."""
-    dt = a_ref.dtype if a_ref.dtype == jnp.bfloat16 else F32
-    prec = None if dt == jnp.bfloat16 else precision
-    strict = tri(SUB, strict=True)
-    rows = lambda ref, i: ref[pl.ds(i * SUB, SUB), :].astype(F32)  # noqa: E731
-    m, lak = {}, {}
-    for i in range(nb):
-        a_i = (rows(a_ref, i) * jnp.exp(_gate_from_middle(g_ref, tot, nb, i)[1])).astype(dt)
-        for j in range(i + 1):
-            up = jnp.exp(-_gate_from_middle(g_ref, tot, nb, j)[0])
-            m[i, j] = dot(a_i, (rows(b_ref, j) * up).astype(dt), NT, prec)
-            lak[i, j] = dot(a_i, (rows(k_ref, j) * up).astype(dt), NT, prec)
-            if j == i:
-                m[i, j], lak[i, j] = mask(strict, m[i, j]), mask(strict, lak[i, j])
-    return m, lak
-
-
 def _wy_kernel(
     a_ref, b_ref, k_ref, v_ref, *refs, block_v: int, precision, f32_prec=None, gated=False,
-    factor=True, chunk_factor=False,
+    factor=True,
 ):
     """One (chunk, head): X blockwise, then W, U (and X, when a ref for it is given).
 
@@ -219,7 +164,7 @@ def _wy_kernel(
 
     if gated:
         m, lak, a_rows = _gated_products(
-            a_ref, b_ref, k_ref, g_ref, kd_ref, bd_ref, gc_ref, nb, precision, factor, chunk_factor
+            a_ref, b_ref, k_ref, g_ref, kd_ref, bd_ref, gc_ref, nb, precision, factor
         )
     else:
         # M_im = A_i B_m^T and L_im = A_i K_m^T for m <= i (strict on the diagonal)
@@ -271,19 +216,48 @@ def wy_fwd(
       gk: the gate [1, L, H, Kp] or None. Given, the products are the decayed ones of
         docs/gate.md (X = (I - [a_t . e^{Gx_t - G_s} b_s]_{s<t})^{-1}, W = X (A e^{Gx}),
         U = X [a_t . e^{Gx_t - G_s} k_s]_{s<t} V) and the sweep's decayed operands come too;
-        with `config.gate_chunk_factored` each chunk that allows it takes one product per block
-        pair (`_chunk_factored_products`).
+        With `config.gate_chunk_factored`, when every chunk allows it, the IPLR kernel on
+        decayed operands instead (`_wy_factored`).
 
     Returns:
       W [1, L, H, Kp] and U [1, L, H, Vp] in `out_dtype`; with `with_x` also X [NC, H, C, C]
       float32 (NC = L / chunk_size); with `gk` then K e^{G_C - G}, B e^{G_C - G} [1, L, H, Kp]
       in `out_dtype` and e^{G_C} [NC, H, Kp] float32.
     """
-    _, L, H, Kp = a.shape
-    Vp, C = v.shape[-1], chunk_size
+    L, C = a.shape[1], chunk_size
     if C % SUB or L % C:
         raise ValueError(f"chunk_size must be a multiple of {SUB} dividing L={L}, got {C}")
-    out_dtype = F32 if out_dtype is None else out_dtype
+    kw = dict(chunk_size=C, config=config, out_dtype=F32 if out_dtype is None else out_dtype,
+              with_x=with_x, interpret=interpret)
+    if gk is None or not (config.gate_chunk_factored and gate_factors.applies(a.dtype)):
+        return _wy_call(a, b, k, v, gk=gk, **kw)
+    f = gate_factors.factors(gk, C)
+    factored = lambda: _wy_factored(a, b, k, v, f, **kw)  # noqa: E731
+    return lax.cond(f.ok, factored, lambda: _wy_call(a, b, k, v, gk=gk, **kw))
+
+
+def _wy_factored(a, b, k, v, f: gate_factors.Factors, *, out_dtype, **kw):
+    """The gated WY outputs from the IPLR kernel on the decayed operands of `gate_factors`:
+    their products are the gated ones, so X and U are the gated X and U, and W = X (A e^{Gx})
+    is the kernel's X Ad scaled by e^{Gm} per key. The sweep's operands are K e^{G_C - G} =
+    Kd e^{G_C - Gm} and B likewise."""
+    up = -f.rel
+    w, u, *x = _wy_call(
+        gate_factors.decay(a, f.rel_x), gate_factors.decay(b, up), gate_factors.decay(k, up), v,
+        gk=None, out_dtype=F32, **kw,
+    )
+    to_end = f.end - f.rel - f.mid  # G_C - G
+    return (
+        gate_factors.decay(w, f.mid, out_dtype), u.astype(out_dtype), *x,
+        gate_factors.decay(k, to_end, out_dtype), gate_factors.decay(b, to_end, out_dtype),
+        jnp.exp(gate_factors.per_chunk(f.end)),
+    )
+
+
+def _wy_call(a, b, k, v, *, chunk_size, config, out_dtype, with_x, interpret, gk):
+    """`wy_fwd` as one launch of `_wy_kernel` (with a gate, its blockwise gated mode)."""
+    _, L, H, Kp = a.shape
+    Vp, C = v.shape[-1], chunk_size
     kspec = pl.BlockSpec((None, C, None, Kp), lambda c, h: (0, c, h, 0))
     vspec = pl.BlockSpec((None, C, None, Vp), lambda c, h: (0, c, h, 0))
     out_specs = [kspec, vspec]
@@ -296,7 +270,7 @@ def wy_fwd(
     if gk is not None:  # a static flag: without a gate the kernel is compiled as it always was
         in_specs.append(kspec)
         args.append(gk)
-        gated = dict(gated=True, factor=config.gate_factored, chunk_factor=config.gate_chunk_factored)
+        gated = dict(gated=True, factor=config.gate_factored)
         out_specs += [kspec, kspec, pl.BlockSpec((None, None, Kp), lambda c, h: (c, h, 0))]
         out_shape += [
             shape_dtype((1, L, H, Kp), out_dtype, vma), shape_dtype((1, L, H, Kp), out_dtype, vma),

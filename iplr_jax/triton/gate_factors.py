@@ -1,0 +1,72 @@
+"""The gated chunk as the IPLR chunk on decayed operands (docs/gate.md, "Whole-chunk factoring").
+
+Refer each chunk's cumulative gate to its middle row m: G inclusive and Gx exclusive sums from
+the chunk's start, Gm = G at row m, G_C = G at the last row. Every decay the chunked form needs
+splits there, e^{G_t - G_s} = e^{G_t - Gm} e^{Gm - G_s}, so with
+
+    Qd = Q e^{G - Gm},  Ad = A e^{Gx - Gm},  Kd = K e^{Gm - G},  Bd = B e^{Gm - G}
+
+the chunk's decayed products are the IPLR products of Qd, Kd, Ad, Bd; the state entering the
+chunk is read as S0' = e^{Gm} S0 (rows), and the state leaving it is S_C = e^{G_C - Gm} S_C', S_C'
+the IPLR chunk's. So the IPLR WY and intra-chunk kernels run the gated chunk unchanged, and the
+sweeps only scale their state by e^{Gm} and e^{G_C - Gm} per chunk. The factors are formed in
+jnp (one elementwise pass), and the route is taken when all of them stay below e^{FACTOR_BOUND}
+for every chunk of the call (one `lax.cond` outside the kernels; otherwise the blockwise gated
+kernels, exact for any gate). A gate of RWKV-7's size always qualifies.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from iplr_jax.triton.gate import FACTOR_BOUND
+from iplr_jax.triton.helpers import F32, HIGHEST
+
+
+class Factors(NamedTuple):
+    """Per chunk, float32, chunk-major: `rel` = G - Gm and `rel_x` = Gx - Gm [NC, C, H, Kp];
+    `mid` = Gm and `end` = G_C [NC, 1, H, Kp]; `ok`: every |rel|, |rel_x| <= FACTOR_BOUND."""
+
+    rel: jax.Array
+    rel_x: jax.Array
+    mid: jax.Array
+    end: jax.Array
+    ok: jax.Array
+
+
+def applies(dtype) -> bool:
+    """Whether the route is open to inputs of `dtype`: the decayed operands reach e^{60} in size,
+    beyond fp16's range (bf16 and float32 hold them)."""
+    return jnp.dtype(dtype) != jnp.dtype(jnp.float16)
+
+
+def factors(gk: jax.Array, chunk_size: int) -> Factors:
+    """`Factors` of the gate gk [1, L, H, Kp]. The in-chunk cumulative sum is one product with
+    a triangle of ones (exact products, float32 sums: XLA's cumsum of a 64-row window measured
+    slower than the rest of the pass)."""
+    _, L, H, Kp = gk.shape
+    C = chunk_size
+    g = gk.reshape(L // C, C, H, Kp)
+    ones = jnp.tril(jnp.ones((C, C), g.dtype))
+    precision = HIGHEST if jnp.dtype(g.dtype) == jnp.dtype(F32) else None
+    G = jnp.einsum("ts,nshk->nthk", ones, g, preferred_element_type=F32, precision=precision)
+    mid, end = G[:, C // 2 - 1 : C // 2], G[:, -1:]
+    rel, rel_x = G - mid, G - g.astype(F32) - mid
+    ok = jnp.maximum(jnp.max(jnp.abs(rel)), jnp.max(jnp.abs(rel_x))) <= FACTOR_BOUND
+    return Factors(rel, rel_x, mid, end, ok)
+
+
+def decay(y: jax.Array, exponent: jax.Array, dtype=None) -> jax.Array:
+    """y [1, L, H, D] times e^{exponent} ([NC, C or 1, H, D], chunk-major), as [1, L, H, D] in
+    `dtype` (default y's)."""
+    NC = exponent.shape[0]
+    out = y.astype(F32).reshape(NC, -1, *y.shape[2:]) * jnp.exp(exponent)
+    return out.reshape(y.shape).astype(dtype or y.dtype)
+
+
+def per_chunk(x: jax.Array) -> jax.Array:
+    """[NC, 1, H, Kp] -> [NC, H, Kp], as the kernels take per-chunk rows."""
+    return x[:, 0]
