@@ -6,7 +6,7 @@
 # are echoed. (benchmarks/gpu_check.sh is the fixed full check: tests, bench, profile.)
 set -uo pipefail
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
-pip install -q --no-deps -e . >"$OUT/install.log" 2>&1
+pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1
 pip install -q --no-deps --target /tmp/fla .fla/*.whl >>"$OUT/install.log" 2>&1
 export PYTHONPATH=$PWD:/tmp/fla:$PWD/benchmarks
 nvidia-smi --query-gpu=name --format=csv,noheader
