@@ -1,15 +1,16 @@
-"""Where the gated kernels' time goes (issue 17): the WY and output kernels at S1 timed in
-variants that each remove one suspect, in one process (bf16, gk = -softplus(N(0, 1))):
+"""Where the gated chunk's forward time goes (issue 17, docs/gate.md "Whole-chunk factoring"):
+the WY pass and the output kernel at S1 in variants timed in one process (bf16,
+gk = -softplus(N(0, 1))):
 
     python benchmarks/gate_variants.py [--sizes S1] [--rows wy,out]
 
-WY rows: the IPLR kernel (gk=None, the floor); the gated kernel with the whole chunk factored
-(`gate_chunk_factored`, each chunk choosing under `lax.cond`); the same with the choice fixed
-to the factored branch ("no cond": the blockwise branch is not compiled); and that with each
-16-row cumulative gate formed by a product with a triangle of ones instead of `jnp.cumsum`
-("no cond, tri-dot cumsum"). Output rows: the IPLR output kernel, the gated one by 16-row
-blocks and by whole chunks. The variants that patch modules are for timing only: their
-numbers are right only where every chunk takes the factored branch (true for this gate).
+WY rows: the IPLR kernel (gk=None, the floor); the default gated route (the IPLR kernel on
+decayed operands, chosen per call under `lax.cond`); the same with the choice fixed in Python
+(what the cond costs: on a GPU XLA reads its predicate on the host); the jnp pass alone (the
+factors and the decayed operands); the blockwise gated kernel (`gate_chunk_factored=False`).
+Output rows: the gated output kernel by 16-row blocks and by whole chunks, and the IPLR one,
+each with the whole forward. Session 10 measured an in-kernel route with this script too
+(benchmarks/NOTES.md).
 """
 
 from __future__ import annotations
@@ -29,9 +30,8 @@ from timing import median_ms
 from iplr_jax.bench import SIZES
 from iplr_jax.inputs import Inputs
 from iplr_jax.triton import chunk as ck
-from iplr_jax.triton import gate, wy_fast
+from iplr_jax.triton import gate_factors, wy_fast
 from iplr_jax.triton.config import ChunkConfig, chunk_config
-from iplr_jax.triton.helpers import F32, HIGHEST, dot, is_low, tri
 
 
 @contextlib.contextmanager
@@ -42,21 +42,6 @@ def patched(module, name, value):
         yield
     finally:
         setattr(module, name, old)
-
-
-def tri_dot_block_gate(g_ref, i):
-    """`gate.block_gate` with the cumulative sum as one product with a lower triangle of ones
-    (exact products for 16-bit g, float32 sums)."""
-    g = g_ref[pl_rows(i), :]
-    ones = tri(gate.SUB, strict=False).astype(g.dtype)
-    G = dot(ones, g, None, None if is_low(g.dtype) else HIGHEST)
-    return G, G - g.astype(F32)
-
-
-def pl_rows(i):
-    from jax.experimental import pallas as pl
-
-    return pl.ds(i * gate.SUB, gate.SUB)
 
 
 def profile(label, B, T, H, K, V, wanted, interp, C=64, dt=jnp.bfloat16):
@@ -79,22 +64,25 @@ def profile(label, B, T, H, K, V, wanted, interp, C=64, dt=jnp.bfloat16):
         print(*rows[-1], flush=True)
 
     if "wy" in wanted:
-        no_cond = types.SimpleNamespace(cond=lambda pred, yes, no: yes())
         row("wy IPLR (gk=None)", wy(cfg(False), gated=False), a, b, k, v, gk)
-        factored = cfg(True, gate_chunk_factored=True)
-        row("wy gated, chunk-factored", wy(factored), a, b, k, v, gk)
-        with patched(wy_fast, "lax", no_cond):
-            row("wy gated, chunk-factored, no cond", wy(factored), a, b, k, v, gk)
-            two = dataclasses.replace(factored, wy_warps=2)
-            row("wy gated, chunk-factored, no cond, 2 warps", wy(two), a, b, k, v, gk)
-            with patched(gate, "block_gate", tri_dot_block_gate):
-                row("wy gated, chunk-factored, no cond, tri-dot cumsum", wy(factored), a, b, k, v, gk)
+        factored = cfg(True)
+        row("wy gated, default (factored route, lax.cond)", wy(factored), a, b, k, v, gk)
+        with patched(wy_fast, "lax", types.SimpleNamespace(cond=lambda pred, yes, no: yes())):
+            row("wy gated, factored route, no cond", wy(factored), a, b, k, v, gk)
+
+        def jnp_pass(a, b, k, gk):
+            f = gate_factors.factors(gk, C)
+            decay = gate_factors.decay
+            return decay(a, f.rel_x), decay(b, -f.rel), decay(k, -f.rel), f.ok
+
+        row("jnp pass alone (factors, decayed operands)", jax.jit(jnp_pass), a, b, k, gk)
+        row("wy gated, blockwise kernel", wy(cfg(True, gate_chunk_factored=False)), a, b, k, v, gk)
     if "out" in wanted:
         cu = jnp.arange(B + 1, dtype=jnp.int32) * (T // C)
         kw = dict(scale=K**-0.5, chunk_size=C, interpret=interp)
         variants = {
-            "gated, blockwise": (cfg(True), Inputs(q, k, v, a, b, gk)),
-            "gated, chunk-factored": (cfg(True, gate_chunk_factored=True), Inputs(q, k, v, a, b, gk)),
+            "gated, blockwise": (cfg(True, gate_chunk_factored=False), Inputs(q, k, v, a, b, gk)),
+            "gated, chunk-factored": (cfg(True), Inputs(q, k, v, a, b, gk)),
             "IPLR": (cfg(False), Inputs(q, k, v, a, b)),
         }
         for tag, (config, x) in variants.items():
