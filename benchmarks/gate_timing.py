@@ -1,15 +1,17 @@
 """Times of the gated ops (DPLR, docs/gate.md) against IPLR on a GPU, same process, bf16:
 
-    python benchmarks/gate_timing.py [--sizes S1,S2,S4] [--reps 20] [--config wy_warps=4,...]
+    python benchmarks/gate_timing.py [--sizes S1,S2,S4] [--reps 20] [--config ...] [--xla]
 
 Rows: `chunk` forward and forward+backward (value and gradients) with gk=None (the IPLR kernels)
-and with a real gate (gk = -softplus(N(0, 1))): the default implementation (on a GPU the gated
-chunk kernels forward, the jnp form's VJP backward), "bwd-kernels" (the gated backward kernels,
-`ChunkConfig(bwd_kernels=True)`) and "xla" (the jnp chunked form, autodiff) side by side; and
-`fused_recurrent` (decode S4: B = 64, T = 1) with and without the gate (the gated Triton
-kernels). Prints milliseconds (median of `reps` x 5 calls) and the ratio gated / IPLR.
-`--config` sets `iplr_jax.ChunkConfig` fields for the gated kernels (tuning). Not a replacement
-for `python -m iplr_jax bench`, whose rows against fla are issue 17's targets.
+and with a real gate (gk = -softplus(N(0, 1))): the default ("gated": the IPLR kernels on decayed
+operands where every chunk allows it, docs/gate.md "Whole-chunk factoring"), the sub-block
+kernels ("gated blockwise", `ChunkConfig(gate_chunk_factored=False)`), with `--xla` the jnp
+form too; `fused_recurrent` (decode S4: B = 64, T = 1) with and without the gate (the gated
+Triton kernels). Then fla's DPLR kernels on the same inputs when fla imports: its default chunk
+and its fastest user setting (`chunk_size=64, safe_gate=True`, a promise about the gate's lower
+bound that this gate can break: timing only), forward and forward+backward. Prints
+milliseconds (median of `reps` x 5 calls) and the ratio to IPLR. `--config` sets
+`iplr_jax.ChunkConfig` fields for the gated kernels (tuning).
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ def main() -> None:
     p.add_argument("--sizes", default="S1,S2,S4")
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--config", default="", help="ChunkConfig fields for the gated chunk kernels")
+    p.add_argument("--xla", action="store_true", help="also the jnp form (slow to compile)")
     args = p.parse_args()
     config = parse_config(args.config)
     print(jax.devices()[0].device_kind, "" if config is None else config)
@@ -71,18 +74,15 @@ def main() -> None:
         x, gk, h0 = inputs(B, T, H, K)
         decode = T == 1
         base = iplr_jax.fused_recurrent if decode else iplr_jax.chunk
-        with_bwd = dataclasses.replace(config or iplr_jax.ChunkConfig(), bwd_kernels=True)
+        blockwise = dataclasses.replace(config or iplr_jax.ChunkConfig(), gate_chunk_factored=False)
         gated_ops = [("gated", base)] if decode else [
             ("gated", functools.partial(base, config=config)),
-            ("gated bwd-kernels", functools.partial(base, config=with_bwd)),
-            ("gated xla", functools.partial(base, implementation="xla")),
-        ]
+            ("gated blockwise", functools.partial(base, config=blockwise)),
+        ] + ([("gated xla", functools.partial(base, implementation="xla"))] if args.xla else [])
         for mode in ("fwd",) if decode else ("fwd", "fwd+bwd"):
             t_iplr = median_ms(_timed(base, h0, mode, 5), *x, reps=args.reps)
             line = f"{name} {base.__name__:16s} {mode:8s} IPLR {t_iplr:8.3f} ms"
             for label, op in gated_ops:
-                if mode == "fwd" and label == "gated bwd-kernels":
-                    continue  # the same forward as "gated"
                 t = median_ms(_timed(op, h0, mode, 6), *x, gk, reps=args.reps)
                 line += f"   {label} {t:8.3f} ms ({t / t_iplr:5.2f}x)"
             print(line, flush=True)
@@ -107,14 +107,16 @@ def _timed(op, h0, mode, n):
 
 
 def fla_row(name, x, gk, h0, T, reps):
-    """fla's gated kernels on the same inputs, when fla and a CUDA torch import: the chunked DPLR
-    at its default chunk (a real gate gives no `safe_gate` promise) and the fused decode step."""
+    """fla's gated kernels on the same inputs (the gate in float32, as fla's tests pass it), when
+    fla and a CUDA torch import: the chunked DPLR at its default chunk and at chunk 64 with
+    `safe_gate` (timing only: this gate can break that promise), or the fused decode step."""
     try:
         import torch
         from fla.ops.generalized_delta_rule import chunk_dplr_delta_rule, fused_recurrent_dplr_delta_rule
     except Exception:
         return
-    t = [torch.from_numpy(np.asarray(y.astype(jnp.float32))).cuda().to(torch.bfloat16) for y in (*x, gk)]
+    t = [torch.from_numpy(np.asarray(y.astype(jnp.float32))).cuda().to(torch.bfloat16) for y in x]
+    t.append(torch.from_numpy(np.asarray(gk.astype(jnp.float32))).cuda())
     s0 = torch.from_numpy(np.asarray(h0)).cuda()
 
     def timed(fn):
@@ -124,16 +126,21 @@ def fla_row(name, x, gk, h0, T, reps):
         ms = timed(lambda: fused_recurrent_dplr_delta_rule(*t, initial_state=s0, output_final_state=True))
         print(f"{name} fla fused_recurrent_dplr fwd {ms:8.3f} ms", flush=True)
         return
-    with torch.no_grad():
-        ms = timed(lambda: chunk_dplr_delta_rule(*t, initial_state=s0, output_final_state=True))
-    print(f"{name} fla chunk_dplr (gated)  fwd      {ms:8.3f} ms", flush=True)
+    settings = {
+        "chunk_dplr (gated)": {},
+        "chunk_dplr64 safe_gate (gated)": dict(chunk_size=64, safe_gate=True),
+    }
+    for label, kw in settings.items():
+        def fwd(kw=kw):
+            with torch.no_grad():
+                return chunk_dplr_delta_rule(*t, initial_state=s0, output_final_state=True, **kw)
 
-    def fb():
-        ins = [y.detach().requires_grad_() for y in t]
-        o, ht = chunk_dplr_delta_rule(*ins, initial_state=s0, output_final_state=True)
-        (o.float().sum() + ht.sum()).backward()
+        def fb(kw=kw):
+            ins = [y.detach().requires_grad_() for y in t]
+            o, ht = chunk_dplr_delta_rule(*ins, initial_state=s0, output_final_state=True, **kw)
+            (o.float().sum() + ht.sum()).backward()
 
-    print(f"{name} fla chunk_dplr (gated)  fwd+bwd  {timed(fb):8.3f} ms", flush=True)
+        print(f"{name} fla {label} fwd {timed(fwd):8.3f} ms  fwd+bwd {timed(fb):8.3f} ms", flush=True)
 
 
 if __name__ == "__main__":
