@@ -239,6 +239,7 @@ def test_wy_kernel_gated(C, kind, chunk_factored, rng):
     per block pair (softplus: every chunk; strong gates: none; split: the first of two)."""
     from test_chunk import _config
 
+    from iplr_jax.triton import gate_factors
     from iplr_jax.triton.wy_fast import wy_fwd
 
     L, H, Kp, Vp = 2 * C, 2, 32, 32
@@ -248,6 +249,7 @@ def test_wy_kernel_gated(C, kind, chunk_factored, rng):
     else:
         g = draw_gate(rng, (1, L, H, Kp), kind)
     f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
+    route_ok = bool(gate_factors.factors(f32(g), C).ok)
     w, u, x, kd, bd, gc = wy_fwd(
         *map(f32, (a, b, k, v)), chunk_size=C, with_x=True, interpret=True, gk=f32(g),
         config=_config(Kp=Kp, Vp=Vp, gate_chunk_factored=chunk_factored),
@@ -260,6 +262,8 @@ def test_wy_kernel_gated(C, kind, chunk_factored, rng):
     Gm = G[..., C // 2 - 1 : C // 2, :]
     spread = np.maximum(np.abs(G - Gm), np.abs(Gx - Gm)).max(axis=(1, 2, 3))
     assert list(spread <= 60) == {"softplus": [True] * 2, "split": [True, False]}.get(kind, [False] * 2)
+    # the route's test in jnp (one answer per call): the factored route only when all chunks pass
+    assert route_ok == bool(np.all(spread <= 60))
     lower = np.tri(C, k=-1, dtype=bool)[:, :, None]
     E = np.exp(np.where(lower, Gx[..., :, None, :] - G[..., None, :, :], -np.inf))  # [.., t, s, K]
     gram = lambda x, y: np.einsum("...tk,...sk,...tsk->...ts", x, y, E)  # noqa: E731
@@ -288,6 +292,7 @@ E2E_BWD = {
     "mixed": (1, 150, 2, 32, 16, "mixed", 64, jnp.float32, None),
     "bf16": (1, 80, 2, 32, 16, "softplus", 64, jnp.bfloat16, None),
     "k200_v130": (1, 70, 1, 200, 130, "strong", 64, jnp.float32, None),  # Kp = Vp = 256, V-blocks
+    "k32_v200": (1, 90, 2, 32, 200, "softplus", 64, jnp.float32, None),  # two V-blocks, factored
 }
 
 
