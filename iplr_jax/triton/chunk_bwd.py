@@ -32,8 +32,10 @@ float32 partial K-side gradients (dq, dk, da, db) and XLA sums them; for Vp <= 1
 block and the kernel writes them directly in the inputs' dtypes. Kp = 256 does not reach the
 kernels (`config.bwd_kernels`; the same equations run in jnp there).
 
-With the gate (docs/gate.md, "Backward of the gated chunked form") three kernels of their own
-run instead (`_gated_bwd`, opt-in through `bwd_kernels`), and dgk follows from the identity.
+With the gate (docs/gate.md, "Backward of the gated chunked form"; `_gated_bwd`) the two kernels
+above run on decayed operands where every chunk's decay allows it ("Whole-chunk factoring": the
+sweep scales dS per chunk, the intra kernel also writes dG_C); otherwise three kernels of their
+own run. Either way dgk follows from the identity.
 """
 
 from __future__ import annotations
@@ -265,7 +267,8 @@ def _intra(
 
 
 # -- the gate (docs/gate.md, "Backward of the gated chunked form") -------------------------------
-# Three kernels: `_gated_dv2_kernel` (P = M_qb^T dO per chunk, parallel: the part of dV2 the
+# `_gated_bwd` picks the route under lax.cond: `_factored_bwd` (the kernels above on decayed
+# operands, `gate_factors`) or `_blockwise_bwd`, three kernels of their own: `_gated_dv2_kernel` (P = M_qb^T dO per chunk, parallel: the part of dV2 the
 # reverse sweep would otherwise recompute on its sequential path), `_gated_sweep_kernel` (dS with
 # the decays) and `_gated_intra_kernel` (the five input gradients and dG_C per chunk); dgk then
 # follows in jnp from the identity (`_gate_grad`).

@@ -95,7 +95,6 @@ def _gated_products(a_ref, b_ref, k_ref, g_ref, kd_ref, bd_ref, gc_ref, nb: int,
     `precision` (they feed X); the diagonal blocks come from `gate.diag_products`."""
     f32_rows = lambda ref, i: ref[pl.ds(i * SUB, SUB), :].astype(F32)  # noqa: E731
     tot = gate.totals(g_ref, nb)
-
     m, lak = {}, {}
     for i in range(nb):
         m[i, i], lak[i, i] = gate.diag_products(
@@ -215,7 +214,7 @@ def wy_fwd(
       with_x: also return X (for the backward).
       gk: the gate [1, L, H, Kp] or None. Given, the products are the decayed ones of
         docs/gate.md (X = (I - [a_t . e^{Gx_t - G_s} b_s]_{s<t})^{-1}, W = X (A e^{Gx}),
-        U = X [a_t . e^{Gx_t - G_s} k_s]_{s<t} V) and the sweep's decayed operands come too;
+        U = X [a_t . e^{Gx_t - G_s} k_s]_{s<t} V) and the sweep's decayed operands come too.
         With `config.gate_chunk_factored`, when every chunk allows it, the IPLR kernel on
         decayed operands instead (`_wy_factored`).
 
