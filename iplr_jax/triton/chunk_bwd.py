@@ -268,10 +268,11 @@ def _intra(
 
 # -- the gate (docs/gate.md, "Backward of the gated chunked form") -------------------------------
 # `_gated_bwd` picks the route under lax.cond: `_factored_bwd` (the kernels above on decayed
-# operands, `gate_factors`) or `_blockwise_bwd`, three kernels of their own: `_gated_dv2_kernel` (P = M_qb^T dO per chunk, parallel: the part of dV2 the
-# reverse sweep would otherwise recompute on its sequential path), `_gated_sweep_kernel` (dS with
-# the decays) and `_gated_intra_kernel` (the five input gradients and dG_C per chunk); dgk then
-# follows in jnp from the identity (`_gate_grad`).
+# operands, `gate_factors`) or `_blockwise_bwd`, three kernels of their own: `_gated_dv2_kernel`
+# (P = M_qb^T dO per chunk, parallel: the part of dV2 the reverse sweep would otherwise recompute
+# on its sequential path), `_gated_sweep_kernel` (dS with the decays) and `_gated_intra_kernel`
+# (the five input gradients and dG_C per chunk); dgk then follows in jnp from the identity
+# (`_gate_grad`).
 
 
 def _rows(ref, i):
