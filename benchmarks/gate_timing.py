@@ -1,12 +1,12 @@
 """Times of the gated ops (DPLR, docs/gate.md) against IPLR on a GPU, same process, bf16:
 
-    python benchmarks/gate_timing.py [--sizes S1,S2,S4] [--reps 20] [--config ...] [--xla]
+    python benchmarks/gate_timing.py [--sizes S1,S2,S4] [--reps 20] [--config ...] [--blockwise] [--xla]
 
 Rows: `chunk` forward and forward+backward (value and gradients) with gk=None (the IPLR kernels)
 and with a real gate (gk = -softplus(N(0, 1))): the default ("gated": the IPLR kernels on decayed
-operands where every chunk allows it, docs/gate.md "Whole-chunk factoring"), the sub-block
-kernels ("gated blockwise", `ChunkConfig(gate_chunk_factored=False)`), with `--xla` the jnp
-form too; `fused_recurrent` (decode S4: B = 64, T = 1) with and without the gate (the gated
+operands where every chunk allows it, docs/gate.md "Whole-chunk factoring"), with `--blockwise`
+the sub-block kernels ("gated blockwise", `ChunkConfig(gate_chunk_factored=False)`: they take
+minutes to compile), with `--xla` the jnp form too; `fused_recurrent` (decode S4: B = 64, T = 1) with and without the gate (the gated
 Triton kernels). Then fla's DPLR kernels on the same inputs when fla imports: its default chunk
 and its fastest user setting (`chunk_size=64, safe_gate=True`, a promise about the gate's lower
 bound that this gate can break: timing only), forward and forward+backward. Prints
@@ -65,6 +65,7 @@ def main() -> None:
     p.add_argument("--sizes", default="S1,S2,S4")
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--config", default="", help="ChunkConfig fields for the gated chunk kernels")
+    p.add_argument("--blockwise", action="store_true", help="also the sub-block gated kernels")
     p.add_argument("--xla", action="store_true", help="also the jnp form (slow to compile)")
     args = p.parse_args()
     config = parse_config(args.config)
@@ -77,8 +78,7 @@ def main() -> None:
         blockwise = dataclasses.replace(config or iplr_jax.ChunkConfig(), gate_chunk_factored=False)
         gated_ops = [("gated", base)] if decode else [
             ("gated", functools.partial(base, config=config)),
-            ("gated blockwise", functools.partial(base, config=blockwise)),
-        ] + ([("gated xla", functools.partial(base, implementation="xla"))] if args.xla else [])
+        ] + ([("gated blockwise", functools.partial(base, config=blockwise))] if args.blockwise else []) + ([("gated xla", functools.partial(base, implementation="xla"))] if args.xla else [])
         for mode in ("fwd",) if decode else ("fwd", "fwd+bwd"):
             t_iplr = median_ms(_timed(base, h0, mode, 5), *x, reps=args.reps)
             line = f"{name} {base.__name__:16s} {mode:8s} IPLR {t_iplr:8.3f} ms"
