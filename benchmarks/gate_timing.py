@@ -6,8 +6,8 @@ Rows: `chunk` forward and forward+backward (value and gradients) with gk=None (t
 and with a real gate (gk = -softplus(N(0, 1))): the default ("gated": the IPLR kernels on decayed
 operands where every chunk allows it, docs/gate.md "Whole-chunk factoring"), with `--blockwise`
 the sub-block kernels ("gated blockwise", `ChunkConfig(gate_chunk_factored=False)`: they take
-minutes to compile), with `--xla` the jnp form too; `fused_recurrent` (decode S4: B = 64, T = 1) with and without the gate (the gated
-Triton kernels). Then fla's DPLR kernels on the same inputs when fla imports: its default chunk
+minutes to compile), with `--xla` the jnp form too; `fused_recurrent` (decode S4: B = 64,
+T = 1) with and without the gate (the gated Triton kernels). Then fla's DPLR kernels on the same inputs when fla imports: its default chunk
 and its fastest user setting (`chunk_size=64, safe_gate=True`, a promise about the gate's lower
 bound that this gate can break: timing only), forward and forward+backward. Prints
 milliseconds (median of `reps` x 5 calls) and the ratio to IPLR. `--config` sets
@@ -76,9 +76,11 @@ def main() -> None:
         decode = T == 1
         base = iplr_jax.fused_recurrent if decode else iplr_jax.chunk
         blockwise = dataclasses.replace(config or iplr_jax.ChunkConfig(), gate_chunk_factored=False)
-        gated_ops = [("gated", base)] if decode else [
-            ("gated", functools.partial(base, config=config)),
-        ] + ([("gated blockwise", functools.partial(base, config=blockwise))] if args.blockwise else []) + ([("gated xla", functools.partial(base, implementation="xla"))] if args.xla else [])
+        gated_ops = [("gated", base)] if decode else [("gated", functools.partial(base, config=config))]
+        if args.blockwise and not decode:
+            gated_ops.append(("gated blockwise", functools.partial(base, config=blockwise)))
+        if args.xla and not decode:
+            gated_ops.append(("gated xla", functools.partial(base, implementation="xla")))
         for mode in ("fwd",) if decode else ("fwd", "fwd+bwd"):
             t_iplr = median_ms(_timed(base, h0, mode, 5), *x, reps=args.reps)
             line = f"{name} {base.__name__:16s} {mode:8s} IPLR {t_iplr:8.3f} ms"
