@@ -7,9 +7,10 @@ and with a real gate (gk = -softplus(N(0, 1))): the default ("gated": the IPLR k
 operands where every chunk allows it, docs/gate.md "Whole-chunk factoring"), with `--blockwise`
 the sub-block kernels ("gated blockwise", `ChunkConfig(gate_chunk_factored=False)`: they take
 minutes to compile), with `--xla` the jnp form too; `fused_recurrent` (decode S4: B = 64,
-T = 1) with and without the gate (the gated Triton kernels). Then fla's DPLR kernels on the same inputs when fla imports: its default chunk
-and its fastest user setting (`chunk_size=64, safe_gate=True`, a promise about the gate's lower
-bound that this gate can break: timing only), forward and forward+backward. Prints
+T = 1) with and without the gate (the gated Triton kernels). Then fla's DPLR kernels on the
+same inputs when fla imports: its default chunk and its fastest user setting (`chunk_size=64,
+safe_gate=True`, a promise about the gate's lower bound that this gate can break: timing only),
+forward and forward+backward. Prints
 milliseconds (median of `reps` x 5 calls) and the ratio to IPLR. `--config` sets
 `iplr_jax.ChunkConfig` fields for the gated kernels (tuning).
 """
