@@ -4,10 +4,10 @@ gk = -softplus(N(0, 1))):
 
     python benchmarks/gate_variants.py [--sizes S1] [--rows wy,out]
 
-WY rows: the IPLR kernel (gk=None, the floor); the default gated route (the IPLR kernel on
-decayed operands, chosen per call under `lax.cond`); the same with the choice fixed in Python
-(what the cond costs: on a GPU XLA reads its predicate on the host); the jnp pass alone (the
-factors and the decayed operands); the blockwise gated kernel (`gate_chunk_factored=False`).
+WY rows: the IPLR kernel (gk=None, the floor); the default gated route (the per-chunk flags,
+the whole-chunk factored launch, the blockwise launch for the chunks left); the factored launch
+alone; the blockwise launch when every chunk is flagged (what its early exits cost); the flags'
+jnp pass alone; the blockwise gated kernel alone (`gate_chunk_factored=False`).
 Output rows: the gated output kernel by 16-row blocks and by whole chunks, and the IPLR one,
 each with the whole forward. Session 10 measured an in-kernel route with this script too
 (benchmarks/NOTES.md).
@@ -16,10 +16,8 @@ each with the whole forward. Session 10 measured an in-kernel route with this sc
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import functools
-import types
 
 import jax
 import jax.numpy as jnp
@@ -32,16 +30,6 @@ from iplr_jax.inputs import Inputs
 from iplr_jax.triton import chunk as ck
 from iplr_jax.triton import gate_factors, wy_fast
 from iplr_jax.triton.config import ChunkConfig, chunk_config
-
-
-@contextlib.contextmanager
-def patched(module, name, value):
-    old = getattr(module, name)
-    setattr(module, name, value)
-    try:
-        yield
-    finally:
-        setattr(module, name, old)
 
 
 def profile(label, B, T, H, K, V, wanted, interp, C=64, dt=jnp.bfloat16):
@@ -66,16 +54,17 @@ def profile(label, B, T, H, K, V, wanted, interp, C=64, dt=jnp.bfloat16):
     if "wy" in wanted:
         row("wy IPLR (gk=None)", wy(cfg(False), gated=False), a, b, k, v, gk)
         factored = cfg(True)
-        row("wy gated, default (factored route, lax.cond)", wy(factored), a, b, k, v, gk)
-        with patched(wy_fast, "lax", types.SimpleNamespace(cond=lambda pred, yes, no: yes())):
-            row("wy gated, factored route, no cond", wy(factored), a, b, k, v, gk)
-
-        def jnp_pass(a, b, k, gk):
-            f = gate_factors.factors(gk, C)
-            decay = gate_factors.decay
-            return decay(a, f.rel_x), decay(b, -f.rel), decay(k, -f.rel), f.ok
-
-        row("jnp pass alone (factors, decayed operands)", jax.jit(jnp_pass), a, b, k, gk)
+        row("wy gated, default (flags, factored + blockwise launches)", wy(factored), a, b, k, v, gk)
+        call = functools.partial(
+            wy_fast._wy_call, chunk_size=C, config=factored, out_dtype=dt, with_x=True, interpret=interp
+        )
+        ones = jnp.ones((T // C * B * H,), jnp.int32)
+        row("wy gated, factored launch alone", jax.jit(lambda *x: call(*x[:4], gk=x[4], when=(ones, 1))),
+            a, b, k, v, gk)
+        outs = jax.jit(lambda *x: call(*x[:4], gk=x[4], when=(ones, 1)))(a, b, k, v, gk)
+        row("wy gated, blockwise launch with every chunk flagged (its exits)",
+            jax.jit(lambda *x: call(*x[:4], gk=x[4], when=(ones, 0), into=x[5:])), a, b, k, v, gk, *outs)
+        row("flags alone (jnp)", jax.jit(lambda g: gate_factors.chunk_flags(g, C)), gk)
         row("wy gated, blockwise kernel", wy(cfg(True, gate_chunk_factored=False)), a, b, k, v, gk)
     if "out" in wanted:
         cu = jnp.arange(B + 1, dtype=jnp.int32) * (T // C)

@@ -58,6 +58,17 @@ def factors(gk: jax.Array, chunk_size: int) -> Factors:
     return Factors(rel, rel_x, mid, end, ok)
 
 
+def chunk_flags(gk: jax.Array, chunk_size: int) -> jax.Array:
+    """int32 [NC * H] (chunk-major): 1 where the chunk's factors certainly stay within
+    e^{FACTOR_BOUND} for every key, from the sums of |gk| over the rows up to the middle row and
+    after it, which bound every |G - Gm| and |Gx - Gm| (equal to their largest for a gate of one
+    sign). One reduction over gk, no cumulative sum; the WY pass picks its mode per (chunk,
+    head) with it."""
+    _, L, H, Kp = gk.shape
+    halves = jnp.abs(gk.astype(F32)).reshape(L // chunk_size, 2, chunk_size // 2, H, Kp).sum(2)
+    return (jnp.max(halves, axis=(1, 3)) <= FACTOR_BOUND).astype(jnp.int32).reshape(-1)
+
+
 def decay(y: jax.Array, exponent: jax.Array, dtype=None) -> jax.Array:
     """y [1, L, H, D] times e^{exponent} ([NC, C or 1, H, D], chunk-major), as [1, L, H, D] in
     `dtype` (default y's)."""

@@ -10,8 +10,10 @@ Chunks are independent, so the grid is (chunks, heads) and the kernel never leav
 The forward needs W and U; the backward needs X and W, so a forward that keeps residuals
 writes X too (4 C bytes per token and head) instead of the backward recomputing them.
 
-With the gate gk (a static mode, docs/gate.md) the products are the decayed ones, built on the
-16-row blocks (`triton/gate.py`), and the kernel also writes the sweep's decayed K and B.
+With the gate gk (a static mode, docs/gate.md) the products are the decayed ones, and the kernel
+also writes the sweep's decayed K and B: built through the chunk's middle row as IPLR products of
+decayed operands where the gate allows it (`_factored_products`), else on the 16-row blocks
+(`triton/gate.py`).
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
 
@@ -125,9 +126,58 @@ def _gated_products(a_ref, b_ref, k_ref, g_ref, kd_ref, bd_ref, gc_ref, nb: int,
     return m, lak, a_rows
 
 
+def _factored_products(a_ref, b_ref, k_ref, g_ref, kd_ref, bd_ref, gc_ref, nb: int, g_prec):
+    """The decayed products of a chunk through its middle row m (docs/gate.md "Whole-chunk
+    factoring"): with rel = G - Gm and rel_x = Gx - Gm, e^{Gx_t - G_s} = e^{rel_x_t} e^{-rel_s},
+    so m[i, j] and lak[i, j] are IPLR products of Ad = A e^{rel_x} with Bd = B e^{-rel} and
+    Kd = K e^{-rel}, rounded to 16-bit inputs' dtype (the matrix units, as the IPLR kernel's
+    inputs). Taken only for chunks whose factors stay within e^{FACTOR_BOUND} (`chunk_flags`).
+    Writes the sweep's K e^{G_C - G} = Kd e^{G_C - Gm}, B likewise, and e^{G_C}. Returns
+    (m, lak, a_rows, e^{Gm}) with W = X Ad e^{Gm}.
+
+    Each block's rel rows are one product of the chunk's gate rows with a [16, C] matrix of
+    0 / +-1 (s <= t minus s <= m): exact products, float32 sums (float32 gates at `g_prec`),
+    no in-kernel scan."""
+    C = nb * SUB
+    mid = C // 2 - 1
+    g = g_ref[...]
+    gdt = g.dtype if is_low(g.dtype) else F32
+    col = jax.lax.broadcasted_iota(jnp.int32, (SUB, C), 1)
+    upto_mid = (col <= mid).astype(F32)
+    g32 = g.astype(F32)
+    rows_c = jax.lax.broadcasted_iota(jnp.int32, g32.shape, 0)
+    g_mid = jnp.sum(mask(rows_c <= mid, g32), axis=0)  # Gm
+    g_end = jnp.sum(mask(rows_c > mid, g32), axis=0)  # G_C - Gm
+    dt = a_ref.dtype
+    rows = lambda ref, i: ref[pl.ds(i * SUB, SUB), :].astype(F32)  # noqa: E731
+    ad, bd, kd = [], [], []
+    for i in range(nb):
+        t = jax.lax.broadcasted_iota(jnp.int32, (SUB, C), 0) + i * SUB
+        rel = dot(((col <= t).astype(F32) - upto_mid).astype(gdt), g.astype(gdt), NN, g_prec)
+        rel_x = dot(((col < t).astype(F32) - upto_mid).astype(gdt), g.astype(gdt), NN, g_prec)
+        up = jnp.exp(-rel)
+        ad.append((rows(a_ref, i) * jnp.exp(rel_x)).astype(dt))
+        b_i, k_i = rows(b_ref, i) * up, rows(k_ref, i) * up
+        bd.append(b_i.astype(dt))
+        kd.append(k_i.astype(dt))
+        to_end = jnp.exp(g_end)[None, :]
+        kd_ref[pl.ds(i * SUB, SUB), :] = (k_i * to_end).astype(kd_ref.dtype)
+        bd_ref[pl.ds(i * SUB, SUB), :] = (b_i * to_end).astype(bd_ref.dtype)
+    gc_ref[...] = jnp.exp(g_mid + g_end)
+    strict = tri(SUB, strict=True)
+    m, lak = {}, {}
+    for i in range(nb):
+        for j in range(i + 1):
+            m[i, j] = _input_dot_nt(ad[i], bd[j])
+            lak[i, j] = _input_dot_nt(ad[i], kd[j])
+            if j == i:
+                m[i, j], lak[i, j] = mask(strict, m[i, j]), mask(strict, lak[i, j])
+    return m, lak, lambda j: ad[j].astype(F32), jnp.exp(g_mid)
+
+
 def _wy_kernel(
     a_ref, b_ref, k_ref, v_ref, *refs, block_v: int, precision, f32_prec=None, gated=False,
-    factor=True,
+    factor=True, chunk_factored=False, g_prec=None,
 ):
     """One (chunk, head): X blockwise, then W, U (and X, when a ref for it is given).
 
@@ -157,11 +207,16 @@ def _wy_kernel(
     Vp = v_ref.shape[-1]
     strict = tri(SUB, strict=True)
     f32 = lambda t: t.astype(F32)
+    w_scale = None
 
     def rows(ref, i, cols=slice(None)):
         return ref[pl.ds(i * SUB, SUB), cols]
 
-    if gated:
+    if chunk_factored:
+        m, lak, a_rows, w_scale = _factored_products(
+            a_ref, b_ref, k_ref, g_ref, kd_ref, bd_ref, gc_ref, nb, g_prec
+        )
+    elif gated:
         m, lak, a_rows = _gated_products(
             a_ref, b_ref, k_ref, g_ref, kd_ref, bd_ref, gc_ref, nb, precision, factor
         )
@@ -186,6 +241,8 @@ def _wy_kernel(
     # U_i = sum_k P_ik V_k needs no [C, V] temporary. Gated: W = X (A e^{Gx}).
     for i in range(nb):
         w = sum(_dot(x[i, j], a_rows(j), f32_prec) for j in range(i + 1))
+        if w_scale is not None:
+            w = w * w_scale[None, :]
         w_ref[pl.ds(i * SUB, SUB), :] = w.astype(w_ref.dtype)
     p = {
         (i, s): sum(_dot(x[i, j], lak[j, s], precision) for j in range(s, i + 1))
@@ -215,8 +272,9 @@ def wy_fwd(
       gk: the gate [1, L, H, Kp] or None. Given, the products are the decayed ones of
         docs/gate.md (X = (I - [a_t . e^{Gx_t - G_s} b_s]_{s<t})^{-1}, W = X (A e^{Gx}),
         U = X [a_t . e^{Gx_t - G_s} k_s]_{s<t} V) and the sweep's decayed operands come too.
-        With `config.gate_chunk_factored`, when every chunk allows it, the IPLR kernel on
-        decayed operands instead (`_wy_factored`).
+        With `config.gate_chunk_factored`, each (chunk, head) whose `gate_factors.chunk_flags`
+        allows it takes the whole-chunk factored mode (`_factored_products`), the others the
+        blockwise one, in two launches writing the same buffers.
 
     Returns:
       W [1, L, H, Kp] and U [1, L, H, Vp] in `out_dtype`; with `with_x` also X [NC, H, C, C]
@@ -230,31 +288,25 @@ def wy_fwd(
               with_x=with_x, interpret=interpret)
     if gk is None or not (config.gate_chunk_factored and gate_factors.applies(a.dtype)):
         return _wy_call(a, b, k, v, gk=gk, **kw)
-    f = gate_factors.factors(gk, C)
-    factored = lambda: _wy_factored(a, b, k, v, f, **kw)  # noqa: E731
-    return lax.cond(f.ok, factored, lambda: _wy_call(a, b, k, v, gk=gk, **kw))
+    # each (chunk, head) by one of two launches, chosen by its flag: the factored mode writes
+    # its chunks, then the blockwise mode writes the others into the same buffers
+    flags = gate_factors.chunk_flags(gk, C)
+    outs = _wy_call(a, b, k, v, gk=gk, when=(flags, 1), **kw)
+    return _wy_call(a, b, k, v, gk=gk, when=(flags, 0), into=outs, **kw)
 
 
-def _wy_factored(a, b, k, v, f: gate_factors.Factors, *, out_dtype, **kw):
-    """The gated WY outputs from the IPLR kernel on the decayed operands of `gate_factors`:
-    their products are the gated ones, so X and U are the gated X and U, and W = X (A e^{Gx})
-    is the kernel's X Ad scaled by e^{Gm} per key. The sweep's operands are K e^{G_C - G} =
-    Kd e^{G_C - Gm} and B likewise."""
-    up = -f.rel
-    w, u, *x = _wy_call(
-        gate_factors.decay(a, f.rel_x), gate_factors.decay(b, up), gate_factors.decay(k, up), v,
-        gk=None, out_dtype=F32, **kw,
-    )
-    to_end = f.end - f.rel - f.mid  # G_C - G
-    return (
-        gate_factors.decay(w, f.mid, out_dtype), u.astype(out_dtype), *x,
-        gate_factors.decay(k, to_end, out_dtype), gate_factors.decay(b, to_end, out_dtype),
-        jnp.exp(gate_factors.per_chunk(f.end)),
-    )
+def _selected(*refs, n_in: int, n_into: int, want: int, kernel):
+    """`kernel` on the (chunk, head) of this program if its flag is `want`, else nothing
+    written: the flags ([NC * H] int32) are the last input; `n_into` buffers aliased to the
+    outputs follow it, unread (their other chunks are kept)."""
+    flag = refs[n_in - 1][pl.program_id(0) * pl.num_programs(1) + pl.program_id(1)]
+    pl.when(flag == want)(lambda: kernel(*refs[: n_in - 1], *refs[n_in + n_into :]))
 
 
-def _wy_call(a, b, k, v, *, chunk_size, config, out_dtype, with_x, interpret, gk):
-    """`wy_fwd` as one launch of `_wy_kernel` (with a gate, its blockwise gated mode)."""
+def _wy_call(a, b, k, v, *, chunk_size, config, out_dtype, with_x, interpret, gk, when=None, into=None):
+    """`wy_fwd` as one launch of `_wy_kernel` (with a gate, its blockwise gated mode). `when`:
+    (flags, want) runs only the chunks whose flag is `want`, in the whole-chunk factored mode
+    for want = 1; `into`: the outputs of an earlier launch to write into (aliased)."""
     _, L, H, Kp = a.shape
     Vp, C = v.shape[-1], chunk_size
     kspec = pl.BlockSpec((None, C, None, Kp), lambda c, h: (0, c, h, 0))
@@ -266,10 +318,18 @@ def _wy_call(a, b, k, v, *, chunk_size, config, out_dtype, with_x, interpret, gk
         out_specs.append(pl.BlockSpec((None, None, C, C), lambda c, h: (c, h, 0, 0)))
         out_shape.append(shape_dtype((L // C, H, C, C), F32, vma))
     in_specs, args, gated = [kspec, kspec, kspec, vspec], [a, b, k, v], {}
+    warps = config.wy_warps
     if gk is not None:  # a static flag: without a gate the kernel is compiled as it always was
         in_specs.append(kspec)
         args.append(gk)
         gated = dict(gated=True, factor=config.gate_factored)
+        if when is not None and when[1]:
+            g_prec = None if is_low(gk.dtype) else PRECISIONS[config.wy_precision]
+            gated.update(chunk_factored=True, g_prec=g_prec)
+        elif when is not None:
+            # the blockwise mode beside the factored one: its pairwise diagonal blocks hold
+            # several [16, 16, 16] float32 tiles, so at least 4 warps
+            warps = max(warps, 4)
         out_specs += [kspec, kspec, pl.BlockSpec((None, None, Kp), lambda c, h: (c, h, 0))]
         out_shape += [
             shape_dtype((1, L, H, Kp), out_dtype, vma), shape_dtype((1, L, H, Kp), out_dtype, vma),
@@ -279,13 +339,26 @@ def _wy_call(a, b, k, v, *, chunk_size, config, out_dtype, with_x, interpret, gk
         _wy_kernel, block_v=config.wy_block_v, precision=PRECISIONS[config.wy_precision],
         f32_prec=f32_precision(config.f32_dots, interpret), **gated,
     )
+    aliases = {}
+    if when is not None:
+        flags, want = when
+        in_specs.append(pl.BlockSpec(flags.shape, lambda c, h: (0,)))
+        args.append(flags)
+        into = list(into or [])
+        aliases = {len(args) + n: n for n in range(len(into))}
+        in_specs += out_specs[: len(into)]
+        kernel = functools.partial(
+            _selected, n_in=len(args), n_into=len(into), want=want, kernel=kernel
+        )
+        args += into
     return tuple(pl.pallas_call(
         kernel,
         grid=(L // C, H),
         in_specs=in_specs,
         out_specs=out_specs,
         out_shape=out_shape,
-        compiler_params=pltr.CompilerParams(num_warps=config.wy_warps, num_stages=1),
+        input_output_aliases=aliases,
+        compiler_params=pltr.CompilerParams(num_warps=warps, num_stages=1),
         interpret=interpret,
         name="iplr_wy_fwd",
     )(*args))
