@@ -1,6 +1,7 @@
 """Times of the gated ops (DPLR, docs/gate.md) against IPLR on a GPU, same process, bf16:
 
-    python benchmarks/gate_timing.py [--sizes S1,S2,S4] [--reps 20] [--config ...] [--blockwise] [--xla]
+    python benchmarks/gate_timing.py [--sizes S1,S2,S4] [--reps 20] [--config ...] [--fla default,chunk64]
+        [--blockwise] [--xla]
 
 Rows: `chunk` forward and forward+backward (value and gradients) with gk=None (the IPLR kernels)
 and with a real gate (gk = -softplus(N(0, 1))): the default ("gated": the IPLR kernels on decayed
@@ -67,6 +68,8 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--config", default="", help="ChunkConfig fields for the gated chunk kernels")
     p.add_argument("--blockwise", action="store_true", help="also the sub-block gated kernels")
+    p.add_argument("--fla", default="default,chunk64",
+                   help="fla settings to time: default (its chunk), chunk64 (chunk_size=64, safe_gate)")
     p.add_argument("--xla", action="store_true", help="also the jnp form (slow to compile)")
     args = p.parse_args()
     config = parse_config(args.config)
@@ -89,7 +92,7 @@ def main() -> None:
                 t = median_ms(_timed(op, h0, mode, 6), *x, gk, reps=args.reps)
                 line += f"   {label} {t:8.3f} ms ({t / t_iplr:5.2f}x)"
             print(line, flush=True)
-        fla_row(name, x, gk, h0, T, args.reps)
+        fla_row(name, x, gk, h0, T, args.reps, args.fla.split(","))
 
 
 def _timed(op, h0, mode, n):
@@ -109,7 +112,7 @@ def _timed(op, h0, mode, n):
     return jax.jit(jax.value_and_grad(loss, argnums=tuple(range(n))))
 
 
-def fla_row(name, x, gk, h0, T, reps):
+def fla_row(name, x, gk, h0, T, reps, wanted=("default", "chunk64")):
     """fla's gated kernels on the same inputs (the gate in float32, as fla's tests pass it), when
     fla and a CUDA torch import: the chunked DPLR at its default chunk and at chunk 64 with
     `safe_gate` (timing only: this gate can break that promise), or the fused decode step."""
@@ -130,10 +133,10 @@ def fla_row(name, x, gk, h0, T, reps):
         print(f"{name} fla fused_recurrent_dplr fwd {ms:8.3f} ms", flush=True)
         return
     settings = {
-        "chunk_dplr (gated)": {},
-        "chunk_dplr64 safe_gate (gated)": dict(chunk_size=64, safe_gate=True),
+        "default": ("chunk_dplr (gated)", {}),
+        "chunk64": ("chunk_dplr64 safe_gate (gated)", dict(chunk_size=64, safe_gate=True)),
     }
-    for label, kw in settings.items():
+    for label, kw in (settings[w] for w in wanted):
         def fwd(kw=kw):
             with torch.no_grad():
                 return chunk_dplr_delta_rule(*t, initial_state=s0, output_final_state=True, **kw)

@@ -262,7 +262,8 @@ def test_wy_kernel_gated(C, kind, chunk_factored, rng):
     # the chunks the factored products take: every exponent within 60 of the middle row's G
     Gm = G[..., C // 2 - 1 : C // 2, :]
     spread = np.maximum(np.abs(G - Gm), np.abs(Gx - Gm)).max(axis=(2, 3))  # [NC, H]
-    assert list(spread.max(1) <= 60) == {"softplus": [True] * 2, "split": [True, False]}.get(kind, [False] * 2)
+    expected = {"softplus": [True] * 2, "split": [True, False]}.get(kind, [False] * 2)
+    assert list(spread.max(1) <= 60) == expected
     # the flags, from sums of |gk| over the halves, are exact for these one-signed gates
     np.testing.assert_array_equal(flags, spread <= 60)
     lower = np.tri(C, k=-1, dtype=bool)[:, :, None]

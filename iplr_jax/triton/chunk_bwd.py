@@ -422,9 +422,11 @@ def _gated_bwd(x: Inputs, res: Residuals, cu_chunks, do, dht, *, scale, chunk_si
     kw = dict(scale=scale, chunk_size=chunk_size, config=config, interpret=interpret)
     if not (config.gate_chunk_factored and gate_factors.applies(jnp.result_type(*x))):
         return _blockwise_bwd(x, res, cu_chunks, do, dht, **kw)
-    f = gate_factors.factors(x.gk, chunk_size)
+    # the predicate from the flags' one reduction; the factors are formed inside the branch, so
+    # XLA fuses them into their uses instead of materialising them as operands of the cond
+    ok = jnp.all(gate_factors.chunk_flags(x.gk, chunk_size) > 0)
     return lax.cond(
-        f.ok, lambda: _factored_bwd(x, res, cu_chunks, do, dht, f, **kw),
+        ok, lambda: _factored_bwd(x, res, cu_chunks, do, dht, gate_factors.factors(x.gk, chunk_size), **kw),
         lambda: _blockwise_bwd(x, res, cu_chunks, do, dht, **kw),
     )
 

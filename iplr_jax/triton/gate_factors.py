@@ -9,10 +9,11 @@ splits there, e^{G_t - G_s} = e^{G_t - Gm} e^{Gm - G_s}, so with
 the chunk's decayed products are the IPLR products of Qd, Kd, Ad, Bd; the state entering the
 chunk is read as S0' = e^{Gm} S0 (rows), and the state leaving it is S_C = e^{G_C - Gm} S_C', S_C'
 the IPLR chunk's. So the IPLR WY and intra-chunk kernels run the gated chunk unchanged, and the
-sweeps only scale their state by e^{Gm} and e^{G_C - Gm} per chunk. The factors are formed in
-jnp (one elementwise pass), and the route is taken when all of them stay below e^{FACTOR_BOUND}
-for every chunk of the call (one `lax.cond` outside the kernels; otherwise the blockwise gated
-kernels, exact for any gate). A gate of RWKV-7's size always qualifies.
+sweeps only scale their state by e^{Gm} and e^{G_C - Gm} per chunk. `chunk_flags` says where the
+factors stay below e^{FACTOR_BOUND}: the WY pass chooses per (chunk, head) between its factored
+mode (the decays formed in the kernel) and its blockwise mode; the backward takes this route
+when every chunk allows it (one `lax.cond`, the factors formed here in jnp; otherwise the
+blockwise gated kernels, exact for any gate). A gate of RWKV-7's size always qualifies.
 """
 
 from __future__ import annotations
@@ -28,13 +29,13 @@ from iplr_jax.triton.helpers import F32, HIGHEST
 
 class Factors(NamedTuple):
     """Per chunk, float32, chunk-major: `rel` = G - Gm and `rel_x` = Gx - Gm [NC, C, H, Kp];
-    `mid` = Gm and `end` = G_C [NC, 1, H, Kp]; `ok`: every |rel|, |rel_x| <= FACTOR_BOUND."""
+    `mid` = Gm and `end` = G_C [NC, 1, H, Kp]. Used where `chunk_flags` allows (every
+    |rel|, |rel_x| <= FACTOR_BOUND)."""
 
     rel: jax.Array
     rel_x: jax.Array
     mid: jax.Array
     end: jax.Array
-    ok: jax.Array
 
 
 def applies(dtype) -> bool:
@@ -53,9 +54,7 @@ def factors(gk: jax.Array, chunk_size: int) -> Factors:
     precision = HIGHEST if jnp.dtype(g.dtype) == jnp.dtype(F32) else None
     G = jnp.einsum("ts,nshk->nthk", ones, g, preferred_element_type=F32, precision=precision)
     mid, end = G[:, C // 2 - 1 : C // 2], G[:, -1:]
-    rel, rel_x = G - mid, G - g.astype(F32) - mid
-    ok = jnp.maximum(jnp.max(jnp.abs(rel)), jnp.max(jnp.abs(rel_x))) <= FACTOR_BOUND
-    return Factors(rel, rel_x, mid, end, ok)
+    return Factors(G - mid, G - g.astype(F32) - mid, mid, end)
 
 
 def chunk_flags(gk: jax.Array, chunk_size: int) -> jax.Array:
