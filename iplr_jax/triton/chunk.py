@@ -37,7 +37,10 @@ from iplr_jax.triton.config import ChunkConfig
 from iplr_jax.triton.gate import SUB
 from iplr_jax.triton.helpers import (
     F32,
+    HIGHEST,
+    NN,
     NT,
+    TF32X3,
     TN,
     dot,
     dot_as,
@@ -172,7 +175,7 @@ def _output_kernel(q_ref, k_ref, b_ref, v_ref, vn_ref, h_ref, o_ref, *, scale, l
 
 def _gated_output_kernel(
     q_ref, k_ref, b_ref, v_ref, vn_ref, h_ref, g_ref, o_ref, *, scale, low_v2, prec=None, factor=True,
-    chunk_factor=False,
+    chunk_factor=False, g_prec=None,
 ):
     """One (chunk, head, V-block) with the gate (docs/gate.md):
 
@@ -189,31 +192,39 @@ def _gated_output_kernel(
         _output_blockwise(*refs, factor=factor, **kw)
         return
     C = q_ref.shape[0]
-    G = jnp.cumsum(g_ref[...].astype(F32), axis=0)
-    rows = jax.lax.broadcasted_iota(jnp.int32, G.shape, 0)
-    rel = G - jnp.sum(mask(rows == C // 2 - 1, G), axis=0)[None, :]  # G - Gm
+    mid = C // 2 - 1
+    g = g_ref[...]
+    gdt = g.dtype if is_low(g.dtype) else F32
+    t = jax.lax.broadcasted_iota(jnp.int32, (C, C), 0)
+    s = jax.lax.broadcasted_iota(jnp.int32, (C, C), 1)
+    # G - Gm as one product of the gate rows with a 0 / +-1 matrix (s <= t minus s <= m):
+    # exact products, float32 sums, no in-kernel scan (docs/gate.md "Whole-chunk factoring")
+    rel = dot(((s <= t).astype(F32) - (s <= mid).astype(F32)).astype(gdt), g.astype(gdt), NN, g_prec)
+    rows = jax.lax.broadcasted_iota(jnp.int32, g.shape, 0)
+    g_mid = jnp.sum(mask(rows <= mid, g.astype(F32)), axis=0)  # Gm
     ok = jnp.max(jnp.abs(rel)) <= gate.FACTOR_BOUND
-    pl.when(ok)(lambda: _output_factored(*refs, G=G, rel=rel, **kw))
+    pl.when(ok)(lambda: _output_factored(*refs, rel=rel, g_mid=g_mid, **kw))
     pl.when(jnp.logical_not(ok))(lambda: _output_blockwise(*refs, factor=factor, **kw))
 
 
-def _output_factored(q_ref, k_ref, b_ref, v_ref, vn_ref, h_ref, g_ref, o_ref, *, G, rel, scale, low_v2, prec):
+def _output_factored(
+    q_ref, k_ref, b_ref, v_ref, vn_ref, h_ref, g_ref, o_ref, *, rel, g_mid, scale, low_v2, prec
+):
     """The gated output of a chunk through its middle row m: e^{G_t - G_s} = e^{G_t - Gm}
-    e^{Gm - G_s}, so A_qk and A_qb are products of Q e^{G - Gm} with K, B e^{Gm - G} (factors
-    below e^{60} where taken; entries above the diagonal may overflow and are masked). The
-    decayed operands are rounded to bf16 inputs' dtype, else float32 at `prec` (fp16's range is
-    below e^{60})."""
+    e^{Gm - G_s}, so A_qk and A_qb are products of Qd = Q e^{G - Gm} with K, B e^{Gm - G}
+    (factors below e^{60} where taken; entries above the diagonal may overflow and are masked),
+    and Q e^{G} = Qd e^{Gm}. The decayed operands are rounded to bf16 inputs' dtype, else
+    float32 at `prec` (fp16's range is below e^{60})."""
     dt = k_ref.dtype
     fdt = dt if dt == jnp.bfloat16 else F32
     mm = functools.partial(dot_as, dt=fdt, f32_precision=prec)
     mm_v2 = functools.partial(dot_as, dt=dt if low_v2 else F32, f32_precision=prec)
     incl = tri(q_ref.shape[0], strict=False)
-    q = q_ref[...].astype(F32)
     up = jnp.exp(-rel)
-    qd = q * jnp.exp(rel)
+    qd = q_ref[...].astype(F32) * jnp.exp(rel)
     qk = mask(incl, mm(qd, k_ref[...].astype(F32) * up, tb=True))
     qb = mask(incl, mm(qd, b_ref[...].astype(F32) * up, tb=True))
-    o = dot_as(q * jnp.exp(G), h_ref[...], dt=dt, f32_precision=prec)  # (Q e^{G}) S0
+    o = dot_as(qd * jnp.exp(g_mid)[None, :], h_ref[...], dt=dt, f32_precision=prec)  # (Q e^{G}) S0
     o = o + mm(qk, v_ref[...]) + mm_v2(qb, vn_ref[...])
     o_ref[...] = (scale * o).astype(o_ref.dtype)
 
@@ -269,6 +280,8 @@ def output_fwd(
         kernel = functools.partial(
             _gated_output_kernel, factor=config.gate_factored,
             chunk_factor=config.gate_chunk_factored and C > SUB and Kp <= 128,
+            # float32 gates summed at float32 accuracy: three tf32 products on the GPU
+            g_prec=None if is_low(gk.dtype) else (HIGHEST if interpret else TF32X3),
         )
         args, in_specs = args + [gk], in_specs + [kc]
     return pl.pallas_call(

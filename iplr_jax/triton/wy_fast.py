@@ -324,7 +324,8 @@ def _wy_call(a, b, k, v, *, chunk_size, config, out_dtype, with_x, interpret, gk
         args.append(gk)
         gated = dict(gated=True, factor=config.gate_factored)
         if when is not None and when[1]:
-            g_prec = None if is_low(gk.dtype) else PRECISIONS[config.wy_precision]
+            # float32 gates summed at float32 accuracy: three tf32 products on the GPU
+            g_prec = None if is_low(gk.dtype) else (HIGHEST if interpret else TF32X3)
             gated.update(chunk_factored=True, g_prec=g_prec)
         elif when is not None:
             # the blockwise mode beside the factored one: its pairwise diagonal blocks hold
