@@ -55,7 +55,7 @@ from iplr_jax.triton import gate, gate_factors
 from iplr_jax.triton.chunk import Residuals
 from iplr_jax.triton.config import ChunkConfig
 from iplr_jax.triton.gate import SUB
-from iplr_jax.triton.helpers import dot_as, f32_precision, identity_columns, mask, tri
+from iplr_jax.triton.helpers import HIGHEST, dot_as, f32_precision, identity_columns, mask, tri
 
 
 def _bwd_precision(config: ChunkConfig, interpret: bool):
@@ -527,10 +527,12 @@ def _gate_grad(x: Inputs, dq, dk, da, db, dgc, C):
     q, k, a, b = (y.astype(jnp.float32) for y in (x.q, x.k, x.a, x.b))
     _, L, H, Kp = q.shape
     chunks = lambda y: y.reshape(L // C, C, H, Kp)  # noqa: E731
-    dG = chunks(q * dq - k * dk - b * db)
     aa = chunks(a * da)
-    rev = lambda y: jnp.flip(jnp.cumsum(jnp.flip(y, 1), 1), 1)  # noqa: E731
-    dgk = dgc[:, None] + rev(dG) + rev(aa) - aa
+    # the in-chunk reverse cumulative sum as one product with a triangle of ones (XLA lowers
+    # jnp.cumsum on the GPU to a log-depth scan of strided slices over the whole array)
+    after = jnp.triu(jnp.ones((C, C), jnp.float32))  # [u, t]: t >= u
+    summed = jnp.einsum("ut,nthk->nuhk", after, chunks(q * dq - k * dk - b * db) + aa, precision=HIGHEST)
+    dgk = dgc[:, None] + summed - aa
     return dgk.reshape(1, L, H, Kp)
 
 
