@@ -288,13 +288,13 @@ E2E_BWD = {
     "zero": (1, 50, 1, 16, 16, "zero", 32, jnp.float32, None),
     # the gated WY as the IPLR kernel on decayed operands (`gate_chunk_factored`)
     "chunk_factored_bf16": (1, 100, 2, 32, 16, "softplus", 64, jnp.bfloat16, None, True),
-    "chunk_factored_packed": (1, 120, 2, 16, 16, "softplus", 32, jnp.float32, [0, 40, 40, 110, 120], True),
+    "chunk_factored_packed": (1, 120, 2, 16, 16, "softplus", 32, jnp.bfloat16, [0, 40, 40, 110, 120], True),
     "chunk_factored_by_chunk": (1, 200, 2, 32, 16, "by_chunk", 64, jnp.float32, None, True),
     # diagonal blocks factored and pairwise in the same chunks (`gate.factorable`)
     "mixed": (1, 150, 2, 32, 16, "mixed", 64, jnp.float32, None),
     "bf16": (1, 80, 2, 32, 16, "softplus", 64, jnp.bfloat16, None),
     "k200_v130": (1, 70, 1, 200, 130, "strong", 64, jnp.float32, None),  # Kp = Vp = 256, V-blocks
-    "k32_v200": (1, 90, 2, 32, 200, "softplus", 64, jnp.float32, None),  # two V-blocks, factored
+    "k32_v200": (1, 90, 2, 32, 200, "softplus", 64, jnp.bfloat16, None),  # two V-blocks, factored
 }
 
 
@@ -554,8 +554,8 @@ def test_gated_fused_recurrent_lowers_for_cuda(K, V, dtype, monkeypatch, unguard
 
     assert triton_kernels(fwd, *x) == FUSED
     assert triton_kernels(step, *x, h0) == FUSED_BWD
-    # by default both gated routes, chosen under lax.cond: the IPLR WY kernel on decayed
-    # operands, the blockwise gated one (docs/gate.md "Whole-chunk factoring")
+    # by default two launches of the WY kernel (its whole-chunk factored mode, then the
+    # blockwise mode for the chunks left; docs/gate.md "Whole-chunk factoring")
     blockwise = iplr_jax.ChunkConfig(gate_chunk_factored=False)
     for C in (16, 64):
         chunk = lambda *a, C=C, config=None: iplr_jax.chunk(  # noqa: E731
@@ -574,10 +574,12 @@ def test_gated_fused_recurrent_lowers_for_cuda(K, V, dtype, monkeypatch, unguard
 
         return jax.value_and_grad(loss, argnums=tuple(range(7)))(*a)
 
-    # differentiated: the backward kernels for K <= 128, both routes (the IPLR sweep and intra
-    # kernels on decayed operands; the gated dv2, sweep and intra kernels); for K > 128, or
-    # with bwd_kernels=False, the jnp form forward and backward (docs/gate.md): no kernel
-    kernels = [WY, WY, STATE, OUT, DV2_GATED, SWEEP, INTRA, SWEEP, INTRA]
+    # differentiated: the backward kernels for K <= 128, for bf16 both routes under lax.cond
+    # (the IPLR sweep and intra kernels on decayed operands; the gated dv2, sweep and intra
+    # kernels), for float32 the gated ones; for K > 128, or with bwd_kernels=False, the jnp
+    # form forward and backward (docs/gate.md): no kernel
+    factored_bwd = [SWEEP, INTRA] if dtype == jnp.bfloat16 else []
+    kernels = [WY, WY, STATE, OUT, DV2_GATED, SWEEP, INTRA, *factored_bwd]
     assert triton_kernels(chunk_step, *x, h0) == (kernels if K <= 128 else [])
     assert triton_kernels(functools.partial(chunk_step, config=BWD_KERNELS), *x, h0) == kernels
     only_blockwise = dataclasses.replace(BWD_KERNELS, gate_chunk_factored=False)

@@ -420,7 +420,7 @@ def _gated_bwd(x: Inputs, res: Residuals, cu_chunks, do, dht, *, scale, chunk_si
     """The gated backward: with `config.gate_chunk_factored`, when every chunk allows it, the
     IPLR kernels on decayed operands (`_factored_bwd`), else the gated kernels (`_blockwise_bwd`)."""
     kw = dict(scale=scale, chunk_size=chunk_size, config=config, interpret=interpret)
-    if not (config.gate_chunk_factored and gate_factors.applies(jnp.result_type(*x))):
+    if not (config.gate_chunk_factored and gate_factors.applies(jnp.result_type(*x), backward=True)):
         return _blockwise_bwd(x, res, cu_chunks, do, dht, **kw)
     # the predicate from the flags' one reduction; the factors are formed inside the branch, so
     # XLA fuses them into their uses instead of materialising them as operands of the cond
