@@ -70,6 +70,7 @@ def main() -> None:
     p.add_argument("--blockwise", action="store_true", help="also the sub-block gated kernels")
     p.add_argument("--fla", default="default,chunk64",
                    help="fla settings to time: default (its chunk), chunk64 (chunk_size=64, safe_gate)")
+    p.add_argument("--fla-first", action="store_true", help="fla's rows before ours (its autotuning is long)")
     p.add_argument("--xla", action="store_true", help="also the jnp form (slow to compile)")
     args = p.parse_args()
     config = parse_config(args.config)
@@ -85,6 +86,8 @@ def main() -> None:
             gated_ops.append(("gated blockwise", functools.partial(base, config=blockwise)))
         if args.xla and not decode:
             gated_ops.append(("gated xla", functools.partial(base, implementation="xla")))
+        if args.fla_first:
+            fla_row(name, x, gk, h0, T, args.reps, args.fla.split(","))
         for mode in ("fwd",) if decode else ("fwd", "fwd+bwd"):
             t_iplr = median_ms(_timed(base, h0, mode, 5), *x, reps=args.reps)
             line = f"{name} {base.__name__:16s} {mode:8s} IPLR {t_iplr:8.3f} ms"
@@ -92,7 +95,8 @@ def main() -> None:
                 t = median_ms(_timed(op, h0, mode, 6), *x, gk, reps=args.reps)
                 line += f"   {label} {t:8.3f} ms ({t / t_iplr:5.2f}x)"
             print(line, flush=True)
-        fla_row(name, x, gk, h0, T, args.reps, args.fla.split(","))
+        if not args.fla_first:
+            fla_row(name, x, gk, h0, T, args.reps, args.fla.split(","))
 
 
 def _timed(op, h0, mode, n):

@@ -126,7 +126,7 @@ def _gated_products(a_ref, b_ref, k_ref, g_ref, kd_ref, bd_ref, gc_ref, nb: int,
     return m, lak, a_rows
 
 
-def _factored_products(a_ref, b_ref, k_ref, g_ref, kd_ref, bd_ref, gc_ref, nb: int, g_prec):
+def _factored_products(a_ref, b_ref, k_ref, g_ref, kd_ref, bd_ref, gc_ref, nb: int, g_prec, hold: bool):
     """The decayed products of a chunk through its middle row m (docs/gate.md "Whole-chunk
     factoring"): with rel = G - Gm and rel_x = Gx - Gm, e^{Gx_t - G_s} = e^{rel_x_t} e^{-rel_s},
     so m[i, j] and lak[i, j] are IPLR products of Ad = A e^{rel_x} with Bd = B e^{-rel} and
@@ -140,44 +140,56 @@ def _factored_products(a_ref, b_ref, k_ref, g_ref, kd_ref, bd_ref, gc_ref, nb: i
     no in-kernel scan."""
     C = nb * SUB
     mid = C // 2 - 1
-    g = g_ref[...]
-    gdt = g.dtype if is_low(g.dtype) else F32
-    col = jax.lax.broadcasted_iota(jnp.int32, (SUB, C), 1)
-    upto_mid = (col <= mid).astype(F32)
-    g32 = g.astype(F32)
+    g32 = g_ref[...].astype(F32)
+    gdt = g_ref.dtype if is_low(g_ref.dtype) else F32
     rows_c = jax.lax.broadcasted_iota(jnp.int32, g32.shape, 0)
     g_mid = jnp.sum(mask(rows_c <= mid, g32), axis=0)  # Gm
     g_end = jnp.sum(mask(rows_c > mid, g32), axis=0)  # G_C - Gm
+    col = jax.lax.broadcasted_iota(jnp.int32, (SUB, C), 1)
     dt = a_ref.dtype
     rows = lambda ref, i: ref[pl.ds(i * SUB, SUB), :].astype(F32)  # noqa: E731
-    ad, bd, kd = [], [], []
-    for i in range(nb):
+
+    def rel(i, exclusive):  # G - Gm (Gx - Gm if exclusive) for the rows of block i
         t = jax.lax.broadcasted_iota(jnp.int32, (SUB, C), 0) + i * SUB
-        rel = dot(((col <= t).astype(F32) - upto_mid).astype(gdt), g.astype(gdt), NN, g_prec)
-        rel_x = dot(((col < t).astype(F32) - upto_mid).astype(gdt), g.astype(gdt), NN, g_prec)
-        up = jnp.exp(-rel)
-        ad.append((rows(a_ref, i) * jnp.exp(rel_x)).astype(dt))
-        b_i, k_i = rows(b_ref, i) * up, rows(k_ref, i) * up
-        bd.append(b_i.astype(dt))
-        kd.append(k_i.astype(dt))
-        to_end = jnp.exp(g_end)[None, :]
-        kd_ref[pl.ds(i * SUB, SUB), :] = (k_i * to_end).astype(kd_ref.dtype)
-        bd_ref[pl.ds(i * SUB, SUB), :] = (b_i * to_end).astype(bd_ref.dtype)
+        upto = ((col < t) if exclusive else (col <= t)).astype(F32) - (col <= mid).astype(F32)
+        return dot(upto.astype(gdt), g_ref[...].astype(gdt), NN, g_prec)
+
+    def a_dec(i):
+        return (rows(a_ref, i) * jnp.exp(rel(i, True))).astype(dt)
+
+    def bk_dec(j):  # float32 B e^{-rel}, K e^{-rel}
+        up = jnp.exp(-rel(j, False))
+        return rows(b_ref, j) * up, rows(k_ref, j) * up
+
+    to_end = jnp.exp(g_end)[None, :]
+    held = {}
+    for j in range(nb):
+        b_j, k_j = bk_dec(j)
+        kd_ref[pl.ds(j * SUB, SUB), :] = (k_j * to_end).astype(kd_ref.dtype)
+        bd_ref[pl.ds(j * SUB, SUB), :] = (b_j * to_end).astype(bd_ref.dtype)
+        if hold:
+            held[j] = (a_dec(j), b_j.astype(dt), k_j.astype(dt))
     gc_ref[...] = jnp.exp(g_mid + g_end)
+    # held: each decayed block formed once and kept live; else formed again where used (more
+    # exponentials, fewer live registers)
+    ad = (lambda i: held[i][0]) if hold else a_dec
+    bkd = (lambda j: held[j][1:]) if hold else (lambda j: tuple(y.astype(dt) for y in bk_dec(j)))
     strict = tri(SUB, strict=True)
     m, lak = {}, {}
     for i in range(nb):
+        a_i = ad(i)
         for j in range(i + 1):
-            m[i, j] = _input_dot_nt(ad[i], bd[j])
-            lak[i, j] = _input_dot_nt(ad[i], kd[j])
+            b_j, k_j = bkd(j)
+            m[i, j] = _input_dot_nt(a_i, b_j)
+            lak[i, j] = _input_dot_nt(a_i, k_j)
             if j == i:
                 m[i, j], lak[i, j] = mask(strict, m[i, j]), mask(strict, lak[i, j])
-    return m, lak, lambda j: ad[j].astype(F32), jnp.exp(g_mid)
+    return m, lak, lambda j: ad(j).astype(F32), jnp.exp(g_mid)
 
 
 def _wy_kernel(
     a_ref, b_ref, k_ref, v_ref, *refs, block_v: int, precision, f32_prec=None, gated=False,
-    factor=True, chunk_factored=False, g_prec=None,
+    factor=True, chunk_factored=False, g_prec=None, hold_operands=True,
 ):
     """One (chunk, head): X blockwise, then W, U (and X, when a ref for it is given).
 
@@ -214,7 +226,7 @@ def _wy_kernel(
 
     if chunk_factored:
         m, lak, a_rows, w_scale = _factored_products(
-            a_ref, b_ref, k_ref, g_ref, kd_ref, bd_ref, gc_ref, nb, g_prec
+            a_ref, b_ref, k_ref, g_ref, kd_ref, bd_ref, gc_ref, nb, g_prec, hold_operands
         )
     elif gated:
         m, lak, a_rows = _gated_products(
@@ -303,10 +315,13 @@ def _selected(*refs, n_in: int, n_into: int, want: int, kernel):
     pl.when(flag == want)(lambda: kernel(*refs[: n_in - 1], *refs[n_in + n_into :]))
 
 
-def _wy_call(a, b, k, v, *, chunk_size, config, out_dtype, with_x, interpret, gk, when=None, into=None):
+def _wy_call(
+    a, b, k, v, *, chunk_size, config, out_dtype, with_x, interpret, gk, when=None, into=None, **options
+):
     """`wy_fwd` as one launch of `_wy_kernel` (with a gate, its blockwise gated mode). `when`:
     (flags, want) runs only the chunks whose flag is `want`, in the whole-chunk factored mode
-    for want = 1; `into`: the outputs of an earlier launch to write into (aliased)."""
+    for want = 1; `into`: the outputs of an earlier launch to write into (aliased); `options`:
+    further static options of the kernel (variants timed by benchmarks/gate_variants.py)."""
     _, L, H, Kp = a.shape
     Vp, C = v.shape[-1], chunk_size
     kspec = pl.BlockSpec((None, C, None, Kp), lambda c, h: (0, c, h, 0))
@@ -338,7 +353,7 @@ def _wy_call(a, b, k, v, *, chunk_size, config, out_dtype, with_x, interpret, gk
         ]
     kernel = functools.partial(
         _wy_kernel, block_v=config.wy_block_v, precision=PRECISIONS[config.wy_precision],
-        f32_prec=f32_precision(config.f32_dots, interpret), **gated,
+        f32_prec=f32_precision(config.f32_dots, interpret), **gated, **options,
     )
     aliases = {}
     if when is not None:
