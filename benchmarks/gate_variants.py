@@ -61,11 +61,9 @@ def profile(label, B, T, H, K, V, wanted, interp, C=64, dt=jnp.bfloat16):
         ones = jnp.ones((T // C * B * H,), jnp.int32)
         row("wy gated, factored launch alone", jax.jit(lambda *x: call(*x[:4], gk=x[4], when=(ones, 1))),
             a, b, k, v, gk)
-        row("wy gated, factored launch alone, decayed blocks formed where used",
-            jax.jit(lambda *x: call(*x[:4], gk=x[4], when=(ones, 1), hold_operands=False)), a, b, k, v, gk)
-        warps4 = dataclasses.replace(factored, wy_warps=4)
-        row("wy gated, factored launch alone, 4 warps",
-            jax.jit(lambda *x: call(*x[:4], gk=x[4], when=(ones, 1), config=warps4)), a, b, k, v, gk)
+        warps2 = dataclasses.replace(factored, wy_warps=2)
+        row("wy gated, factored launch alone, 2 warps",
+            jax.jit(lambda *x: call(*x[:4], gk=x[4], when=(ones, 1), config=warps2)), a, b, k, v, gk)
         outs = jax.jit(lambda *x: call(*x[:4], gk=x[4], when=(ones, 1)))(a, b, k, v, gk)
         row("wy gated, blockwise launch with every chunk flagged (its exits)",
             jax.jit(lambda *x: call(*x[:4], gk=x[4], when=(ones, 0), into=x[5:])), a, b, k, v, gk, *outs)

@@ -13,7 +13,6 @@ import dataclasses
 from typing import Literal
 
 import jax
-import jax.numpy as jnp
 
 from iplr_jax.triton.helpers import is_low
 
@@ -133,24 +132,25 @@ def chunk_config(
     # chain-bound, so the extra summary sweep costs more than the parallelism gains (B1 T32k H8
     # K=V=128: forward 1.93 ms whole, 1.83-2.07 cut; T256k H16: 20.1 whole, 23.6-27.0 cut;
     # benchmarks/NOTES.md, session 8)
-    c = _fill(c, segment_chunks=lambda: 0, gate_factored=lambda: True, gate_chunk_factored=lambda: True)
+    c = _fill(c, segment_chunks=lambda: 0)
     if c.segment_chunks < 0:
         raise ValueError(f"ChunkConfig.segment_chunks must be >= 0, got {c.segment_chunks}")
-    by_chunk = c.gate_chunk_factored and jnp.dtype(dtype) != jnp.dtype(jnp.float16)
     # the sweeps' independent chains: sequences, or segments when they are cut
     chains_n = max(N, -(-num_chunks // c.segment_chunks)) if c.segment_chunks and not gated else N
     c = _fill(
         c,
-        # gated by blocks alone: the pairwise diagonal blocks hold several [16, 16, 16] float32
-        # tiles (4096 elements each: 64 registers a thread at 2 warps), so 4 warps (arithmetic,
-        # not measured); the whole-chunk mode is the IPLR kernel's (wy_fast.wy_fwd launches the
-        # blockwise mode beside it with at least 4)
-        wy_warps=lambda: 2 if Kp <= 128 and not (gated and not by_chunk) else 4,
+        # gated: the blockwise mode's pairwise diagonal blocks hold several [16, 16, 16] float32
+        # tiles (4096 elements each: 64 registers a thread at 2 warps), and the whole-chunk mode
+        # keeps its decayed blocks live: 4 warps (S1, H100: 0.626 ms against 0.743 at 2 warps
+        # for the whole-chunk mode; benchmarks/NOTES.md, session 11)
+        wy_warps=lambda: 2 if Kp <= 128 and not gated else 4,
         wy_block_v=lambda: min(Vp, 64),
         wy_precision=lambda: "tf32x3" if low and Kp <= 128 and not interpret else "highest",
         state_block_v=lambda: _sweep_block_v(chains_n, H, Kp, Vp),
         low_precision_v2=lambda: low,
         f32_dots=default_f32_dots,
+        gate_factored=lambda: True,
+        gate_chunk_factored=lambda: True,
     )
     programs = N * H * (Vp // c.state_block_v)
     # Fusing the output adds Q K^T, Q B^T and three more dots to every step of the sequential

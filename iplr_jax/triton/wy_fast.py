@@ -126,7 +126,7 @@ def _gated_products(a_ref, b_ref, k_ref, g_ref, kd_ref, bd_ref, gc_ref, nb: int,
     return m, lak, a_rows
 
 
-def _factored_products(a_ref, b_ref, k_ref, g_ref, kd_ref, bd_ref, gc_ref, nb: int, g_prec, hold: bool):
+def _factored_products(a_ref, b_ref, k_ref, g_ref, kd_ref, bd_ref, gc_ref, nb: int, g_prec):
     """The decayed products of a chunk through its middle row m (docs/gate.md "Whole-chunk
     factoring"): with rel = G - Gm and rel_x = Gx - Gm, e^{Gx_t - G_s} = e^{rel_x_t} e^{-rel_s},
     so m[i, j] and lak[i, j] are IPLR products of Ad = A e^{rel_x} with Bd = B e^{-rel} and
@@ -161,35 +161,32 @@ def _factored_products(a_ref, b_ref, k_ref, g_ref, kd_ref, bd_ref, gc_ref, nb: i
         up = jnp.exp(-rel(j, False))
         return rows(b_ref, j) * up, rows(k_ref, j) * up
 
+    # each decayed block formed once and kept live (forming them again where used measured
+    # slower: benchmarks/NOTES.md, session 11)
     to_end = jnp.exp(g_end)[None, :]
-    held = {}
+    ad, bd, kd = [], [], []
     for j in range(nb):
         b_j, k_j = bk_dec(j)
         kd_ref[pl.ds(j * SUB, SUB), :] = (k_j * to_end).astype(kd_ref.dtype)
         bd_ref[pl.ds(j * SUB, SUB), :] = (b_j * to_end).astype(bd_ref.dtype)
-        if hold:
-            held[j] = (a_dec(j), b_j.astype(dt), k_j.astype(dt))
+        ad.append(a_dec(j))
+        bd.append(b_j.astype(dt))
+        kd.append(k_j.astype(dt))
     gc_ref[...] = jnp.exp(g_mid + g_end)
-    # held: each decayed block formed once and kept live; else formed again where used (more
-    # exponentials, fewer live registers)
-    ad = (lambda i: held[i][0]) if hold else a_dec
-    bkd = (lambda j: held[j][1:]) if hold else (lambda j: tuple(y.astype(dt) for y in bk_dec(j)))
     strict = tri(SUB, strict=True)
     m, lak = {}, {}
     for i in range(nb):
-        a_i = ad(i)
         for j in range(i + 1):
-            b_j, k_j = bkd(j)
-            m[i, j] = _input_dot_nt(a_i, b_j)
-            lak[i, j] = _input_dot_nt(a_i, k_j)
+            m[i, j] = _input_dot_nt(ad[i], bd[j])
+            lak[i, j] = _input_dot_nt(ad[i], kd[j])
             if j == i:
                 m[i, j], lak[i, j] = mask(strict, m[i, j]), mask(strict, lak[i, j])
-    return m, lak, lambda j: ad(j).astype(F32), jnp.exp(g_mid)
+    return m, lak, lambda j: ad[j].astype(F32), jnp.exp(g_mid)
 
 
 def _wy_kernel(
     a_ref, b_ref, k_ref, v_ref, *refs, block_v: int, precision, f32_prec=None, gated=False,
-    factor=True, chunk_factored=False, g_prec=None, hold_operands=True,
+    factor=True, chunk_factored=False, g_prec=None,
 ):
     """One (chunk, head): X blockwise, then W, U (and X, when a ref for it is given).
 
@@ -226,7 +223,7 @@ def _wy_kernel(
 
     if chunk_factored:
         m, lak, a_rows, w_scale = _factored_products(
-            a_ref, b_ref, k_ref, g_ref, kd_ref, bd_ref, gc_ref, nb, g_prec, hold_operands
+            a_ref, b_ref, k_ref, g_ref, kd_ref, bd_ref, gc_ref, nb, g_prec
         )
     elif gated:
         m, lak, a_rows = _gated_products(
@@ -333,7 +330,6 @@ def _wy_call(
         out_specs.append(pl.BlockSpec((None, None, C, C), lambda c, h: (c, h, 0, 0)))
         out_shape.append(shape_dtype((L // C, H, C, C), F32, vma))
     in_specs, args, gated = [kspec, kspec, kspec, vspec], [a, b, k, v], {}
-    warps = config.wy_warps
     if gk is not None:  # a static flag: without a gate the kernel is compiled as it always was
         in_specs.append(kspec)
         args.append(gk)
@@ -342,10 +338,6 @@ def _wy_call(
             # float32 gates summed at float32 accuracy: three tf32 products on the GPU
             g_prec = None if is_low(gk.dtype) else (HIGHEST if interpret else TF32X3)
             gated.update(chunk_factored=True, g_prec=g_prec)
-        elif when is not None:
-            # the blockwise mode beside the factored one: its pairwise diagonal blocks hold
-            # several [16, 16, 16] float32 tiles, so at least 4 warps
-            warps = max(warps, 4)
         out_specs += [kspec, kspec, pl.BlockSpec((None, None, Kp), lambda c, h: (c, h, 0))]
         out_shape += [
             shape_dtype((1, L, H, Kp), out_dtype, vma), shape_dtype((1, L, H, Kp), out_dtype, vma),
@@ -374,7 +366,7 @@ def _wy_call(
         out_specs=out_specs,
         out_shape=out_shape,
         input_output_aliases=aliases,
-        compiler_params=pltr.CompilerParams(num_warps=warps, num_stages=1),
+        compiler_params=pltr.CompilerParams(num_warps=config.wy_warps, num_stages=1),
         interpret=interpret,
         name="iplr_wy_fwd",
     )(*args))
