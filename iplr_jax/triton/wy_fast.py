@@ -312,13 +312,10 @@ def _selected(*refs, n_in: int, n_into: int, want: int, kernel):
     pl.when(flag == want)(lambda: kernel(*refs[: n_in - 1], *refs[n_in + n_into :]))
 
 
-def _wy_call(
-    a, b, k, v, *, chunk_size, config, out_dtype, with_x, interpret, gk, when=None, into=None, **options
-):
+def _wy_call(a, b, k, v, *, chunk_size, config, out_dtype, with_x, interpret, gk, when=None, into=None):
     """`wy_fwd` as one launch of `_wy_kernel` (with a gate, its blockwise gated mode). `when`:
     (flags, want) runs only the chunks whose flag is `want`, in the whole-chunk factored mode
-    for want = 1; `into`: the outputs of an earlier launch to write into (aliased); `options`:
-    further static options of the kernel (variants timed by benchmarks/gate_variants.py)."""
+    for want = 1; `into`: the outputs of an earlier launch to write into (aliased)."""
     _, L, H, Kp = a.shape
     Vp, C = v.shape[-1], chunk_size
     kspec = pl.BlockSpec((None, C, None, Kp), lambda c, h: (0, c, h, 0))
@@ -345,7 +342,7 @@ def _wy_call(
         ]
     kernel = functools.partial(
         _wy_kernel, block_v=config.wy_block_v, precision=PRECISIONS[config.wy_precision],
-        f32_prec=f32_precision(config.f32_dots, interpret), **gated, **options,
+        f32_prec=f32_precision(config.f32_dots, interpret), **gated,
     )
     aliases = {}
     if when is not None:
