@@ -37,10 +37,7 @@ from iplr_jax.triton.config import ChunkConfig
 from iplr_jax.triton.gate import SUB
 from iplr_jax.triton.helpers import (
     F32,
-    HIGHEST,
-    NN,
     NT,
-    TF32X3,
     TN,
     dot,
     dot_as,
@@ -191,17 +188,9 @@ def _gated_output_kernel(
     if not chunk_factor:
         _output_blockwise(*refs, factor=factor, **kw)
         return
-    C = q_ref.shape[0]
-    mid = C // 2 - 1
     g = g_ref[...]
-    gdt = g.dtype if is_low(g.dtype) else F32
-    t = jax.lax.broadcasted_iota(jnp.int32, (C, C), 0)
-    s = jax.lax.broadcasted_iota(jnp.int32, (C, C), 1)
-    # G - Gm as one product of the gate rows with a 0 / +-1 matrix (s <= t minus s <= m):
-    # exact products, float32 sums, no in-kernel scan (docs/gate.md "Whole-chunk factoring")
-    rel = dot(((s <= t).astype(F32) - (s <= mid).astype(F32)).astype(gdt), g.astype(gdt), NN, g_prec)
-    rows = jax.lax.broadcasted_iota(jnp.int32, g.shape, 0)
-    g_mid = jnp.sum(mask(rows <= mid, g.astype(F32)), axis=0)  # Gm
+    rel = gate.from_middle(g, 0, g.shape[0], exclusive=False, precision=g_prec)  # G - Gm
+    g_mid, _ = gate.middle_sums(g)  # Gm
     ok = jnp.max(jnp.abs(rel)) <= gate.FACTOR_BOUND
     pl.when(ok)(lambda: _output_factored(*refs, rel=rel, g_mid=g_mid, **kw))
     pl.when(jnp.logical_not(ok))(lambda: _output_blockwise(*refs, factor=factor, **kw))
@@ -280,8 +269,7 @@ def output_fwd(
         kernel = functools.partial(
             _gated_output_kernel, factor=config.gate_factored,
             chunk_factor=config.gate_chunk_factored and C > SUB and Kp <= 128,
-            # float32 gates summed at float32 accuracy: three tf32 products on the GPU
-            g_prec=None if is_low(gk.dtype) else (HIGHEST if interpret else TF32X3),
+            g_prec=gate.sum_precision(gk.dtype, interpret),
         )
         args, in_specs = args + [gk], in_specs + [kc]
     return pl.pallas_call(

@@ -49,10 +49,11 @@ class ChunkConfig:
     `jax.default_matmul_precision` (docs/numerics.md).
     Gate: `gate_factored` computes the gated kernels' diagonal 16-row blocks as one product of
     decayed operands wherever the block's decay allows it (pairwise elsewhere; docs/gate.md);
-    False: always pairwise. `gate_chunk_factored` (default on): where every chunk's decay stays
-    within `gate.FACTOR_BOUND` of its middle row, the gated WY pass and backward as the IPLR
-    kernels on decayed operands and the output kernel by whole chunks (`gate_factors`); the
-    blockwise gated kernels otherwise, chosen under `lax.cond` (bf16 and float32 inputs).
+    False: always pairwise. `gate_chunk_factored` (default on): each chunk whose decay stays
+    within `gate.FACTOR_BOUND` of its middle row takes the WY kernel's whole-chunk mode and the
+    output kernel's whole-chunk tiles, the others the blockwise ones (bf16 and float32 inputs);
+    for bf16 the backward runs as the IPLR kernels on decayed operands when every chunk
+    qualifies (one `lax.cond`; `gate_factors`), else the blockwise gated kernels.
     """
 
     wy_warps: int | None = None

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from iplr_jax.triton.helpers import F32, HIGHEST, NT, TN, dot, is_low, mask, tri
+from iplr_jax.triton.helpers import F32, HIGHEST, NN, NT, TF32X3, TN, dot, is_low, mask, tri
 
 SUB = 16  # rows of a sub-block (the WY kernel's diagonal-block size)
 # K-slice of the pairwise diagonal blocks: a [16, 16, BK] float32 tile per product in registers
@@ -76,6 +76,36 @@ def span(tot, j: int, i: int):
 def to_block_end(g_ref, tot, j: int):
     """e^{G_{r_j} - G_s} for the rows s of block j: decay from after s to the end of its block."""
     return jnp.exp(tot[j][None, :] - block_gate(g_ref, j)[0])
+
+
+# -- the whole chunk referred to its middle row m = C/2 - 1 (docs/gate.md "Whole-chunk factoring")
+
+
+def sum_precision(dtype, interpret: bool):
+    """The precision of `from_middle`'s product for gates of `dtype`: 16-bit gates exactly as
+    they are; float32 ones at float32 accuracy (three tf32 products on the GPU)."""
+    return None if is_low(dtype) else (HIGHEST if interpret else TF32X3)
+
+
+def from_middle(g, start: int, rows: int, *, exclusive: bool, precision):
+    """G - Gm (Gx - Gm if `exclusive`) for `rows` rows from `start` of a chunk's gate rows g
+    [C, Kp], as one product of g with a [rows, C] matrix of 0 / +-1 (s <= t minus s <= m):
+    exact products, float32 sums, no scan inside the kernel."""
+    C = g.shape[0]
+    gdt = g.dtype if is_low(g.dtype) else F32
+    t = lax.broadcasted_iota(jnp.int32, (rows, C), 0)
+    t = t + start if start else t
+    s = lax.broadcasted_iota(jnp.int32, (rows, C), 1)
+    upto = ((s < t) if exclusive else (s <= t)).astype(F32) - (s <= C // 2 - 1).astype(F32)
+    return dot(upto.astype(gdt), g.astype(gdt), NN, precision)
+
+
+def middle_sums(g):
+    """(Gm, G_C - Gm) [Kp] of a chunk's gate rows g [C, Kp]: g summed over rows 0 .. m and over
+    rows m+1 .. C-1, in float32."""
+    g = g.astype(F32)
+    upto = lax.broadcasted_iota(jnp.int32, g.shape, 0) <= g.shape[0] // 2 - 1
+    return jnp.sum(mask(upto, g), axis=0), jnp.sum(mask(~upto, g), axis=0)
 
 
 def diag_precision(dt, f32_precision):

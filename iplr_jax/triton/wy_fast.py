@@ -135,24 +135,13 @@ def _factored_products(a_ref, b_ref, k_ref, g_ref, kd_ref, bd_ref, gc_ref, nb: i
     Writes the sweep's K e^{G_C - G} = Kd e^{G_C - Gm}, B likewise, and e^{G_C}. Returns
     (m, lak, a_rows, e^{Gm}) with W = X Ad e^{Gm}.
 
-    Each block's rel rows are one product of the chunk's gate rows with a [16, C] matrix of
-    0 / +-1 (s <= t minus s <= m): exact products, float32 sums (float32 gates at `g_prec`),
-    no in-kernel scan."""
-    C = nb * SUB
-    mid = C // 2 - 1
-    g32 = g_ref[...].astype(F32)
-    gdt = g_ref.dtype if is_low(g_ref.dtype) else F32
-    rows_c = jax.lax.broadcasted_iota(jnp.int32, g32.shape, 0)
-    g_mid = jnp.sum(mask(rows_c <= mid, g32), axis=0)  # Gm
-    g_end = jnp.sum(mask(rows_c > mid, g32), axis=0)  # G_C - Gm
-    col = jax.lax.broadcasted_iota(jnp.int32, (SUB, C), 1)
+    Each block's rel rows come from `gate.from_middle` (float32 gates at `g_prec`)."""
     dt = a_ref.dtype
     rows = lambda ref, i: ref[pl.ds(i * SUB, SUB), :].astype(F32)  # noqa: E731
+    g_mid, g_end = gate.middle_sums(g_ref[...])  # Gm, G_C - Gm
 
     def rel(i, exclusive):  # G - Gm (Gx - Gm if exclusive) for the rows of block i
-        t = jax.lax.broadcasted_iota(jnp.int32, (SUB, C), 0) + i * SUB
-        upto = ((col < t) if exclusive else (col <= t)).astype(F32) - (col <= mid).astype(F32)
-        return dot(upto.astype(gdt), g_ref[...].astype(gdt), NN, g_prec)
+        return gate.from_middle(g_ref[...], i * SUB, SUB, exclusive=exclusive, precision=g_prec)
 
     def a_dec(i):
         return (rows(a_ref, i) * jnp.exp(rel(i, True))).astype(dt)
@@ -332,9 +321,7 @@ def _wy_call(a, b, k, v, *, chunk_size, config, out_dtype, with_x, interpret, gk
         args.append(gk)
         gated = dict(gated=True, factor=config.gate_factored)
         if when is not None and when[1]:
-            # float32 gates summed at float32 accuracy: three tf32 products on the GPU
-            g_prec = None if is_low(gk.dtype) else (HIGHEST if interpret else TF32X3)
-            gated.update(chunk_factored=True, g_prec=g_prec)
+            gated.update(chunk_factored=True, g_prec=gate.sum_precision(gk.dtype, interpret))
         out_specs += [kspec, kspec, pl.BlockSpec((None, None, Kp), lambda c, h: (c, h, 0))]
         out_shape += [
             shape_dtype((1, L, H, Kp), out_dtype, vma), shape_dtype((1, L, H, Kp), out_dtype, vma),
