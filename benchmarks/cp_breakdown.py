@@ -52,22 +52,25 @@ def cp(T, n, combine, reps=10, fwd=True):
     return t_f, median_ms(fb, *xs, reps=reps)
 
 
-def cp_jit(T, n, reps=10):
+def cp_jit(T, n, reps=10, summary=None):
     """`chunk` under plain jit with q, k, v, a, b sharded over T on n devices (the kernels'
-    summary-sweep path, ops/chunk.py), forward and forward+backward."""
+    path, ops/chunk.py; `summary`: `ChunkConfig.summary`), forward and forward+backward."""
     mesh = Mesh(np.array(jax.devices()[:n]), ("sp",))
     xs = [jax.device_put(x, NamedSharding(mesh, P(None, "sp"))) for x in cp_inputs(T, H, K, V, jnp.bfloat16)]
-    f = lambda *x: iplr_jax.chunk(*x)[0]  # noqa: E731
+    config = iplr_jax.ChunkConfig(summary=summary)
+    f = lambda *x: iplr_jax.chunk(*x, config=config)[0]  # noqa: E731
     fb = jax.jit(jax.grad(lambda *x: jnp.sum(f(*x).astype(jnp.float32)), argnums=(0, 1, 2, 3, 4)))
     return median_ms(jax.jit(f), *xs, reps=reps), median_ms(fb, *xs, reps=reps)
 
 
-def check(T, n):
+def check(T, n, summary=None):
     """Relative errors of the T-sharded jit path on n devices against one device: the output
     and the gradients of q, k, v, a, b (bf16 inputs, float32 loss)."""
     xs = cp_inputs(T, H, K, V, jnp.bfloat16)
-    loss = lambda *x: jnp.sum(iplr_jax.chunk(*x)[0].astype(jnp.float32) ** 2)  # noqa: E731
-    both = jax.jit(lambda *x: (iplr_jax.chunk(*x)[0], jax.grad(loss, argnums=(0, 1, 2, 3, 4))(*x)))
+    config = iplr_jax.ChunkConfig(summary=summary)
+    run = lambda *x: iplr_jax.chunk(*x, config=config)[0]  # noqa: E731
+    loss = lambda *x: jnp.sum(run(*x).astype(jnp.float32) ** 2)  # noqa: E731
+    both = jax.jit(lambda *x: (run(*x), jax.grad(loss, argnums=(0, 1, 2, 3, 4))(*x)))
     ref = both(*xs)
     mesh = Mesh(np.array(jax.devices()[:n]), ("sp",))
     got = both(*[jax.device_put(x, NamedSharding(mesh, P(None, "sp"))) for x in xs])
@@ -113,14 +116,17 @@ def longest(n, limit, start=1 << 19):
     return best
 
 
-def run_cases(T, rows, jit_only=False):
+def run_cases(T, rows, jit_only=False, devices=(2,), summaries=(None,)):
     rows["plain_1gpu"] = plain(T)
     print("plain chunk, 1 GPU, T", T, rows["plain_1gpu"], flush=True)
-    rows["plain_half"] = plain(T // 2)
-    print("plain chunk, 1 GPU, T/2", rows["plain_half"], flush=True)
-    for n in (2, 1):
-        rows[f"jit_n{n}"] = cp_jit(T, n)
-        print(f"chunk under jit, T sharded over {n} device(s)", rows[f"jit_n{n}"], flush=True)
+    for n in devices:
+        rows[f"plain_1/{n}"] = plain(T // n)
+        print(f"plain chunk, 1 GPU, T/{n}", rows[f"plain_1/{n}"], flush=True)
+    for n in devices:
+        for summary in summaries:
+            rows[f"jit_n{n}_{summary or 'default'}"] = cp_jit(T, n, summary=summary)
+            print(f"chunk under jit, T sharded over {n} devices, summary {summary or 'default'}",
+                  rows[f"jit_n{n}_{summary or 'default'}"], flush=True)
     if jit_only:
         return
     rows["widened_half"] = plain(T // 2, width=V + K)
@@ -144,15 +150,24 @@ def main():
                    help="first compare the 2-device jit path with one device at this T")
     p.add_argument("--jit", action="store_true",
                    help="only the jit rows (T sharded by NamedSharding); memory rows from that path")
+    p.add_argument("--devices", default="2", help="device counts for the sharded rows, e.g. 2,4")
+    p.add_argument("--summary", default="default",
+                   help="ChunkConfig.summary values for the jit rows: default, products, sweep")
     args = p.parse_args()
+    devices = tuple(int(n) for n in args.devices.split(","))
+    summaries = tuple(None if s == "default" else s for s in args.summary.split(","))
     global JIT_PATH
     JIT_PATH = args.jit
     rows = {}
     if args.check:
-        rows["check"] = check(args.check, 2)
-        print(f"2 devices vs 1 at T={args.check}, relative errors:", rows["check"], flush=True)
+        for n in devices:
+            for summary in summaries:
+                key = f"check_n{n}_{summary or 'default'}"
+                rows[key] = check(args.check, n, summary)
+                print(f"{n} devices vs 1 at T={args.check}, summary {summary or 'default'}, relative "
+                      "errors:", rows[key], flush=True)
     if not args.skip_times:
-        run_cases(args.T, rows, jit_only=args.jit)
+        run_cases(args.T, rows, jit_only=args.jit, devices=devices, summaries=summaries)
     if args.ts:
         cap = 0.95 * jax.devices()[0].memory_stats()["bytes_limit"]
         for n in (1, 2):

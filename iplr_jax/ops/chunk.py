@@ -162,7 +162,7 @@ def _fwd_shard(q, k, v, a, b, h0, *cu, scale, chunk_size, config, interpret, res
     o, ht, res = triton_fwd.chunk_fwd(
         lay.align(x, layout, Kp, Vp), lay.pad_state(h0.astype(jnp.float32), Kp, Vp),
         layout.cu_chunks, scale=scale, chunk_size=chunk_size, config=config, interpret=interpret,
-        residuals=residuals, enter=enter,
+        residuals=residuals, enter=enter, rows=dims.B if cu is None else None,
     )
     o, ht = lay.from_chunks(o, layout)[..., : dims.V], ht[:, :, : dims.K, : dims.V]
     if not residuals:
@@ -190,6 +190,7 @@ def _bwd_shard(q, k, v, a, b, h0, *rest, scale, chunk_size, config, interpret, g
         lay.align(x, layout, Kp, Vp), res, layout.cu_chunks,
         lay.pad_last(lay.to_chunks(do, layout), Vp), lay.pad_state(dht.astype(jnp.float32), Kp, Vp),
         scale=scale, chunk_size=chunk_size, config=config, interpret=interpret, exit=exit,
+        rows=dims.B if cu is None else None,
     )
     back = dx.map(lambda name, g: lay.from_chunks(g, layout)[..., : dims.V if name == "v" else dims.K])
     return (*back.arrays(), dh0[:, :, : dims.K, : dims.V])

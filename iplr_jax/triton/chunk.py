@@ -341,7 +341,7 @@ def _state_pass(
 
 def chunk_fwd(
     x: Inputs, h0, cu_chunks, *, scale, chunk_size, config: ChunkConfig, interpret, residuals=True,
-    enter=None,
+    enter=None, rows=None,
 ):
     """Forward of the chunked form on the aligned layout.
 
@@ -358,6 +358,8 @@ def chunk_fwd(
       enter: context parallelism (docs/architecture.md "Several devices"): a function of this
         slice's summary [h | M] ([N, H, Kp, Vp + Kp], from a summary sweep sharing the WY pass)
         and h0, returning the state entering the slice, from which the sweep then runs.
+      rows: with `enter`, N when the sequences are the N equal rows of an unpacked input (the
+        summary's products then compose as a tree; `segments.compose_maps`).
 
     Returns:
       o [1, L, H, Vp] (v's dtype), ht [N, H, Kp, Vp] float32, and `Residuals` (or None; with a
@@ -387,7 +389,12 @@ def chunk_fwd(
     )
     seg, v_dtype = config.segment_chunks, dt if low_v2 and not residuals else F32
     if enter is not None:
-        (summary,) = sweep(cu_chunks, h0, summary=True)
+        if config.summary == "products" and not x.gated:
+            prec = jax.lax.Precision.HIGHEST if config.f32_dots == "highest" else None
+            summary = segments.forward_summary(w, u, k, b, v, cu_chunks, chunk_size=C, rows=rows,
+                                               precision=prec)
+        else:
+            (summary,) = sweep(cu_chunks, h0, summary=True)
         h0 = enter(summary, h0.astype(F32))
         seg = 0
     if seg and not x.gated:  # long sequences in parallel segments (`segments`)

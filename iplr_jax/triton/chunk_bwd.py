@@ -538,7 +538,7 @@ def _gate_grad(x: Inputs, dq, dk, da, db, dgc, C):
 
 def chunk_bwd(
     x: Inputs, res: Residuals, cu_chunks, do, dht, *, scale, chunk_size, config: ChunkConfig,
-    interpret, exit=None,
+    interpret, exit=None, rows=None,
 ):
     """Gradients of the chunked form on the aligned layout (see `chunk.chunk_fwd`).
 
@@ -552,6 +552,7 @@ def chunk_bwd(
       exit: context parallelism, the mirror of `chunk_fwd`'s `enter` (kernels only): a function
         of this slice's backward summary [g | M^T] ([N, H, Kp, Vp + Kp]) and dht, returning the
         cotangent of the state leaving the slice, from which the sweep then runs.
+      rows: with `exit`, as `chunk_fwd`'s.
 
     Returns:
       `Inputs` of dq, dk, dv, da, db in the inputs' dtypes, and dh0 [N, H, Kp, Vp] float32.
@@ -574,7 +575,12 @@ def chunk_bwd(
     cu_chunks = jnp.asarray(cu_chunks, jnp.int32)
     dht = jnp.asarray(dht, jnp.float32)
     sweep = _segmented_sweep if config.segment_chunks else _sweep
-    if exit is not None:
+    if exit is not None and config.summary == "products":
+        prec = lax.Precision.HIGHEST if config.f32_dots == "highest" else None
+        summary = segments.backward_summary(q, b, res.w, do, cu_chunks, scale=scale, chunk_size=chunk_size,
+                                            rows=rows, precision=prec)
+        dht, sweep = exit(summary, dht), _sweep
+    elif exit is not None:
         (summary,) = _sweep(
             q, b, res.w, do, dht, cu_chunks, scale=scale, chunk_size=chunk_size, dt=dt, config=config,
             interpret=interpret, summary=True,

@@ -54,6 +54,10 @@ class ChunkConfig:
     output kernel's whole-chunk tiles, the others the blockwise ones (bf16 and float32 inputs);
     for bf16 the backward runs as the IPLR kernels on decayed operands when every chunk
     qualifies (one `lax.cond`; `gate_factors`), else the blockwise gated kernels.
+    Context parallelism (T sharded): `summary`, how each slice's affine map [h | M] (and the
+    backward's [g | M^T]) is formed: "products" (every chunk's map in parallel, composed by
+    matrix products; `segments.compose_maps`) or "sweep" (the state kernels with K identity
+    columns).
     """
 
     wy_warps: int | None = None
@@ -77,6 +81,7 @@ class ChunkConfig:
     segment_chunks: int | None = None
     gate_factored: bool | None = None
     gate_chunk_factored: bool | None = None
+    summary: Literal["products", "sweep"] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,6 +157,7 @@ def chunk_config(
         f32_dots=default_f32_dots,
         gate_factored=lambda: True,
         gate_chunk_factored=lambda: True,
+        summary=lambda: "products",
     )
     programs = N * H * (Vp // c.state_block_v)
     # Fusing the output adds Q K^T, Q B^T and three more dots to every step of the sequential
