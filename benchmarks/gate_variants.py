@@ -7,7 +7,8 @@ gk = -softplus(N(0, 1))):
 WY rows: the IPLR kernel (gk=None, the floor); the default gated route (the per-chunk flags,
 the whole-chunk factored launch, the blockwise launch for the chunks left); the factored launch
 alone; the blockwise launch when every chunk is flagged (what its early exits cost); the flags'
-jnp pass alone; the blockwise gated kernel alone (`gate_chunk_factored=False`).
+jnp pass alone; the default with the blockwise launch skipped by a `lax.cond` when every chunk
+is flagged; the blockwise gated kernel alone (`gate_chunk_factored=False`).
 Output rows: the gated output kernel by 16-row blocks and by whole chunks, and the IPLR one,
 each with the whole forward. Session 10 measured an in-kernel route with this script too
 (benchmarks/NOTES.md).
@@ -68,6 +69,15 @@ def profile(label, B, T, H, K, V, wanted, interp, C=64, dt=jnp.bfloat16):
         row("wy gated, blockwise launch with every chunk flagged (its exits)",
             jax.jit(lambda *x: call(*x[:4], gk=x[4], when=(ones, 0), into=x[5:])), a, b, k, v, gk, *outs)
         row("flags alone (jnp)", jax.jit(lambda g: gate_factors.chunk_flags(g, C)), gk)
+
+        def skip_when_all_flagged(*x):  # the blockwise launch under a cond on all(flags)
+            flags = gate_factors.chunk_flags(x[4], C)
+            outs = call(*x[:4], gk=x[4], when=(flags, 1))
+            rest = lambda o: tuple(call(*x[:4], gk=x[4], when=(flags, 0), into=o))  # noqa: E731
+            return jax.lax.cond(jnp.all(flags == 1), lambda o: tuple(o), rest, tuple(outs))
+
+        row("wy gated, flags + factored launch + blockwise under cond(all flags)",
+            jax.jit(skip_when_all_flagged), a, b, k, v, gk)
         row("wy gated, blockwise kernel", wy(cfg(True, gate_chunk_factored=False)), a, b, k, v, gk)
     if "out" in wanted:
         cu = jnp.arange(B + 1, dtype=jnp.int32) * (T // C)

@@ -36,11 +36,11 @@ TOL = 1e-5
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
 
 
-def _outputs_and_grads(impl, cu=None):
+def _outputs_and_grads(impl, cu=None, config=None):
     def loss(q, k, v, a, b, h0):
         o, ht = iplr_jax.chunk(
             q, k, v, a, b, initial_state=h0, output_final_state=True, cu_seqlens=cu,
-            chunk_size=C, implementation=impl,
+            chunk_size=C, implementation=impl, config=config,
         )
         return jnp.sum(o * o) + jnp.sum(jnp.sin(ht)), (o, ht)
 
@@ -51,11 +51,11 @@ def _outputs_and_grads(impl, cu=None):
     return f
 
 
-def _forward(impl):
+def _forward(impl, config=None):
     def f(q, k, v, a, b, h0):
         return iplr_jax.chunk(
             q, k, v, a, b, initial_state=h0, output_final_state=True, chunk_size=C,
-            implementation=impl,
+            implementation=impl, config=config,
         )
 
     return f
@@ -111,7 +111,7 @@ def _put(mesh, tok, st, xs):
     return [jax.device_put(x, s) for x, s in zip(xs, shardings, strict=True)], shardings
 
 
-def _run_and_check(impl, mesh, tok, st, B, T, what):
+def _run_and_check(impl, mesh, tok, st, B, T, what, config=None):
     """Compile the forward and forward+backward on sharded inputs; check numbers, shardings and
     collectives. Returns the gradient program's text."""
     xs, shardings = _put(mesh, tok, st, _case(B, T))
@@ -119,13 +119,13 @@ def _run_and_check(impl, mesh, tok, st, B, T, what):
     tok4 = tuple(tok) + (None,) * (4 - len(tuple(tok)))
     n_seq, b_loc, h_loc = n_of(tok4[1]), B // n_of(tok4[0]), H // n_of(tok4[2])
 
-    fwd = jax.jit(_forward(impl)).lower(*xs).compile()
+    fwd = jax.jit(_forward(impl, config)).lower(*xs).compile()
     assert _check_collectives(fwd.as_text(), n_seq, b_loc, h_loc, f"{what} forward") >= 1
     o, ht = fwd(*xs)
     want = _unsharded(impl, B, T)
     _close((o, ht, *want[2:]), want, f"{what} forward")
 
-    grad = jax.jit(_outputs_and_grads(impl)).lower(*xs).compile()
+    grad = jax.jit(_outputs_and_grads(impl, config=config)).lower(*xs).compile()
     _check_collectives(grad.as_text(), n_seq, b_loc, h_loc, f"{what} gradient")
     got = grad(*xs)
     _close(got, want, what)
@@ -153,6 +153,23 @@ CASES = [
 @pytest.mark.parametrize("shape, tok, st, B, T", CASES)
 def test_jit_sequence_sharded(shape, tok, st, B, T):
     _run_and_check("interpret", _mesh(shape), tok, st, B, T, f"{shape} {tok}")
+
+
+@pytest.mark.slow
+def test_jit_sequence_sharded_summary_products(monkeypatch):
+    """`ChunkConfig(summary="products")`: the slices' summaries by products of per-chunk maps
+    (segments.forward_summary / backward_summary, counted as they trace) instead of the summary
+    sweeps; the same numbers, shardings and collectives. 4 devices, batch over the other axis."""
+    from iplr_jax import segments
+
+    traced = []
+    for name in ("forward_summary", "backward_summary"):
+        fn = getattr(segments, name)
+        counted = lambda *a, _f=fn, _n=name, **kw: traced.append(_n) or _f(*a, **kw)  # noqa: E731
+        monkeypatch.setattr(segments, name, counted)
+    config = iplr_jax.ChunkConfig(summary="products")
+    _run_and_check("interpret", _mesh((2, 4)), P("x", "y"), P("x"), 2, 128, "products", config=config)
+    assert {"forward_summary", "backward_summary"} <= set(traced), traced
 
 
 def test_jit_sequence_sharded_explicit_mesh():
