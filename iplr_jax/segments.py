@@ -13,8 +13,12 @@ segment its own chain. A segment is affine in the state it starts from,
   3. the ordinary sweep runs every segment from its entering state, writing the same
      residuals as an unsplit sweep.
 
-The backward mirrors it with `[g | M^T]` (`exiting_cotangents`). Nothing here runs on the
-tokens: these are [NS, H, Kp, *] states, float32 at HIGHEST precision (M need not shrink).
+The backward mirrors it with `[g | M^T]` (`exiting_cotangents`). The folds run on [NS, H, Kp,
+*] states, float32 at HIGHEST precision (M need not shrink).
+
+The same summaries by products instead of a sweep (`forward_summary`, `backward_summary`:
+every chunk's map from the WY pass's operands, composed per sequence; docs/chunked.md
+"Summaries by products") serve context parallelism with `ChunkConfig(summary="products")`.
 """
 
 from __future__ import annotations
