@@ -3,15 +3,18 @@
     python benchmarks/cp_breakdown.py --out cp_breakdown.json       # on a 2-GPU machine
 
 One sequence B1 H16 K=V=128, bf16, default implementation. Times (median of 10, ms):
-  * plain `chunk` on one GPU at T (the baseline a user has without context parallelism);
-  * `chunk` under jit with T sharded over 2 and 1 devices (the kernels' summary-sweep path);
+  * plain `chunk` on one GPU at T (the baseline a user has without context parallelism) and at
+    T / n for each n of --devices (one slice's own work);
+  * `chunk` under jit with T sharded over n devices (the kernels' path), for each
+    `ChunkConfig.summary` of --summary;
   * `chunk` with V + K = 256 value columns at T / 2 (the widened run of the composed form);
   * `chunk_cp` on 1 and 2 devices at T: the default call (the kernels' path) and both combines
     of the composed form.
---jit keeps the first two items. --check T first compares 2 devices with one. With --longest,
-the longest T (512k times powers of two) whose forward + backward fits one device's memory by
-XLA's memory analysis of the compiled step, on 1 GPU (plain `chunk` under jit) and on 2 GPUs
-(`chunk_cp`, or with --jit `chunk` on T-sharded inputs).
+--jit keeps the first two items; --unguarded adds them without the non-finite guard. --check T
+first compares n devices with one. With --longest, the longest T (512k times powers of two)
+whose forward + backward fits one device's memory by XLA's memory analysis of the compiled
+step, on 1 GPU (plain `chunk` under jit) and on 2 GPUs (`chunk_cp`, or with --jit `chunk` on
+T-sharded inputs).
 """
 
 from __future__ import annotations
@@ -116,7 +119,12 @@ def longest(n, limit, start=1 << 19):
     return best
 
 
-def run_cases(T, rows, jit_only=False, devices=(2,), summaries=(None,)):
+def _unguarded(run, x, cu_seqlens, dims, *extra, **_):
+    """`inputs.guarded_unless_finite` without its finiteness check and cond (--unguarded)."""
+    return run(x, cu_seqlens, *extra)
+
+
+def run_cases(T, rows, jit_only=False, devices=(2,), summaries=(None,), unguarded=False):
     rows["plain_1gpu"] = plain(T)
     print("plain chunk, 1 GPU, T", T, rows["plain_1gpu"], flush=True)
     for n in devices:
@@ -127,6 +135,17 @@ def run_cases(T, rows, jit_only=False, devices=(2,), summaries=(None,)):
             rows[f"jit_n{n}_{summary or 'default'}"] = cp_jit(T, n, summary=summary)
             print(f"chunk under jit, T sharded over {n} devices, summary {summary or 'default'}",
                   rows[f"jit_n{n}_{summary or 'default'}"], flush=True)
+    if unguarded:  # what the non-finite guard (docs/numerics.md) costs each row
+        import iplr_jax.ops.chunk as chunk_module
+
+        guard, chunk_module.guarded_unless_finite = chunk_module.guarded_unless_finite, _unguarded
+        rows["plain_1gpu_unguarded"] = plain(T)
+        print("plain chunk, 1 GPU, T, unguarded", rows["plain_1gpu_unguarded"], flush=True)
+        for n in devices:
+            rows[f"jit_n{n}_unguarded"] = cp_jit(T, n)
+            print(f"chunk under jit, T sharded over {n} devices, unguarded", rows[f"jit_n{n}_unguarded"],
+                  flush=True)
+        chunk_module.guarded_unless_finite = guard
     if jit_only:
         return
     rows["widened_half"] = plain(T // 2, width=V + K)
@@ -151,6 +170,8 @@ def main():
     p.add_argument("--jit", action="store_true",
                    help="only the jit rows (T sharded by NamedSharding); memory rows from that path")
     p.add_argument("--devices", default="2", help="device counts for the sharded rows, e.g. 2,4")
+    p.add_argument("--unguarded", action="store_true",
+                   help="also the jit rows without the non-finite guard's check and cond")
     p.add_argument("--summary", default="default",
                    help="ChunkConfig.summary values for the jit rows: default, products, sweep")
     args = p.parse_args()
@@ -167,7 +188,8 @@ def main():
                 print(f"{n} devices vs 1 at T={args.check}, summary {summary or 'default'}, relative "
                       "errors:", rows[key], flush=True)
     if not args.skip_times:
-        run_cases(args.T, rows, jit_only=args.jit, devices=devices, summaries=summaries)
+        run_cases(args.T, rows, jit_only=args.jit, devices=devices, summaries=summaries,
+                  unguarded=args.unguarded)
     if args.ts:
         cap = 0.95 * jax.devices()[0].memory_stats()["bytes_limit"]
         for n in (1, 2):
