@@ -1,7 +1,8 @@
 """Where a context-parallel slice's summary spends its time (issue 15, docs/chunked.md
 "Summaries by products"): one slice B1 T H16 K=V=128 bf16 on one GPU, the forward [h | M] and
-the backward [g | M^T] by the summary sweeps and by products, the products' leaves and tree
-apart, and the tree at other precisions (median ms, one process):
+the backward [g | M^T] by the summary sweeps and by the products' kernels (`triton/summary.py`),
+their per-chunk maps and tree apart (median ms, one process). Session 12 timed an XLA version
+of the products with this script (benchmarks/NOTES.md).
 
     python benchmarks/summary_variants.py [--T 131072]
 """
@@ -16,13 +17,11 @@ import jax.numpy as jnp
 from profile_kernels import inputs
 from timing import median_ms
 
-from iplr_jax import segments
 from iplr_jax.triton import chunk as ck
 from iplr_jax.triton import chunk_bwd as cb
-from iplr_jax.triton.config import chunk_config
+from iplr_jax.triton import summary
+from iplr_jax.triton.config import ChunkConfig, chunk_config
 from iplr_jax.triton.wy_fast import wy_fwd
-
-HI = jax.lax.Precision.HIGHEST
 
 
 def main():
@@ -34,8 +33,8 @@ def main():
     q, k, v, a, b, do, _ = inputs(1, T, H, K, V, jnp.bfloat16)
     NC = T // C
     cu = jnp.asarray([0, NC], jnp.int32)
-    cfg = chunk_config(None, N=1, H=H, Kp=K, Vp=V, num_chunks=NC, dtype=jnp.bfloat16,
-                       interpret=args.interpret)
+    cfg = chunk_config(ChunkConfig(summary="products"), N=1, H=H, Kp=K, Vp=V, num_chunks=NC,
+                       dtype=jnp.bfloat16, interpret=args.interpret)
     w, u = jax.jit(functools.partial(wy_fwd, chunk_size=C, config=cfg, out_dtype=jnp.bfloat16,
                                      interpret=args.interpret))(a, b, k, v)
     zeros = jnp.zeros((1, H, K, V), jnp.float32)
@@ -48,23 +47,19 @@ def main():
     sweep = functools.partial(ck._state_pass, q=None, gc=None, chunk_size=C, scale=K**-0.5, low_v2=True,
                               config=cfg, interpret=args.interpret, summary=True)
     row("fwd summary sweep", lambda *x: sweep(*x, cu, zeros)[0], w, u, k, b, v)
-    row("fwd products (default)", lambda *x: segments.forward_summary(*x, cu, chunk_size=C, rows=1),
-        w, u, k, b, v)
-    row("fwd leaves only", lambda *x: segments.forward_maps(*x, chunk_size=C), w, u, k, b, v)
-    m, h = jax.jit(functools.partial(segments.forward_maps, chunk_size=C))(w, u, k, b, v)
-    for name, prec in (("default", None), ("highest", HI)):
-        row(f"tree only, precision {name}",
-            lambda m, h, prec=prec: segments.compose_maps(m, h, cu, rows=1, precision=prec), m, h)
-    bf = lambda m, h: segments.compose_maps(m.astype(jnp.bfloat16), h.astype(jnp.bfloat16), cu, rows=1)  # noqa: E731
-    row("tree only, bf16 operands", bf, m, h)
-    row("segmented scan only", lambda m, h: segments.compose_maps(m, h, cu), m, h)
+    mkw = dict(chunk_size=C, config=cfg, interpret=args.interpret)
+    kw = dict(rows=1, **mkw)
+    row("fwd products", lambda *x: summary.forward_summary(*x, cu, **kw), w, u, k, b, v)
+    row("fwd maps only", lambda *x: summary.forward_maps(*x, **mkw), w, u, k, b, v)
+    h, m = jax.jit(lambda *x: summary.forward_maps(*x, **mkw))(w, u, k, b, v)
+    tree = functools.partial(summary._compose_rows, rows=1, reverse=False, f32_prec=None,
+                             interpret=args.interpret)
+    row("tree only", tree, h, m)
     bsweep = functools.partial(cb._sweep, scale=K**-0.5, chunk_size=C, dt=jnp.bfloat16, config=cfg,
                                interpret=args.interpret, summary=True)
     row("bwd summary sweep", lambda *x: bsweep(*x, zeros, cu)[0], q, b, w, do)
-    row("bwd products (default)",
-        lambda *x: segments.backward_summary(*x, cu, scale=K**-0.5, chunk_size=C, rows=1), q, b, w, do)
-    row("bwd leaves only",
-        lambda *x: segments.backward_maps(*x, scale=K**-0.5, chunk_size=C), q, b, w, do)
+    row("bwd products", lambda *x: summary.backward_summary(*x, cu, scale=K**-0.5, **kw), q, b, w, do)
+    row("bwd maps only", lambda *x: summary.backward_maps(*x, scale=K**-0.5, **mkw), q, b, w, do)
     print(f"\n{jax.devices()[0].device_kind}, jax {jax.__version__}, T={T} H={H} K=V={K}, median ms")
     for name, ms in rows:
         print(f"{name:40s} {ms:8.3f}")

@@ -16,14 +16,13 @@ segment its own chain. A segment is affine in the state it starts from,
 The backward mirrors it with `[g | M^T]` (`exiting_cotangents`). The folds run on [NS, H, Kp,
 *] states, float32 at HIGHEST precision (M need not shrink).
 
-The same summaries by products instead of a sweep (`forward_summary`, `backward_summary`:
-every chunk's map from the WY pass's operands, composed per sequence; docs/chunked.md
-"Summaries by products") serve context parallelism with `ChunkConfig(summary="products")`.
+The same summaries by products instead of a sweep (`triton/summary.py`; docs/chunked.md
+"Summaries by products") serve context parallelism with `ChunkConfig(summary="products")`;
+`compose_maps` here composes their per-chunk maps for packed offsets.
 """
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import jax
@@ -114,78 +113,24 @@ def per_sequence(per_segment: jax.Array, index: jax.Array, empty: jax.Array, fal
     return jnp.where(empty[:, None, None, None], fallback, per_segment[index])
 
 
-# -- summaries by products ---------------------------------------------------------------------
-# The summary [h | M] of a run of chunks without a sweep (docs/chunked.md "Summaries by
-# products"): every chunk's own affine map from the WY pass's operands, all chunks in parallel,
-# then composed within each sequence, by a tree for equal rows of chunks (unpacked inputs) and
-# by a segmented scan otherwise. Matrix products only, no dependent chain: [K, K] maps cost
-# about 2 K^3 + 2 K^2 V per chunk against the sweep's K extra state columns walked in order.
-
-
-def _mm(x, y, precision):
-    return jnp.einsum("...ij,...jw->...iw", x, y, precision=precision, preferred_element_type=jnp.float32)
+# -- summaries by products: packed offsets ------------------------------------------------------
+# Every chunk's map comes from `triton.summary`'s kernel; for packed offsets the maps of each
+# sequence are composed here, by a segmented scan read at each sequence's last chunk (unpacked
+# rows compose by the kernel's tree; docs/chunked.md "Summaries by products").
 
 
 def _then(first, then, precision):
     """The map of `first` followed by `then`: (M, h) -> (Mt Mf, Mt hf + ht)."""
     (mf, hf), (mt, ht) = first, then
-    return _mm(mt, mf, precision), _mm(mt, hf, precision) + ht
+    mm = lambda x, y: jnp.einsum("...ij,...jw->...iw", x, y, precision=precision)  # noqa: E731
+    return mm(mt, mf), mm(mt, hf) + ht
 
 
-def _per_chunk(x, chunk_size):
-    """[1, L, H, D] -> [NC, C, H, D]."""
-    return x.reshape(-1, chunk_size, *x.shape[2:])
-
-
-def _with_identity(m):
-    return m + jnp.eye(m.shape[-1], dtype=m.dtype)
-
-
-def forward_maps(w, u, k, b, v, *, chunk_size, precision=None):
-    """Each chunk's map S_C = (I + B^T W) S0 + (K^T Vc + B^T U) (docs/chunked.md), from the
-    aligned WY outputs w, u and inputs k, b [1, L, H, Kp], v [1, L, H, Vp]: (M [NC, H, Kp, Kp],
-    h [NC, H, Kp, Vp]) float32."""
-    w, u, k, b, v = (_per_chunk(x, chunk_size) for x in (w, u, k, b, v))
-    tn = lambda x, y: jnp.einsum(  # noqa: E731
-        "cthi,cthj->chij", x, y, precision=precision, preferred_element_type=jnp.float32
-    )
-    return _with_identity(tn(b, w)), tn(k, v) + tn(b, u)
-
-
-def backward_maps(q, b, w, do, *, scale, chunk_size, precision=None):
-    """Each chunk's backward map dS0 = (I + W^T B) dS_C + g with g = Qs^T dO + W^T incl(Qs
-    B^T)^T dO (docs/chunked.md "Backward", Qs = scale Q), from q, b, w [1, L, H, Kp] and do
-    [1, L, H, Vp]: (M^T [NC, H, Kp, Kp], g [NC, H, Kp, Vp]) float32."""
-    C = chunk_size
-    q, b, w, do = (_per_chunk(x, C) for x in (q, b, w, do))
-    kw = dict(precision=precision, preferred_element_type=jnp.float32)
-    mqb = jnp.einsum("cthk,cshk->chts", q, b, **kw) * scale
-    mqb = jnp.where(jnp.tril(jnp.ones((C, C), bool)), mqb, 0)
-    from_do = jnp.einsum("chts,cthv->cshv", mqb, do.astype(jnp.float32), **kw)
-    g = scale * jnp.einsum("cthk,cthv->chkv", q, do, **kw)
-    g = g + jnp.einsum("cshk,cshv->chkv", w.astype(jnp.float32), from_do, **kw)
-    mt = jnp.einsum("cthi,cthj->chij", w, b, **kw)
-    return _with_identity(mt), g
-
-
-def compose_maps(m, h, cu_chunks, *, rows=None, reverse=False, precision=None):
+def compose_maps(m, h, cu_chunks, *, reverse=False, precision=None):
     """Every sequence's summary [h | M] ([N, H, Kp, W + Kp]) from its chunks' maps m [NC, H, Kp,
-    Kp], h [NC, H, Kp, W], composed in order (`reverse`: last chunk first, for the backward's
-    [g | M^T]). `rows`: the sequences are `rows` equal runs of NC / rows chunks (unpacked input):
-    a tree of pairwise compositions. Otherwise (cu_chunks [N + 1], possibly traced) a segmented
-    scan, read at each sequence's last chunk; an empty sequence gives [0 | I]."""
-    compose = lambda e1, e2: _then(e1, e2, precision)  # noqa: E731
-    if rows is not None:
-        m, h = (x.reshape(rows, -1, *x.shape[1:]) for x in (m, h))
-        if reverse:
-            m, h = m[:, ::-1], h[:, ::-1]
-        while m.shape[1] > 1:
-            if m.shape[1] % 2:  # an identity map at the end of every row
-                eye = jnp.broadcast_to(jnp.eye(m.shape[-1], dtype=m.dtype), m[:, :1].shape)
-                m = jnp.concatenate([m, eye], 1)
-                h = jnp.concatenate([h, jnp.zeros_like(h[:, :1])], 1)
-            m, h = compose((m[:, 0::2], h[:, 0::2]), (m[:, 1::2], h[:, 1::2]))
-        return jnp.concatenate([h[:, 0], m[:, 0]], -1)
+    Kp], h [NC, H, Kp, W] (float32), composed in chunk order (`reverse`: last chunk first, the
+    backward's [g | M^T]) within the sequences of cu_chunks [N + 1] (possibly traced); an empty
+    sequence gives [0 | I]."""
     NC = m.shape[0]
     cu = jnp.asarray(cu_chunks, jnp.int32)
     # a chunk that starts its sequence in the scan's order restarts the composition there
@@ -197,7 +142,7 @@ def compose_maps(m, h, cu_chunks, *, rows=None, reverse=False, precision=None):
 
     def seg_compose(e1, e2):
         (f1, m1, h1), (f2, m2, h2) = e1, e2
-        mc, hc = compose((m1, h1), (m2, h2))
+        mc, hc = _then((m1, h1), (m2, h2), precision)
         keep = f2[..., None, None, None]
         return f1 | f2, jnp.where(keep, m2, mc), jnp.where(keep, h2, hc)
 
@@ -208,20 +153,3 @@ def compose_maps(m, h, cu_chunks, *, rows=None, reverse=False, precision=None):
     empty = (cu[1:] == cu[:-1])[:, None, None, None]
     eye = jnp.broadcast_to(jnp.eye(m.shape[-1], dtype=m.dtype), m[:1].shape)
     return jnp.concatenate([jnp.where(empty, 0, h[ends]), jnp.where(empty, eye, m[ends])], -1)
-
-
-# jitted: a call of its own in the program (named in the jaxpr, where tests look for it)
-@functools.partial(jax.jit, static_argnames=("chunk_size", "rows", "precision"))
-def forward_summary(w, u, k, b, v, cu_chunks, *, chunk_size, rows=None, precision=None):
-    """[h | M] of every sequence ([N, H, Kp, Vp + Kp] float32) by products: `forward_maps`
-    composed by `compose_maps`; the summary sweep's result without its chain."""
-    m, h = forward_maps(w, u, k, b, v, chunk_size=chunk_size, precision=precision)
-    return compose_maps(m, h, cu_chunks, rows=rows, precision=precision)
-
-
-@functools.partial(jax.jit, static_argnames=("scale", "chunk_size", "rows", "precision"))
-def backward_summary(q, b, w, do, cu_chunks, *, scale, chunk_size, rows=None, precision=None):
-    """[g | M^T] of every sequence ([N, H, Kp, Vp + Kp] float32) by products: `backward_maps`
-    composed last chunk first."""
-    mt, g = backward_maps(q, b, w, do, scale=scale, chunk_size=chunk_size, precision=precision)
-    return compose_maps(mt, g, cu_chunks, rows=rows, reverse=True, precision=precision)

@@ -158,15 +158,16 @@ def test_jit_sequence_sharded(shape, tok, st, B, T):
 @pytest.mark.slow
 def test_jit_sequence_sharded_summary_products(monkeypatch):
     """`ChunkConfig(summary="products")`: the slices' summaries by products of per-chunk maps
-    (segments.forward_summary / backward_summary, counted as they trace) instead of the summary
-    sweeps; the same numbers, shardings and collectives. 4 devices, batch over the other axis."""
-    from iplr_jax import segments
+    (triton.summary.forward_summary / backward_summary, counted as they trace) instead of the
+    summary sweeps; the same numbers, shardings and collectives. 4 devices, batch over the other
+    axis."""
+    from iplr_jax.triton import summary
 
     traced = []
     for name in ("forward_summary", "backward_summary"):
-        fn = getattr(segments, name)
+        fn = getattr(summary, name)
         counted = lambda *a, _f=fn, _n=name, **kw: traced.append(_n) or _f(*a, **kw)  # noqa: E731
-        monkeypatch.setattr(segments, name, counted)
+        monkeypatch.setattr(summary, name, counted)
     config = iplr_jax.ChunkConfig(summary="products")
     _run_and_check("interpret", _mesh((2, 4)), P("x", "y"), P("x"), 2, 128, "products", config=config)
     assert {"forward_summary", "backward_summary"} <= set(traced), traced

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import CHUNK_IMPLS
-from helpers import assert_grads, grads, make_inputs, reference, rel_err, tol, up
+from helpers import assert_grads, grads, make_inputs, reference, rel_err, tol
 
 import iplr_jax
 from iplr_jax import segments
@@ -133,13 +133,15 @@ def test_segments_jit_traced_offsets(rng, impl):
     assert rel_err(o, ro) < tol(jnp.float32) and rel_err(ht, rht) < tol(jnp.float32)
 
 
+@pytest.mark.parametrize("impl", KERNELS)
 @pytest.mark.parametrize("lens", [None, (32, 0, 80, 16)], ids=["rows", "packed_empty"])
-def test_summaries_by_products(rng, lens):
-    """`segments.forward_summary` / `backward_summary` (context parallelism's default) against
+def test_summaries_by_products(rng, lens, impl):
+    """The summaries by products (`triton.summary`, `ChunkConfig(summary="products")`) against
     the float64 recurrence: per sequence, [h | M] with h the state reached from zero and M the
     product of the transitions (I + b a^T); [g | M^T] with g the gradient of <o, do> with
-    respect to the initial state. Rows compose by the tree, packed offsets (one sequence empty,
-    one of odd chunk count) by the segmented scan."""
+    respect to the initial state. Rows (3 chunks each: an odd level) compose by the kernels'
+    tree, packed offsets (one sequence empty, one of odd chunk count) by the segmented scan."""
+    from iplr_jax.triton import summary
     from iplr_jax.triton.wy_fast import wy_fwd
 
     C, H, K, V, scale = 16, 2, 16, 32, 0.4
@@ -150,25 +152,28 @@ def test_summaries_by_products(rng, lens):
     flat = lambda x: x.reshape(1, B * T, H, x.shape[-1])  # noqa: E731
     q, k, v, a, b, do = map(flat, (q, k, v, a, b, do))
     cu_chunks = jnp.asarray(offs // C, jnp.int32)
+    interpret = impl == "interpret"
     config = chunk_config(None, N=len(offs) - 1, H=H, Kp=K, Vp=V, num_chunks=B * T // C,
-                          dtype=jnp.float32, interpret=True)
-    w, u = wy_fwd(a, b, k, v, chunk_size=C, config=config, interpret=True)
+                          dtype=jnp.float32, interpret=interpret)
+    w, u = wy_fwd(a, b, k, v, chunk_size=C, config=config, interpret=interpret)
     rows = B if lens is None else None
-    fwd = segments.forward_summary(w, u, k, b, v, cu_chunks, chunk_size=C, rows=rows)
-    bwd = segments.backward_summary(q, b, w, do, cu_chunks, scale=scale, chunk_size=C, rows=rows)
+    kw = dict(chunk_size=C, rows=rows, config=config, interpret=interpret)
+    fwd = summary.forward_summary(w, u, k, b, v, cu_chunks, **kw)
+    bwd = summary.backward_summary(q, b, w, do, cu_chunks, scale=scale, **kw)
+    f64 = lambda x: np.asarray(x[0], np.float64)  # noqa: E731
+    q, k, v, a, b, do = map(f64, (q, k, v, a, b, do))
     for n in range(len(offs) - 1):
-        sl = slice(int(offs[n]), int(offs[n + 1]))
-        m = np.broadcast_to(np.eye(K), (H, K, K))
-        for at, bt in zip(np.asarray(a[0, sl], np.float64), np.asarray(b[0, sl], np.float64), strict=True):
-            m = (np.eye(K)[None] + bt[:, :, None] * at[:, None, :]) @ m
-        assert rel_err(fwd[n, ..., V:], m) < 1e-5 and rel_err(bwd[n, ..., V:], np.swapaxes(m, -1, -2)) < 1e-5
+        # the float64 recurrence from S = 0 and the product P of the transitions so far:
+        # h = S_end, M = P_end, g = d<o, do>/dS0 = sum_t scale P_t^T q_t do_t^T
+        h, m, g = np.zeros((H, K, V)), np.broadcast_to(np.eye(K), (H, K, K)), np.zeros((H, K, V))
+        for t in range(int(offs[n]), int(offs[n + 1])):
+            step = np.eye(K) + b[t][:, :, None] * a[t][:, None, :]  # [H, K, K]
+            h = step @ h + k[t][:, :, None] * v[t][:, None, :]
+            m = step @ m
+            g = g + scale * np.swapaxes(m, -1, -2) @ (q[t][:, :, None] * do[t][:, None, :])
+        eps = 1e-5 if interpret else tol(jnp.float32)  # tf32 products on the GPU
+        assert rel_err(fwd[n, ..., V:], m) < eps and rel_err(bwd[n, ..., V:], np.swapaxes(m, -1, -2)) < eps
         if offs[n + 1] == offs[n]:
             assert not np.any(fwd[n, ..., :V]) and not np.any(bwd[n, ..., :V])
-            continue
-        x = [y[:, sl] for y in (q, k, v, a, b)]
-        h0 = jnp.zeros((1, H, K, V), jnp.float64)
-        _, h = reference(*x, scale=scale, initial_state=h0, output_final_state=True)
-        d = up(do[:, sl])
-        dot_do = lambda s, x=x, d=d: jnp.sum(reference(*x, scale=scale, initial_state=s)[0] * d)  # noqa: E731
-        g = jax.grad(dot_do)(h0)
-        assert rel_err(fwd[n, ..., :V], h[0]) < 1e-5 and rel_err(bwd[n, ..., :V], g[0]) < 1e-5
+        else:
+            assert rel_err(fwd[n, ..., :V], h) < eps and rel_err(bwd[n, ..., :V], g) < eps

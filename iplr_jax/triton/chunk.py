@@ -33,6 +33,7 @@ from iplr_jax import segments
 from iplr_jax.inputs import Inputs
 from iplr_jax.sharding import shape_dtype, vma_of
 from iplr_jax.triton import gate
+from iplr_jax.triton import summary as summaries
 from iplr_jax.triton.config import ChunkConfig
 from iplr_jax.triton.gate import SUB
 from iplr_jax.triton.helpers import (
@@ -390,9 +391,8 @@ def chunk_fwd(
     seg, v_dtype = config.segment_chunks, dt if low_v2 and not residuals else F32
     if enter is not None:
         if config.summary == "products" and not x.gated:
-            prec = jax.lax.Precision.HIGHEST if config.f32_dots == "highest" else None
-            summary = segments.forward_summary(w, u, k, b, v, cu_chunks, chunk_size=C, rows=rows,
-                                               precision=prec)
+            summary = summaries.forward_summary(w, u, k, b, v, cu_chunks, chunk_size=C, rows=rows,
+                                                config=config, interpret=interpret)
         else:
             (summary,) = sweep(cu_chunks, h0, summary=True)
         h0 = enter(summary, h0.astype(F32))

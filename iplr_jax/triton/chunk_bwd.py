@@ -52,6 +52,7 @@ from iplr_jax.inputs import Inputs
 from iplr_jax.reference.chunk import chunk_bwd_aligned
 from iplr_jax.sharding import shape_dtype, vma_of
 from iplr_jax.triton import gate, gate_factors
+from iplr_jax.triton import summary as summaries
 from iplr_jax.triton.chunk import Residuals
 from iplr_jax.triton.config import ChunkConfig
 from iplr_jax.triton.gate import SUB
@@ -576,9 +577,8 @@ def chunk_bwd(
     dht = jnp.asarray(dht, jnp.float32)
     sweep = _segmented_sweep if config.segment_chunks else _sweep
     if exit is not None and config.summary == "products":
-        prec = lax.Precision.HIGHEST if config.f32_dots == "highest" else None
-        summary = segments.backward_summary(q, b, res.w, do, cu_chunks, scale=scale, chunk_size=chunk_size,
-                                            rows=rows, precision=prec)
+        summary = summaries.backward_summary(q, b, res.w, do, cu_chunks, scale=scale, chunk_size=chunk_size,
+                                             rows=rows, config=config, interpret=interpret)
         dht, sweep = exit(summary, dht), _sweep
     elif exit is not None:
         (summary,) = _sweep(

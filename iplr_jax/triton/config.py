@@ -56,8 +56,8 @@ class ChunkConfig:
     qualifies (one `lax.cond`; `gate_factors`), else the blockwise gated kernels.
     Context parallelism (T sharded): `summary`, how each slice's affine map [h | M] (and the
     backward's [g | M^T]) is formed: "sweep" (the default: the state kernels with K identity
-    columns) or "products" (every chunk's map in parallel, composed by matrix products in XLA;
-    `segments.forward_summary`; slower today, docs/chunked.md "Summaries by products").
+    columns) or "products" (every chunk's map in parallel, composed by a tree of matrix products;
+    `triton/summary.py`, docs/chunked.md "Summaries by products").
     """
 
     wy_warps: int | None = None
@@ -157,9 +157,9 @@ def chunk_config(
         f32_dots=default_f32_dots,
         gate_factored=lambda: True,
         gate_chunk_factored=lambda: True,
-        # the summary sweeps: products in XLA measured 4x slower (H100, one slice T = 128k H16
-        # K=V=128 bf16: forward 15.2 against 3.8 ms, backward 17.4 against 4.8; the per-chunk
-        # leaves alone 8.8 and 10.9; benchmarks/NOTES.md, session 12)
+        # the summary sweeps: products as XLA einsums measured 4x slower (H100, one slice T = 128k
+        # H16 K=V=128 bf16: forward 15.2 against 3.8 ms, backward 17.4 against 4.8;
+        # benchmarks/NOTES.md, session 12); their kernels (triton/summary.py) are not timed yet
         summary=lambda: "sweep",
     )
     programs = N * H * (Vp // c.state_block_v)
