@@ -2,10 +2,11 @@
 
 A run of chunks is an affine map of its start state; context parallelism needs each slice's
 `[h | M]` forward and `[g | M^T]` backward. Instead of a sweep carrying K identity columns
-through the chunks in order, every chunk's own map is formed in parallel (`_maps_kernel`, one
-program per (chunk, head)) and the maps of each row are composed pairwise, log2(NC) levels of
-`_compose_kernel`. Packed offsets compose by `segments.compose_maps`' segmented scan instead.
-Maps travel as two arrays, h [n, H, Kp, Vp] and M [n, H, Kp, Kp], float32.
+through the chunks in order, every chunk's own map is formed in parallel (`forward_maps`,
+`backward_maps`: one program per (chunk, head)) and the maps of each row are composed pairwise,
+log2(NC) levels of `_compose_kernel`. Packed offsets compose by `segments.compose_maps`'
+segmented scan instead. Maps travel as two arrays, h [n, H, Kp, Vp] and M [n, H, Kp, Kp],
+float32.
 
 Dot operands as in the sweeps (docs/numerics.md): products of inputs in their dtype (16-bit:
 matrix units, exact products); float32 operands (the maps themselves) at `config.f32_dots`.
@@ -23,19 +24,19 @@ from jax.experimental.pallas import triton as pltr
 from iplr_jax import segments
 from iplr_jax.sharding import shape_dtype, vma_of
 from iplr_jax.triton.config import ChunkConfig
-from iplr_jax.triton.helpers import F32, TN, dot, dot_as, f32_precision, mask, tri
+from iplr_jax.triton.helpers import F32, dot, dot_as, f32_precision, identity_columns, mask, tri
 
 
 def _eye(n):
-    r = jax.lax.broadcasted_iota(jnp.int32, (n, n), 0)
-    return (r == jax.lax.broadcasted_iota(jnp.int32, (n, n), 1)).astype(F32)
+    return identity_columns((n, n), 0, True)
 
 
-def _forward_maps_kernel(w_ref, u_ref, k_ref, b_ref, v_ref, h_ref, m_ref, *, precision):
+def _forward_maps_kernel(w_ref, u_ref, k_ref, b_ref, v_ref, h_ref, m_ref, *, dt, f32_prec):
     """One (chunk, head): S_C = (I + B^T W) S0 + (K^T Vc + B^T U)."""
     b = b_ref[...]
-    h_ref[...] = dot(k_ref[...], v_ref[...], TN, precision) + dot(b, u_ref[...], TN, precision)
-    m_ref[...] = _eye(m_ref.shape[0]) + dot(b, w_ref[...], TN, precision)
+    mm = functools.partial(dot_as, dt=dt, f32_precision=f32_prec, ta=True)
+    h_ref[...] = mm(k_ref[...], v_ref[...]) + mm(b, u_ref[...])
+    m_ref[...] = _eye(m_ref.shape[0]) + mm(b, w_ref[...])
 
 
 def _backward_maps_kernel(q_ref, b_ref, w_ref, do_ref, g_ref, m_ref, *, scale, dt, f32_prec):
@@ -126,7 +127,8 @@ def _summarize(h, m, cu_chunks, rows, *, reverse, config, interpret):
 def forward_maps(w, u, k, b, v, *, chunk_size, config: ChunkConfig, interpret):
     """Every chunk's forward map (h [NC, H, Kp, Vp], M [NC, H, Kp, Kp]) from the WY pass's W, U
     and the aligned k, b [1, L, H, Kp], v [1, L, H, Vp]."""
-    kernel = functools.partial(_forward_maps_kernel, precision=f32_precision(config.f32_dots, interpret))
+    prec = f32_precision(config.f32_dots, interpret) or jax.lax.Precision.DEFAULT
+    kernel = functools.partial(_forward_maps_kernel, dt=jnp.result_type(w, u, k, b, v), f32_prec=prec)
     return _maps(kernel, [w, u, k, b, v], [v.shape[-1], k.shape[-1]], chunk_size=chunk_size, warps=8,
                  interpret=interpret, name="iplr_summary_maps_fwd")
 
