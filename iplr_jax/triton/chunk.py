@@ -357,10 +357,11 @@ def chunk_fwd(
       residuals: also return what the backward needs (False: None, and the kernels may skip
         writing it; for the primal without a gradient).
       enter: context parallelism (docs/architecture.md "Several devices"): a function of this
-        slice's summary [h | M] ([N, H, Kp, Vp + Kp], from a summary sweep sharing the WY pass)
-        and h0, returning the state entering the slice, from which the sweep then runs.
-      rows: with `enter`, N when the sequences are the N equal rows of an unpacked input (the
-        summary's products then compose as a tree; `segments.compose_maps`).
+        slice's summary [h | M] ([N, H, Kp, Vp + Kp], sharing the WY pass: from a summary sweep,
+        or by products with `config.summary="products"`) and h0, returning the state entering
+        the slice, from which the sweep then runs.
+      rows: with `enter` and products, N when the sequences are the N equal rows of an
+        unpacked input (the maps then compose as a tree; `summary.forward_summary`).
 
     Returns:
       o [1, L, H, Vp] (v's dtype), ht [N, H, Kp, Vp] float32, and `Residuals` (or None; with a

@@ -27,16 +27,12 @@ from iplr_jax.triton.config import ChunkConfig
 from iplr_jax.triton.helpers import F32, dot, dot_as, f32_precision, identity_columns, mask, tri
 
 
-def _eye(n):
-    return identity_columns((n, n), 0, True)
-
-
 def _forward_maps_kernel(w_ref, u_ref, k_ref, b_ref, v_ref, h_ref, m_ref, *, dt, f32_prec):
     """One (chunk, head): S_C = (I + B^T W) S0 + (K^T Vc + B^T U)."""
     b = b_ref[...]
     mm = functools.partial(dot_as, dt=dt, f32_precision=f32_prec, ta=True)
     h_ref[...] = mm(k_ref[...], v_ref[...]) + mm(b, u_ref[...])
-    m_ref[...] = _eye(m_ref.shape[0]) + mm(b, w_ref[...])
+    m_ref[...] = identity_columns(m_ref.shape, 0, True) + mm(b, w_ref[...])
 
 
 def _backward_maps_kernel(q_ref, b_ref, w_ref, do_ref, g_ref, m_ref, *, scale, dt, f32_prec):
@@ -46,7 +42,7 @@ def _backward_maps_kernel(q_ref, b_ref, w_ref, do_ref, g_ref, m_ref, *, scale, d
     mm = functools.partial(dot_as, dt=dt, f32_precision=f32_prec)
     mqb = mask(tri(q.shape[0], strict=False), scale * mm(q, b, tb=True))
     g_ref[...] = scale * mm(q, do, ta=True) + mm(w, mm(mqb, do, ta=True), ta=True)
-    m_ref[...] = _eye(m_ref.shape[0]) + mm(w, b, ta=True)
+    m_ref[...] = identity_columns(m_ref.shape, 0, True) + mm(w, b, ta=True)
 
 
 def _maps(kernel, token_arrays, widths, *, chunk_size, warps, interpret, name):
