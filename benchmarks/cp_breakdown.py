@@ -6,7 +6,7 @@ One sequence B1 H16 K=V=128, bf16, default implementation. Times (median of 10, 
   * plain `chunk` on one GPU at T (the baseline a user has without context parallelism) and at
     T / n for each n of --devices (one slice's own work);
   * `chunk` under jit with T sharded over n devices (the kernels' path), for each
-    `ChunkConfig.summary` of --summary;
+    `ChunkConfig.segment_chunks` of --segments ("rule", or 0: one summary sweep per slice);
   * `chunk` with V + K = 256 value columns at T / 2 (the widened run of the composed form);
   * `chunk_cp` on 1 and 2 devices at T: the default call (the kernels' path) and both combines
     of the composed form.
@@ -55,22 +55,22 @@ def cp(T, n, combine, reps=10, fwd=True):
     return t_f, median_ms(fb, *xs, reps=reps)
 
 
-def cp_jit(T, n, reps=10, summary=None):
+def cp_jit(T, n, reps=10, segments=None):
     """`chunk` under plain jit with q, k, v, a, b sharded over T on n devices (the kernels'
-    path, ops/chunk.py; `summary`: `ChunkConfig.summary`), forward and forward+backward."""
+    path, ops/chunk.py; `segments`: `ChunkConfig.segment_chunks`), forward and forward+backward."""
     mesh = Mesh(np.array(jax.devices()[:n]), ("sp",))
     xs = [jax.device_put(x, NamedSharding(mesh, P(None, "sp"))) for x in cp_inputs(T, H, K, V, jnp.bfloat16)]
-    config = iplr_jax.ChunkConfig(summary=summary)
+    config = iplr_jax.ChunkConfig(segment_chunks=segments)
     f = lambda *x: iplr_jax.chunk(*x, config=config)[0]  # noqa: E731
     fb = jax.jit(jax.grad(lambda *x: jnp.sum(f(*x).astype(jnp.float32)), argnums=(0, 1, 2, 3, 4)))
     return median_ms(jax.jit(f), *xs, reps=reps), median_ms(fb, *xs, reps=reps)
 
 
-def check(T, n, summary=None):
+def check(T, n, segments=None):
     """Relative errors of the T-sharded jit path on n devices against one device: the output
     and the gradients of q, k, v, a, b (bf16 inputs, float32 loss)."""
     xs = cp_inputs(T, H, K, V, jnp.bfloat16)
-    config = iplr_jax.ChunkConfig(summary=summary)
+    config = iplr_jax.ChunkConfig(segment_chunks=segments)
     run = lambda *x: iplr_jax.chunk(*x, config=config)[0]  # noqa: E731
     loss = lambda *x: jnp.sum(run(*x).astype(jnp.float32) ** 2)  # noqa: E731
     both = jax.jit(lambda *x: (run(*x), jax.grad(loss, argnums=(0, 1, 2, 3, 4))(*x)))
@@ -124,17 +124,17 @@ def _unguarded(run, x, cu_seqlens, dims, *extra, **_):
     return run(x, cu_seqlens, *extra)
 
 
-def run_cases(T, rows, jit_only=False, devices=(2,), summaries=(None,), unguarded=False):
+def run_cases(T, rows, jit_only=False, devices=(2,), segment_rows=(None,), unguarded=False):
     rows["plain_1gpu"] = plain(T)
     print("plain chunk, 1 GPU, T", T, rows["plain_1gpu"], flush=True)
     for n in devices:
         rows[f"plain_1/{n}"] = plain(T // n)
         print(f"plain chunk, 1 GPU, T/{n}", rows[f"plain_1/{n}"], flush=True)
     for n in devices:
-        for summary in summaries:
-            rows[f"jit_n{n}_{summary or 'default'}"] = cp_jit(T, n, summary=summary)
-            print(f"chunk under jit, T sharded over {n} devices, summary {summary or 'default'}",
-                  rows[f"jit_n{n}_{summary or 'default'}"], flush=True)
+        for seg in segment_rows:
+            key = f"jit_n{n}_seg{'rule' if seg is None else seg}"
+            rows[key] = cp_jit(T, n, segments=seg)
+            print(f"chunk under jit, T sharded over {n} devices, segment_chunks {seg}", rows[key], flush=True)
     if unguarded:  # what the non-finite guard (docs/numerics.md) costs each row
         import iplr_jax.ops.chunk as chunk_module
 
@@ -172,23 +172,23 @@ def main():
     p.add_argument("--devices", default="2", help="device counts for the sharded rows, e.g. 2,4")
     p.add_argument("--unguarded", action="store_true",
                    help="also the jit rows without the non-finite guard's check and cond")
-    p.add_argument("--summary", default="default",
-                   help="ChunkConfig.summary values for the jit rows: default, products, sweep")
+    p.add_argument("--segments", default="rule",
+                   help="ChunkConfig.segment_chunks values for the jit rows: rule, or a number (0: whole)")
     args = p.parse_args()
     devices = tuple(int(n) for n in args.devices.split(","))
-    summaries = tuple(None if s == "default" else s for s in args.summary.split(","))
+    segment_rows = tuple(None if s == "rule" else int(s) for s in args.segments.split(","))
     global JIT_PATH
     JIT_PATH = args.jit
     rows = {}
     if args.check:
         for n in devices:
-            for summary in summaries:
-                key = f"check_n{n}_{summary or 'default'}"
-                rows[key] = check(args.check, n, summary)
-                print(f"{n} devices vs 1 at T={args.check}, summary {summary or 'default'}, relative "
-                      "errors:", rows[key], flush=True)
+            for seg in segment_rows:
+                key = f"check_n{n}_seg{'rule' if seg is None else seg}"
+                rows[key] = check(args.check, n, seg)
+                print(f"{n} devices vs 1 at T={args.check}, segment_chunks {seg}, relative errors:",
+                      rows[key], flush=True)
     if not args.skip_times:
-        run_cases(args.T, rows, jit_only=args.jit, devices=devices, summaries=summaries,
+        run_cases(args.T, rows, jit_only=args.jit, devices=devices, segment_rows=segment_rows,
                   unguarded=args.unguarded)
     if args.ts:
         cap = 0.95 * jax.devices()[0].memory_stats()["bytes_limit"]

@@ -16,9 +16,8 @@ segment its own chain. A segment is affine in the state it starts from,
 The backward mirrors it with `[g | M^T]` (`exiting_cotangents`). The folds run on [NS, H, Kp,
 *] states, float32 at HIGHEST precision (M need not shrink).
 
-The same summaries by products instead of a sweep (`triton/summary.py`; docs/chunked.md
-"Summaries by products") serve context parallelism with `ChunkConfig(summary="products")`;
-`compose_maps` here composes their per-chunk maps for packed offsets.
+Under context parallelism the slice's own summary is the composition of its segments'
+(`sequence_summaries`), so there the segments cost no extra pass.
 """
 
 from __future__ import annotations
@@ -113,43 +112,45 @@ def per_sequence(per_segment: jax.Array, index: jax.Array, empty: jax.Array, fal
     return jnp.where(empty[:, None, None, None], fallback, per_segment[index])
 
 
-# -- summaries by products: packed offsets ------------------------------------------------------
-# Every chunk's map comes from `triton.summary`'s kernel; for packed offsets the maps of each
-# sequence are composed here, by a segmented scan read at each sequence's last chunk (unpacked
-# rows compose by the kernel's tree; docs/chunked.md "Summaries by products").
+# -- context parallelism: a slice's summary from its segments' ---------------------------------
+# Under context parallelism the slice's [h | M] must be computed anyway; taking it from the
+# segment summaries (composed here) makes the segmented sweeps free of any extra pass
+# (docs/chunked.md "Segments under context parallelism").
 
 
-def _then(first, then, precision):
+def _then(first, then):
     """The map of `first` followed by `then`: (M, h) -> (Mt Mf, Mt hf + ht)."""
     (mf, hf), (mt, ht) = first, then
-    mm = lambda x, y: jnp.einsum("...ij,...jw->...iw", x, y, precision=precision)  # noqa: E731
+    mm = lambda x, y: jnp.einsum("...ij,...jw->...iw", x, y, precision=_HI)  # noqa: E731
     return mm(mt, mf), mm(mt, hf) + ht
 
 
-def compose_maps(m, h, cu_chunks, *, reverse=False, precision=None):
-    """Every sequence's summary [h | M] ([N, H, Kp, W + Kp]) from its chunks' maps m [NC, H, Kp,
-    Kp], h [NC, H, Kp, W] (float32), composed in chunk order (`reverse`: last chunk first, the
-    backward's [g | M^T]) within the sequences of cu_chunks [N + 1] (possibly traced); an empty
-    sequence gives [0 | I]."""
-    NC = m.shape[0]
-    cu = jnp.asarray(cu_chunks, jnp.int32)
-    # a chunk that starts its sequence in the scan's order restarts the composition there
+def sequence_summaries(summary: jax.Array, segs: Segments, cu_chunks: jax.Array, *, reverse=False):
+    """Every sequence's [h | M] ([N, H, Kp, W + Kp], float32) from its segments' summaries
+    ([NS, H, Kp, W + Kp]), composed in time order; `reverse`: the backward's [g | M^T], the last
+    segment's map applied first. An empty sequence gives [0 | I] (as an empty segment does)."""
+    W = summary.shape[-1] - summary.shape[-2]
+    h, m = summary[..., :W], summary[..., W:]
+    NS = summary.shape[0]
+    # segments refine the sequences: sequence n owns segments cu[n] .. cu[n + 1] - 1 (empty
+    # segments among them are identities)
+    cu = jnp.searchsorted(segs.cu[:-1], jnp.asarray(cu_chunks, jnp.int32), side="left").astype(jnp.int32)
     begins = cu[1:] - 1 if reverse else cu[:-1]
-    begins = jnp.where(begins < 0, NC, begins)  # out of range, dropped (not wrapped)
-    fresh = jnp.zeros(NC, bool).at[begins].set(True, mode="drop")
+    begins = jnp.where((begins < 0) | (cu[1:] == cu[:-1]), NS, begins)  # dropped, not wrapped
+    fresh = jnp.zeros(NS, bool).at[begins].set(True, mode="drop")
     if reverse:
         m, h, fresh = m[::-1], h[::-1], fresh[::-1]
 
-    def seg_compose(e1, e2):
+    def seg_compose(e1, e2):  # a segmented scan: a fresh element restarts the composition
         (f1, m1, h1), (f2, m2, h2) = e1, e2
-        mc, hc = _then((m1, h1), (m2, h2), precision)
+        mc, hc = _then((m1, h1), (m2, h2))
         keep = f2[..., None, None, None]
         return f1 | f2, jnp.where(keep, m2, mc), jnp.where(keep, h2, hc)
 
     _, m, h = jax.lax.associative_scan(seg_compose, (fresh, m, h))
     if reverse:
         m, h = m[::-1], h[::-1]
-    ends = jnp.clip(cu[:-1] if reverse else cu[1:] - 1, 0, NC - 1)
+    ends = jnp.clip(cu[:-1] if reverse else cu[1:] - 1, 0, NS - 1)
     empty = (cu[1:] == cu[:-1])[:, None, None, None]
     eye = jnp.broadcast_to(jnp.eye(m.shape[-1], dtype=m.dtype), m[:1].shape)
     return jnp.concatenate([jnp.where(empty, 0, h[ends]), jnp.where(empty, eye, m[ends])], -1)

@@ -106,7 +106,7 @@ HEAVY = [
     r"test_context_parallel\.py::test_cp_kernels_(default\[4-|packed\[|nonfinite\[)",
     r"test_segments\.py::test_(segmented_(forward|gradients)\[|segments_jit_traced_offsets)",
     r"test_context_parallel\.py::test_cp_packed\[xla\]",
-    r"test_segments\.py::test_summaries_by_products\[packed",  # rows runs the kernels' tree
+    r"test_segments\.py::test_sequence_summaries\[packed",
 ]
 _HEAVY = re.compile("|".join(HEAVY))
 

@@ -156,21 +156,20 @@ def test_jit_sequence_sharded(shape, tok, st, B, T):
 
 
 @pytest.mark.slow
-def test_jit_sequence_sharded_summary_products(monkeypatch):
-    """`ChunkConfig(summary="products")`: the slices' summaries by products of per-chunk maps
-    (triton.summary.forward_summary / backward_summary, counted as they trace) instead of the
-    summary sweeps; the same numbers, shardings and collectives. 4 devices, batch over the other
-    axis."""
-    from iplr_jax.triton import summary
+@pytest.mark.parametrize("segment_chunks", [None, 0], ids=["segments", "whole"])
+def test_jit_sequence_sharded_segments(monkeypatch, segment_chunks):
+    """A slice's summary from its segments' (the rule at small batch, `segments.
+    sequence_summaries`, counted as it traces) or from one summary sweep of the whole slice
+    (`segment_chunks=0`): the same numbers, shardings and collectives. 4 devices over T,
+    batch over the other axis, 2 chunks a slice."""
+    from iplr_jax import segments
 
     traced = []
-    for name in ("forward_summary", "backward_summary"):
-        fn = getattr(summary, name)
-        counted = lambda *a, _f=fn, _n=name, **kw: traced.append(_n) or _f(*a, **kw)  # noqa: E731
-        monkeypatch.setattr(summary, name, counted)
-    config = iplr_jax.ChunkConfig(summary="products")
-    _run_and_check("interpret", _mesh((2, 4)), P("x", "y"), P("x"), 2, 128, "products", config=config)
-    assert {"forward_summary", "backward_summary"} <= set(traced), traced
+    fn = segments.sequence_summaries
+    monkeypatch.setattr(segments, "sequence_summaries", lambda *a, **kw: traced.append(1) or fn(*a, **kw))
+    config = iplr_jax.ChunkConfig(segment_chunks=segment_chunks)
+    _run_and_check("interpret", _mesh((2, 4)), P("x", "y"), P("x"), 2, 128, "segments", config=config)
+    assert bool(traced) == (segment_chunks is None), traced
 
 
 def test_jit_sequence_sharded_explicit_mesh():

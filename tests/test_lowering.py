@@ -152,28 +152,3 @@ def test_traced_scale_lowers(op, kernels):
     s = jax.ShapeDtypeStruct((), jnp.float32)
     fn = getattr(iplr_jax, op)
     assert triton_kernels(lambda *a: fn(*a[:5], scale=a[5], implementation="pallas")[0], *x, s) == kernels
-
-
-@pytest.mark.parametrize(
-    "K, V, dtype, f32_dots",
-    [(128, 128, jnp.bfloat16, "highest"), (64, 32, jnp.float32, "tf32"), (64, 32, jnp.float32, "highest")],
-)
-def test_summaries_by_products_lower(K, V, dtype, f32_dots):
-    """`ChunkConfig(summary="products")`'s kernels lower for CUDA: the per-chunk maps, then the
-    tree's levels (two launches each, h and M) for 2 rows of 3 chunks (padded to 4: 2 levels);
-    16-bit inputs take no float32 dot algorithm into their input products."""
-    from iplr_jax.triton import summary
-    from iplr_jax.triton.config import ChunkConfig, chunk_config
-
-    C, H, NC = 64, 2, 6
-    s = jax.ShapeDtypeStruct
-    kk, vv = s((1, NC * C, H, K), dtype), s((1, NC * C, H, V), dtype)
-    config = chunk_config(ChunkConfig(summary="products", f32_dots=f32_dots), N=2, H=H, Kp=K, Vp=V,
-                          num_chunks=NC, dtype=dtype, interpret=False)
-    kw = dict(chunk_size=C, rows=2, config=config, interpret=False)
-    cu = jnp.asarray([0, 3, 6], jnp.int32)
-    fwd = lambda w, u, k, b, v: summary.forward_summary(w, u, k, b, v, cu, **kw)  # noqa: E731
-    bwd = lambda q, b, w, do: summary.backward_summary(q, b, w, do, cu, scale=0.5, **kw)  # noqa: E731
-    tree = ["iplr_summary_compose"] * 4
-    assert triton_kernels(fwd, kk, vv, kk, kk, vv) == ["iplr_summary_maps_fwd", *tree]
-    assert triton_kernels(bwd, kk, kk, kk, vv) == ["iplr_summary_maps_bwd", *tree]

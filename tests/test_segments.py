@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import CHUNK_IMPLS
+from conftest import CHUNK_IMPLS, GPU
 from helpers import assert_grads, grads, make_inputs, reference, rel_err, tol
 
 import iplr_jax
@@ -105,8 +105,9 @@ def test_split_bookkeeping():
 
 
 def test_rule_and_explicit_segments():
-    """Off by default (measured slower on an H100, benchmarks/NOTES.md); an explicit value is
-    kept, and the sweeps' V-blocks then count the segments as chains (wider blocks)."""
+    """Off by default on one device (measured slower on an H100, benchmarks/NOTES.md), on for a
+    context-parallel slice at small N * H; an explicit value is kept, and the sweeps' V-blocks
+    then count the segments as chains (wider blocks)."""
     rule = functools.partial(chunk_config, Kp=128, Vp=128, dtype=jnp.bfloat16, interpret=False)
     assert rule(None, N=1, H=8, num_chunks=512).segment_chunks == 0
     whole = rule(None, N=1, H=8, num_chunks=512)
@@ -114,6 +115,11 @@ def test_rule_and_explicit_segments():
     assert cut.segment_chunks == 32
     assert cut.state_block_v > whole.state_block_v and cut.bwd_sweep_block_v > whole.bwd_sweep_block_v
     assert cut.state_block_v * 8 * (512 // 32) >= NUM_SMS * 16
+    # a context-parallel slice: segments for about NUM_SMS / 2 chains where N * H gives fewer
+    cp = functools.partial(rule, None, context_parallel=True)
+    assert cp(N=1, H=16, num_chunks=2048).segment_chunks == 2048 // (NUM_SMS // 32)
+    assert cp(N=1, H=16, num_chunks=2048, gated=True).segment_chunks == 0
+    assert cp(N=8, H=16, num_chunks=2048).segment_chunks == 0
     with pytest.raises(ValueError, match="segment_chunks"):
         chunk_config(ChunkConfig(segment_chunks=-1), N=1, H=1, Kp=16, Vp=16, num_chunks=4,
                      dtype=jnp.float32, interpret=True)
@@ -135,13 +141,15 @@ def test_segments_jit_traced_offsets(rng, impl):
 
 @pytest.mark.parametrize("impl", KERNELS)
 @pytest.mark.parametrize("lens", [None, (32, 0, 80, 16)], ids=["rows", "packed_empty"])
-def test_summaries_by_products(rng, lens, impl):
-    """The summaries by products (`triton.summary`, `ChunkConfig(summary="products")`) against
-    the float64 recurrence: per sequence, [h | M] with h the state reached from zero and M the
-    product of the transitions (I + b a^T); [g | M^T] with g the gradient of <o, do> with
-    respect to the initial state. Rows (3 chunks each: an odd level) compose by the kernels'
-    tree, packed offsets (one sequence empty, one of odd chunk count) by the segmented scan."""
-    from iplr_jax.triton import summary
+def test_sequence_summaries(rng, lens, impl):
+    """The sequences' summaries composed from their segments' (`segments.sequence_summaries`,
+    what a context-parallel slice exchanges) against the float64 recurrence: per sequence,
+    [h | M] with h the state reached from zero and M the product of the transitions
+    (I + b a^T); [g | M^T] with g the gradient of <o, do> with respect to the initial state.
+    Segments of 2 chunks: rows of 3 chunks straddle a cut; packed, one sequence empty and one
+    of 5 chunks over three segments."""
+    from iplr_jax.triton import chunk as ck
+    from iplr_jax.triton import chunk_bwd as cb
     from iplr_jax.triton.wy_fast import wy_fwd
 
     C, H, K, V, scale = 16, 2, 16, 32, 0.4
@@ -153,13 +161,16 @@ def test_summaries_by_products(rng, lens, impl):
     q, k, v, a, b, do = map(flat, (q, k, v, a, b, do))
     cu_chunks = jnp.asarray(offs // C, jnp.int32)
     interpret = impl == "interpret"
-    config = chunk_config(None, N=len(offs) - 1, H=H, Kp=K, Vp=V, num_chunks=B * T // C,
-                          dtype=jnp.float32, interpret=interpret)
+    config = chunk_config(ChunkConfig(segment_chunks=2), N=len(offs) - 1, H=H, Kp=K, Vp=V,
+                          num_chunks=B * T // C, dtype=jnp.float32, interpret=interpret)
     w, u = wy_fwd(a, b, k, v, chunk_size=C, config=config, interpret=interpret)
-    rows = B if lens is None else None
-    kw = dict(chunk_size=C, rows=rows, config=config, interpret=interpret)
-    fwd = summary.forward_summary(w, u, k, b, v, cu_chunks, **kw)
-    bwd = summary.backward_summary(q, b, w, do, cu_chunks, scale=scale, **kw)
+    segs = segments.split(cu_chunks, B * T // C, 2)
+    zeros = jnp.zeros((segs.seq.shape[0], H, K, V), jnp.float32)
+    kw = dict(chunk_size=C, scale=scale, config=config, interpret=interpret, summary=True)
+    (fwd,) = ck._state_pass(w, u, k, b, v, segs.cu, zeros, q=None, gc=None, low_v2=False, **kw)
+    (bwd,) = cb._sweep(q, b, w, do, zeros, segs.cu, dt=jnp.float32, **kw)
+    fwd = segments.sequence_summaries(fwd, segs, cu_chunks)
+    bwd = segments.sequence_summaries(bwd, segs, cu_chunks, reverse=True)
     f64 = lambda x: np.asarray(x[0], np.float64)  # noqa: E731
     q, k, v, a, b, do = map(f64, (q, k, v, a, b, do))
     for n in range(len(offs) - 1):
@@ -171,7 +182,7 @@ def test_summaries_by_products(rng, lens, impl):
             h = step @ h + k[t][:, :, None] * v[t][:, None, :]
             m = step @ m
             g = g + scale * np.swapaxes(m, -1, -2) @ (q[t][:, :, None] * do[t][:, None, :])
-        eps = 1e-5 if interpret else tol(jnp.float32)  # tf32 products on the GPU
+        eps = 1e-5 if interpret and not GPU else tol(jnp.float32)  # tf32 products on a GPU, interpreted too
         assert rel_err(fwd[n, ..., V:], m) < eps and rel_err(bwd[n, ..., V:], np.swapaxes(m, -1, -2)) < eps
         if offs[n + 1] == offs[n]:
             assert not np.any(fwd[n, ..., :V]) and not np.any(bwd[n, ..., :V])

@@ -58,7 +58,7 @@ TOKENS_CP, VALUES_CP = "b (c s) h k", "b (c s) h v"  # T = c chunks of s tokens,
 RESIDUALS_CP = ("b c h kp vp", "b (c s) h vp", "b c h i j", "b (c s) h kp")
 
 
-def _local(q, v, cu, chunk_size, config, interpret, dtype, gated=False):
+def _local(q, v, cu, chunk_size, config, interpret, dtype, gated=False, context_parallel=False):
     B, T, H, K = q.shape
     V = v.shape[-1]
     dims = Dims(B, T, H, K, V, B if cu is None else cu.shape[0] - 1)
@@ -66,7 +66,7 @@ def _local(q, v, cu, chunk_size, config, interpret, dtype, gated=False):
     Kp, Vp = lay.next_pow2(K), lay.next_pow2(V)
     config = chunk_config(
         config, N=dims.N, H=H, Kp=Kp, Vp=Vp, num_chunks=layout.num_chunks, dtype=dtype,
-        interpret=interpret, gated=gated,
+        interpret=interpret, gated=gated, context_parallel=context_parallel,
     )
     return dims, layout, Kp, Vp, config
 
@@ -158,11 +158,12 @@ def _fwd_shard(q, k, v, a, b, h0, *cu, scale, chunk_size, config, interpret, res
     x = Inputs(q, k, v, a, b, gk)
     cu = cu[0] if cu else None
     dt = jnp.result_type(q, k, v, a, b)
-    dims, layout, Kp, Vp, config = _local(q, v, cu, chunk_size, config, interpret, dt, x.gated)
+    dims, layout, Kp, Vp, config = _local(q, v, cu, chunk_size, config, interpret, dt, x.gated,
+                                          context_parallel=enter is not None)
     o, ht, res = triton_fwd.chunk_fwd(
         lay.align(x, layout, Kp, Vp), lay.pad_state(h0.astype(jnp.float32), Kp, Vp),
         layout.cu_chunks, scale=scale, chunk_size=chunk_size, config=config, interpret=interpret,
-        residuals=residuals, enter=enter, rows=dims.B if cu is None else None,
+        residuals=residuals, enter=enter,
     )
     o, ht = lay.from_chunks(o, layout)[..., : dims.V], ht[:, :, : dims.K, : dims.V]
     if not residuals:
@@ -182,7 +183,8 @@ def _bwd_shard(q, k, v, a, b, h0, *rest, scale, chunk_size, config, interpret, g
     cu, (h, v_new, xinv, w, do, dht) = (rest[0], rest[1:]) if len(rest) == 7 else (None, rest)
     x = Inputs(q, k, v, a, b, gk)
     dt = jnp.result_type(q, k, v, a, b)
-    dims, layout, Kp, Vp, config = _local(q, v, cu, chunk_size, config, interpret, dt, x.gated)
+    dims, layout, Kp, Vp, config = _local(q, v, cu, chunk_size, config, interpret, dt, x.gated,
+                                          context_parallel=exit is not None)
     flat = lambda y: y.reshape(-1, *y.shape[2:])  # [B, NC / B, ...] -> [NC, ...]
     row = lambda y: y.reshape(1, -1, *y.shape[2:])  # [B, L / B, ...] -> [1, L, ...]
     res = triton_fwd.Residuals(flat(h), row(v_new), flat(xinv), row(w))
@@ -190,7 +192,6 @@ def _bwd_shard(q, k, v, a, b, h0, *rest, scale, chunk_size, config, interpret, g
         lay.align(x, layout, Kp, Vp), res, layout.cu_chunks,
         lay.pad_last(lay.to_chunks(do, layout), Vp), lay.pad_state(dht.astype(jnp.float32), Kp, Vp),
         scale=scale, chunk_size=chunk_size, config=config, interpret=interpret, exit=exit,
-        rows=dims.B if cu is None else None,
     )
     back = dx.map(lambda name, g: lay.from_chunks(g, layout)[..., : dims.V if name == "v" else dims.K])
     return (*back.arrays(), dh0[:, :, : dims.K, : dims.V])

@@ -33,7 +33,6 @@ from iplr_jax import segments
 from iplr_jax.inputs import Inputs
 from iplr_jax.sharding import shape_dtype, vma_of
 from iplr_jax.triton import gate
-from iplr_jax.triton import summary as summaries
 from iplr_jax.triton.config import ChunkConfig
 from iplr_jax.triton.gate import SUB
 from iplr_jax.triton.helpers import (
@@ -342,7 +341,7 @@ def _state_pass(
 
 def chunk_fwd(
     x: Inputs, h0, cu_chunks, *, scale, chunk_size, config: ChunkConfig, interpret, residuals=True,
-    enter=None, rows=None,
+    enter=None,
 ):
     """Forward of the chunked form on the aligned layout.
 
@@ -358,10 +357,8 @@ def chunk_fwd(
         writing it; for the primal without a gradient).
       enter: context parallelism (docs/architecture.md "Several devices"): a function of this
         slice's summary [h | M] ([N, H, Kp, Vp + Kp], sharing the WY pass: from a summary sweep,
-        or by products with `config.summary="products"`) and h0, returning the state entering
-        the slice, from which the sweep then runs.
-      rows: with `enter` and products, N when the sequences are the N equal rows of an
-        unpacked input (the maps then compose as a tree; `summary.forward_summary`).
+        or composed from the segments' summaries when `config.segment_chunks` cuts the slice)
+        and h0, returning the state entering the slice, from which the sweep then runs.
 
     Returns:
       o [1, L, H, Vp] (v's dtype), ht [N, H, Kp, Vp] float32, and `Residuals` (or None; with a
@@ -389,21 +386,19 @@ def chunk_fwd(
         _state_pass, w, u, k_sweep, b_sweep, v, q=q if fuse else None, gc=gc if x.gated else None,
         chunk_size=C, scale=scale, low_v2=low_v2, config=config, interpret=interpret,
     )
-    seg, v_dtype = config.segment_chunks, dt if low_v2 and not residuals else F32
-    if enter is not None:
-        if config.summary == "products" and not x.gated:
-            summary = summaries.forward_summary(w, u, k, b, v, cu_chunks, chunk_size=C, rows=rows,
-                                                config=config, interpret=interpret)
-        else:
-            (summary,) = sweep(cu_chunks, h0, summary=True)
-        h0 = enter(summary, h0.astype(F32))
-        seg = 0
-    if seg and not x.gated:  # long sequences in parallel segments (`segments`)
-        segs = segments.split(cu_chunks, NC, seg)
+    seg, v_dtype = bool(config.segment_chunks) and not x.gated, dt if low_v2 and not residuals else F32
+    h0 = h0.astype(F32)
+    if enter is not None and not seg:
+        (summary,) = sweep(cu_chunks, h0, summary=True)
+        h0 = enter(summary, h0)
+    if seg:  # long sequences in parallel segments (`segments`)
+        segs = segments.split(cu_chunks, NC, config.segment_chunks)
         (summary,) = sweep(segs.cu, jnp.zeros((segs.seq.shape[0], H, Kp, Vp), F32), summary=True)
-        h_in = segments.entering_states(summary, segs, h0.astype(F32))
+        if enter is not None:  # the slice's summary from its segments'
+            h0 = enter(segments.sequence_summaries(summary, segs, cu_chunks), h0)
+        h_in = segments.entering_states(summary, segs, h0)
         outs = sweep(segs.cu, h_in, residuals=keep, fuse=fuse, out_v_dtype=v_dtype)
-        ht = segments.per_sequence(outs[0], segs.last, segs.empty, h0.astype(F32))
+        ht = segments.per_sequence(outs[0], segs.last, segs.empty, h0)
     else:
         outs = sweep(cu_chunks, h0, residuals=keep, fuse=fuse, out_v_dtype=v_dtype)
         ht = outs[0]

@@ -52,7 +52,6 @@ from iplr_jax.inputs import Inputs
 from iplr_jax.reference.chunk import chunk_bwd_aligned
 from iplr_jax.sharding import shape_dtype, vma_of
 from iplr_jax.triton import gate, gate_factors
-from iplr_jax.triton import summary as summaries
 from iplr_jax.triton.chunk import Residuals
 from iplr_jax.triton.config import ChunkConfig
 from iplr_jax.triton.gate import SUB
@@ -155,13 +154,17 @@ def _sweep(
     )(cu_chunks, q, b, w, do, dht, *(scales or ()))
 
 
-def _segmented_sweep(q, b, w, do, dht, cu_chunks, *, chunk_size, **kw):
+def _segmented_sweep(q, b, w, do, dht, cu_chunks, *, chunk_size, exit=None, **kw):
     """`_sweep` with each sequence cut into segments of `segment_chunks` chunks swept in
-    parallel (`segments`): a summary sweep, the right-to-left fold, the sweep proper."""
+    parallel (`segments`): a summary sweep, the right-to-left fold, the sweep proper. With
+    `exit` (context parallelism, `chunk_bwd`) dht is first replaced by exit(the slice's [g |
+    M^T] composed from its segments', dht)."""
     NC = q.shape[1] // chunk_size
     segs = segments.split(cu_chunks, NC, kw["config"].segment_chunks)
     shape = jnp.zeros((segs.seq.shape[0], *dht.shape[1:]), jnp.float32)
     (summary,) = _sweep(q, b, w, do, shape, segs.cu, chunk_size=chunk_size, summary=True, **kw)
+    if exit is not None:
+        dht = exit(segments.sequence_summaries(summary, segs, cu_chunks, reverse=True), dht)
     d_out = segments.exiting_cotangents(summary, segs, dht)
     dsc, dh0 = _sweep(q, b, w, do, d_out, segs.cu, chunk_size=chunk_size, **kw)
     return dsc, segments.per_sequence(dh0, segs.first, segs.empty, dht)
@@ -539,7 +542,7 @@ def _gate_grad(x: Inputs, dq, dk, da, db, dgc, C):
 
 def chunk_bwd(
     x: Inputs, res: Residuals, cu_chunks, do, dht, *, scale, chunk_size, config: ChunkConfig,
-    interpret, exit=None, rows=None,
+    interpret, exit=None,
 ):
     """Gradients of the chunked form on the aligned layout (see `chunk.chunk_fwd`).
 
@@ -553,7 +556,6 @@ def chunk_bwd(
       exit: context parallelism, the mirror of `chunk_fwd`'s `enter` (kernels only): a function
         of this slice's backward summary [g | M^T] ([N, H, Kp, Vp + Kp]) and dht, returning the
         cotangent of the state leaving the slice, from which the sweep then runs.
-      rows: with `exit`, as `chunk_fwd`'s.
 
     Returns:
       `Inputs` of dq, dk, dv, da, db in the inputs' dtypes, and dh0 [N, H, Kp, Vp] float32.
@@ -575,17 +577,16 @@ def chunk_bwd(
     dt = jnp.result_type(q, k, v, a, b)
     cu_chunks = jnp.asarray(cu_chunks, jnp.int32)
     dht = jnp.asarray(dht, jnp.float32)
-    sweep = _segmented_sweep if config.segment_chunks else _sweep
-    if exit is not None and config.summary == "products":
-        summary = summaries.backward_summary(q, b, res.w, do, cu_chunks, scale=scale, chunk_size=chunk_size,
-                                             rows=rows, config=config, interpret=interpret)
-        dht, sweep = exit(summary, dht), _sweep
+    if config.segment_chunks:
+        sweep = functools.partial(_segmented_sweep, exit=exit)
     elif exit is not None:
         (summary,) = _sweep(
             q, b, res.w, do, dht, cu_chunks, scale=scale, chunk_size=chunk_size, dt=dt, config=config,
             interpret=interpret, summary=True,
         )
         dht, sweep = exit(summary, dht), _sweep
+    else:
+        sweep = _sweep
     dsc, dh0 = sweep(
         q, b, res.w, do, dht, cu_chunks, scale=scale, chunk_size=chunk_size, dt=dt, config=config,
         interpret=interpret,

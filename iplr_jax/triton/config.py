@@ -42,7 +42,9 @@ class ChunkConfig:
     `bwd_intra_block_v`, `bwd_intra_warps`.
     Segments (`segments`): `segment_chunks` cuts every sequence into runs of at most that many
     chunks whose state sweeps (forward and backward) run in parallel, for long sequences at
-    small batch; 0 sweeps each sequence whole. Ignored with the gate `gk`.
+    small batch; 0 sweeps each sequence whole. The rule: 0 on one device; in a slice of a
+    context-parallel call, segments for about NUM_SMS / 2 chains when the sequences and heads
+    give fewer (the slice's summary then comes from the segments'). Ignored with the gate `gk`.
     `f32_dots`: the precision of the products whose operands are float32 (all of them for
     float32 inputs; the state products W S0, B^T V2 for 16-bit ones): "tf32" (the GPU's
     default matmul precision) or "highest" (float32 accuracy); the rule follows
@@ -54,10 +56,6 @@ class ChunkConfig:
     output kernel's whole-chunk tiles, the others the blockwise ones (bf16 and float32 inputs);
     for bf16 the backward runs as the IPLR kernels on decayed operands when every chunk
     qualifies (one `lax.cond`; `gate_factors`), else the blockwise gated kernels.
-    Context parallelism (T sharded): `summary`, how each slice's affine map [h | M] (and the
-    backward's [g | M^T]) is formed: "sweep" (the default: the state kernels with K identity
-    columns) or "products" (every chunk's map in parallel, composed by a tree of matrix products;
-    `triton/summary.py`, docs/chunked.md "Summaries by products").
     """
 
     wy_warps: int | None = None
@@ -81,7 +79,6 @@ class ChunkConfig:
     segment_chunks: int | None = None
     gate_factored: bool | None = None
     gate_chunk_factored: bool | None = None
-    summary: Literal["products", "sweep"] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,11 +120,11 @@ def _sweep_block_v(N: int, H: int, Kp: int, Vp: int) -> int:
 
 def chunk_config(
     config: ChunkConfig | None, *, N: int, H: int, Kp: int, Vp: int, num_chunks: int, dtype,
-    interpret: bool, gated: bool = False,
+    interpret: bool, gated: bool = False, context_parallel: bool = False,
 ) -> ChunkConfig:
     """The chunked path's config for N sequences of `num_chunks` chunks in all, H heads, padded
-    head sizes Kp, Vp and input dtype `dtype` (`gated`: with the DPLR gate), with the fields of
-    `config` kept."""
+    head sizes Kp, Vp and input dtype `dtype` (`gated`: with the DPLR gate; `context_parallel`:
+    for one slice of a T-sharded call), with the fields of `config` kept."""
     c = config or ChunkConfig()
     low = is_low(dtype)
     # The substitution's reductions over 16 x 16 tiles want few warps; Kp = 256 tiles more.
@@ -138,7 +135,12 @@ def chunk_config(
     # chain-bound, so the extra summary sweep costs more than the parallelism gains (B1 T32k H8
     # K=V=128: forward 1.93 ms whole, 1.83-2.07 cut; T256k H16: 20.1 whole, 23.6-27.0 cut;
     # benchmarks/NOTES.md, session 8)
-    c = _fill(c, segment_chunks=lambda: 0)
+    # Under context parallelism the slice's summary is paid anyway, and taking it from segment
+    # summaries makes the segmented sweeps free: about four chains per SM pair (one 128k slice,
+    # H16 K=V=128 bf16, H100: forward summary + sweep 8.49 -> 6.88 ms, backward 8.97 -> 5.69
+    # with 4 segments; benchmarks/NOTES.md, session 13). Not with the gate (whole sweeps).
+    cuts = NUM_SMS // (2 * max(N, 1) * H) if context_parallel and not gated else 0  # per sequence
+    c = _fill(c, segment_chunks=lambda: -(-num_chunks // (max(N, 1) * cuts)) if cuts > 1 else 0)
     if c.segment_chunks < 0:
         raise ValueError(f"ChunkConfig.segment_chunks must be >= 0, got {c.segment_chunks}")
     # the sweeps' independent chains: sequences, or segments when they are cut
@@ -157,11 +159,7 @@ def chunk_config(
         f32_dots=default_f32_dots,
         gate_factored=lambda: True,
         gate_chunk_factored=lambda: True,
-        # the summary sweeps: products as XLA einsums measured 4x slower (H100, one slice T = 128k
-        # H16 K=V=128 bf16: forward 15.2 against 3.8 ms, backward 17.4 against 4.8;
-        # benchmarks/NOTES.md, session 12); their kernels (triton/summary.py) are not timed yet
-        summary=lambda: "sweep",
-    )
+        )
     programs = N * H * (Vp // c.state_block_v)
     # Fusing the output adds Q K^T, Q B^T and three more dots to every step of the sequential
     # chain; it pays only when the sweep already fills the SMs, each program walks few chunks
