@@ -136,9 +136,10 @@ def chunk_config(
     # K=V=128: forward 1.93 ms whole, 1.83-2.07 cut; T256k H16: 20.1 whole, 23.6-27.0 cut;
     # benchmarks/NOTES.md, session 8)
     # Under context parallelism the slice's summary is paid anyway, and taking it from segment
-    # summaries makes the segmented sweeps free: about four chains per SM pair (one 128k slice,
-    # H16 K=V=128 bf16, H100: forward summary + sweep 8.49 -> 6.88 ms, backward 8.97 -> 5.69
-    # with 4 segments; benchmarks/NOTES.md, session 13). Not with the gate (whole sweeps).
+    # summaries makes the segmented sweeps free. Cut for about NUM_SMS / 2 chains: 4 segments
+    # at N1 H16 (one 128k slice, K=V=128 bf16, H100: forward summary + sweep 8.49 -> 6.88 ms,
+    # backward 8.93 -> 5.69; finer cuts slowed the summary sweeps; benchmarks/NOTES.md, session
+    # 13). Not with the gate (whole sweeps).
     cuts = NUM_SMS // (2 * max(N, 1) * H) if context_parallel and not gated else 0  # per sequence
     c = _fill(c, segment_chunks=lambda: -(-num_chunks // (max(N, 1) * cuts)) if cuts > 1 else 0)
     if c.segment_chunks < 0:
@@ -159,7 +160,7 @@ def chunk_config(
         f32_dots=default_f32_dots,
         gate_factored=lambda: True,
         gate_chunk_factored=lambda: True,
-        )
+    )
     programs = N * H * (Vp // c.state_block_v)
     # Fusing the output adds Q K^T, Q B^T and three more dots to every step of the sequential
     # chain; it pays only when the sweep already fills the SMs, each program walks few chunks
