@@ -1,31 +1,70 @@
 """What the non-finite guard costs (issue 13; docs/numerics.md "Non-finite inputs").
 
-    python benchmarks/guard_cost.py --sizes S1,S2
+    python benchmarks/guard_cost.py --sizes S1,S2,L --forms bare,cond,select [--devices 2]
 
-Times, in one process, the public `iplr_jax.chunk` (inputs sanitized, outputs poisoned by
-selects) against the same kernels called without the guard (`ops.chunk._chunk_pallas`), forward
-and forward + backward, bf16, medians of 20.
+Times the public `iplr_jax.chunk` (bf16, default implementation, medians of 20) in one process
+with the guard in each form:
+  * bare: no guard (`guarded_unless_finite` replaced by the plain run);
+  * cond: the guard as it is (`inputs._branch`: the plain run, or the guarded one, under one
+    `lax.cond`, forward and backward);
+  * select: the plain run and its VJP outside any branch, only the guarded run under the cond,
+    then a select (session 13: faster on 2 GPUs with T sharded, slower on one GPU at T = 256k;
+    benchmarks/NOTES.md).
+With --devices n the inputs are sharded over T on n devices (context parallelism under jit).
+L is one sequence B1 T = 256k H16 K=V=128; XS a CPU smoke size.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 from timing import median_ms  # benchmarks/ is on sys.path as the script's folder
 
 import iplr_jax
-from iplr_jax.inputs import Inputs
-from iplr_jax.ops.chunk import _chunk_pallas
+import iplr_jax.inputs as inputs_module
+import iplr_jax.ops.chunk as chunk_module
 
-SIZES = {"S1": (8, 2048, 16, 64, 64), "S2": (4, 4096, 16, 128, 128), "S3": (1, 32768, 8, 128, 128)}
+SIZES = {"S1": (8, 2048, 16, 64, 64), "S2": (4, 4096, 16, 128, 128), "S3": (1, 32768, 8, 128, 128),
+         "L": (1, 262144, 16, 128, 128), "XS": (1, 512, 2, 32, 32)}
+
+
+def _bare(run, x, cu_seqlens, dims, *extra, **_):
+    return run(x, cu_seqlens, *extra)
+
+
+def _select(ok, fast, slow):
+    first = fast()
+    other = jax.lax.cond(ok, lambda: jax.tree.map(jnp.zeros_like, first), slow)
+    return jax.tree.map(lambda f, s: jnp.where(ok, f, s), first, other)
+
+
+@contextlib.contextmanager
+def guard_form(form):
+    """The guard in `form` while the functions trace (each form is jitted afresh inside)."""
+    module, name, value = {
+        "bare": (chunk_module, "guarded_unless_finite", _bare),
+        "select": (inputs_module, "_branch", _select),
+        "cond": (inputs_module, "_branch", inputs_module._branch),
+    }[form]
+    saved = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, saved)
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", default="S1,S2")
+    p.add_argument("--forms", default="bare,cond,select")
+    p.add_argument("--devices", type=int, default=1, help="shard T over this many devices")
     args = p.parse_args()
     for name in args.sizes.split(","):
         B, T, H, K, V = SIZES[name]
@@ -35,19 +74,16 @@ def main():
         xs = [rng.standard_normal((B, T, H, K)), unit(rng.standard_normal((B, T, H, K))),
               rng.standard_normal((B, T, H, V)), a, -0.5 * a]
         xs = [jnp.asarray(x, jnp.bfloat16) for x in xs]
-        h0 = jnp.zeros((B, H, K, V), jnp.float32)
-
-        def guarded(*x):
-            return iplr_jax.chunk(*x)[0]
-
-        def bare(*x, h0=h0, scale=K**-0.5):
-            return _chunk_pallas(Inputs(*x), scale=scale, h0=h0, cu_seqlens=None, chunk_size=64,
-                                 config=None, interpret=False)[0].astype(x[2].dtype)
-
-        for label, f in (("guarded", guarded), ("bare", bare)):
-            fwd = jax.jit(f)
-            fb = jax.jit(jax.grad(lambda *x, f=f: jnp.sum(f(*x).astype(jnp.float32)), argnums=range(5)))
-            print(f"{name} {label:8} fwd {median_ms(fwd, *xs):.3f} ms  fwd+bwd {median_ms(fb, *xs):.3f} ms",
+        if args.devices > 1:
+            mesh = Mesh(np.array(jax.devices()[: args.devices]), ("sp",))
+            xs = [jax.device_put(x, NamedSharding(mesh, P(None, "sp"))) for x in xs]
+        for form in args.forms.split(","):
+            with guard_form(form):
+                fwd = jax.jit(lambda *x: iplr_jax.chunk(*x)[0])
+                loss = lambda *x: jnp.sum(iplr_jax.chunk(*x)[0].astype(jnp.float32))  # noqa: E731
+                fb = jax.jit(jax.grad(loss, argnums=range(5)))
+                t_f, t_fb = median_ms(fwd, *xs), median_ms(fb, *xs)
+            print(f"{name} devices={args.devices} {form:7} fwd {t_f:.3f} ms  fwd+bwd {t_fb:.3f} ms",
                   flush=True)
 
 

@@ -280,6 +280,13 @@ def guard_nonfinite(x: Inputs, cu_seqlens, dims: Dims) -> tuple[Inputs, NonFinit
     return x.map(finite), NonFinite(tokens | _nonfinite_rows(x.q), sequences)
 
 
+def _branch(ok, fast, slow):
+    """fast() if ok else slow(), thunks of the same structure, under one `lax.cond`: only the
+    branch taken runs. (`benchmarks/guard_cost.py --form select` times the alternative that
+    runs fast() outside the cond; benchmarks/NOTES.md, session 13.)"""
+    return jax.lax.cond(ok, fast, slow)
+
+
 def guarded_unless_finite(run, x: Inputs, cu_seqlens, dims: Dims, *extra, guarded=None, axis_name=None):
     """`run(x, cu_seqlens, *extra) -> (o, final)` with `guard_nonfinite`'s semantics at the cost
     of a finiteness check of the outputs: a non-finite input always makes some output or final
@@ -315,12 +322,12 @@ def guarded_unless_finite(run, x: Inputs, cu_seqlens, dims: Dims, *extra, guarde
     @jax.custom_vjp
     def op(*ls):
         outs = call(run, *ls)
-        return jax.lax.cond(finite(outs), lambda: outs, lambda: call(guarded, *ls))
+        return _branch(finite(outs), lambda: outs, lambda: call(guarded, *ls))
 
     def fwd(*ls):
         outs, pull = jax.vjp(functools.partial(call, run), *ls)
         ok = finite(outs)
-        return jax.lax.cond(ok, lambda: outs, lambda: call(guarded, *ls)), (ls, pull, ok)
+        return _branch(ok, lambda: outs, lambda: call(guarded, *ls)), (ls, pull, ok)
 
     def bwd(res, cts):
         ls, pull, ok = res
@@ -331,7 +338,7 @@ def guarded_unless_finite(run, x: Inputs, cu_seqlens, dims: Dims, *extra, guarde
         def slow():
             return floats(jax.vjp(functools.partial(call, guarded), *ls)[1](cts))
 
-        grads = iter(jax.lax.cond(ok, lambda: floats(pull(cts)), slow))
+        grads = iter(_branch(ok, lambda: floats(pull(cts)), slow))
         return tuple(next(grads) if f else None for f in inexact)
 
     op.defvjp(fwd, bwd)
