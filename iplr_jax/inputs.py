@@ -282,7 +282,7 @@ def guard_nonfinite(x: Inputs, cu_seqlens, dims: Dims) -> tuple[Inputs, NonFinit
 
 def _branch(ok, fast, slow):
     """fast() if ok else slow(), thunks of the same structure, under one `lax.cond`: only the
-    branch taken runs. (`benchmarks/guard_cost.py --form select` times the alternative that
+    branch taken runs. (`benchmarks/guard_cost.py --forms select` times the alternative that
     runs fast() outside the cond; benchmarks/NOTES.md, session 13.)"""
     return jax.lax.cond(ok, fast, slow)
 
