@@ -26,9 +26,10 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
+from guard_cost import guard_form  # benchmarks/ is on sys.path as the script's folder
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
-from scaling import cp_inputs, median_ms  # benchmarks/ is on sys.path as the script's folder
+from scaling import cp_inputs, median_ms
 
 import iplr_jax
 from iplr_jax.context_parallel import chunk_cp
@@ -119,11 +120,6 @@ def longest(n, limit, start=1 << 19):
     return best
 
 
-def _unguarded(run, x, cu_seqlens, dims, *extra, **_):
-    """`inputs.guarded_unless_finite` without its finiteness check and cond (--unguarded)."""
-    return run(x, cu_seqlens, *extra)
-
-
 def run_cases(T, rows, jit_only=False, devices=(2,), segment_rows=(None,), unguarded=False):
     rows["plain_1gpu"] = plain(T)
     print("plain chunk, 1 GPU, T", T, rows["plain_1gpu"], flush=True)
@@ -136,16 +132,13 @@ def run_cases(T, rows, jit_only=False, devices=(2,), segment_rows=(None,), ungua
             rows[key] = cp_jit(T, n, segments=seg)
             print(f"chunk under jit, T sharded over {n} devices, segment_chunks {seg}", rows[key], flush=True)
     if unguarded:  # what the non-finite guard (docs/numerics.md) costs each row
-        import iplr_jax.ops.chunk as chunk_module
-
-        guard, chunk_module.guarded_unless_finite = chunk_module.guarded_unless_finite, _unguarded
-        rows["plain_1gpu_unguarded"] = plain(T)
-        print("plain chunk, 1 GPU, T, unguarded", rows["plain_1gpu_unguarded"], flush=True)
-        for n in devices:
-            rows[f"jit_n{n}_unguarded"] = cp_jit(T, n)
-            print(f"chunk under jit, T sharded over {n} devices, unguarded", rows[f"jit_n{n}_unguarded"],
-                  flush=True)
-        chunk_module.guarded_unless_finite = guard
+        with guard_form("bare"):
+            rows["plain_1gpu_unguarded"] = plain(T)
+            print("plain chunk, 1 GPU, T, unguarded", rows["plain_1gpu_unguarded"], flush=True)
+            for n in devices:
+                rows[f"jit_n{n}_unguarded"] = cp_jit(T, n)
+                print(f"chunk under jit, T sharded over {n} devices, unguarded", rows[f"jit_n{n}_unguarded"],
+                      flush=True)
     if jit_only:
         return
     rows["widened_half"] = plain(T // 2, width=V + K)

@@ -114,15 +114,8 @@ def per_sequence(per_segment: jax.Array, index: jax.Array, empty: jax.Array, fal
 
 # -- context parallelism: a slice's summary from its segments' ---------------------------------
 # Under context parallelism the slice's [h | M] must be computed anyway; taking it from the
-# segment summaries (composed here) makes the segmented sweeps free of any extra pass
-# (docs/chunked.md "Segments under context parallelism").
-
-
-def _then(first, then):
-    """The map of `first` followed by `then`: (M, h) -> (Mt Mf, Mt hf + ht)."""
-    (mf, hf), (mt, ht) = first, then
-    mm = lambda x, y: jnp.einsum("...ij,...jw->...iw", x, y, precision=_HI)  # noqa: E731
-    return mm(mt, mf), mm(mt, hf) + ht
+# segment summaries (composed here by the same scan as the folds) makes the segmented sweeps
+# free of any extra pass (docs/chunked.md "Segments under context parallelism").
 
 
 def sequence_summaries(summary: jax.Array, segs: Segments, cu_chunks: jax.Array, *, reverse=False):
@@ -130,27 +123,22 @@ def sequence_summaries(summary: jax.Array, segs: Segments, cu_chunks: jax.Array,
     ([NS, H, Kp, W + Kp]), composed in time order; `reverse`: the backward's [g | M^T], the last
     segment's map applied first. An empty sequence gives [0 | I] (as an empty segment does)."""
     W = summary.shape[-1] - summary.shape[-2]
-    h, m = summary[..., :W], summary[..., W:]
     NS = summary.shape[0]
     # segments refine the sequences: sequence n owns segments cu[n] .. cu[n + 1] - 1 (empty
     # segments among them are identities)
     cu = jnp.searchsorted(segs.cu[:-1], jnp.asarray(cu_chunks, jnp.int32), side="left").astype(jnp.int32)
     begins = cu[1:] - 1 if reverse else cu[:-1]
     begins = jnp.where((begins < 0) | (cu[1:] == cu[:-1]), NS, begins)  # dropped, not wrapped
-    fresh = jnp.zeros(NS, bool).at[begins].set(True, mode="drop")
-    if reverse:
-        m, h, fresh = m[::-1], h[::-1], fresh[::-1]
-
-    def seg_compose(e1, e2):  # a segmented scan: a fresh element restarts the composition
-        (f1, m1, h1), (f2, m2, h2) = e1, e2
-        mc, hc = _then((m1, h1), (m2, h2))
-        keep = f2[..., None, None, None]
-        return f1 | f2, jnp.where(keep, m2, mc), jnp.where(keep, h2, hc)
-
-    _, m, h = jax.lax.associative_scan(seg_compose, (fresh, m, h))
-    if reverse:
-        m, h = m[::-1], h[::-1]
+    fresh = jnp.zeros(NS, bool).at[begins].set(True, mode="drop")[:, None, None, None]
+    flip = (lambda x: x[::-1]) if reverse else (lambda x: x)  # noqa: E731
+    summary, fresh = flip(summary), flip(fresh)
+    m = summary[..., W:]
+    # [h | M] composed since the sequence's first segment: x_s = M_s x_{s-1} + [h_s | 0], a
+    # sequence's first segment restarting from [h_s | M_s]
+    c = jnp.concatenate([summary[..., :W], jnp.where(fresh, m, 0)], -1)
+    total = flip(_affine_prefix(jnp.where(fresh, 0, m), c))
     ends = jnp.clip(cu[:-1] if reverse else cu[1:] - 1, 0, NS - 1)
     empty = (cu[1:] == cu[:-1])[:, None, None, None]
     eye = jnp.broadcast_to(jnp.eye(m.shape[-1], dtype=m.dtype), m[:1].shape)
-    return jnp.concatenate([jnp.where(empty, 0, h[ends]), jnp.where(empty, eye, m[ends])], -1)
+    identity = jnp.concatenate([jnp.zeros_like(summary[:1, ..., :W]), eye], -1)
+    return jnp.where(empty, identity, total[ends])
