@@ -9,7 +9,9 @@ with the guard in each form:
     `lax.cond`, forward and backward);
   * select: the plain run and its VJP outside any branch, only the guarded run under the cond,
     then a select (session 13: faster on 2 GPUs with T sharded, slower on one GPU at T = 256k;
-    benchmarks/NOTES.md).
+    benchmarks/NOTES.md);
+  * pass: the plain run and its VJP outside any branch, passed through the cond's fast branch
+    unchanged (select without the select: no zeros, no second read of the outputs).
 With --devices n the inputs are sharded over T on n devices (context parallelism under jit).
 L is one sequence B1 T = 256k H16 K=V=128; XS a CPU smoke size.
 """
@@ -44,12 +46,18 @@ def _select(ok, fast, slow):
     return jax.tree.map(lambda f, s: jnp.where(ok, f, s), first, other)
 
 
+def _pass(ok, fast, slow):
+    first = fast()
+    return jax.lax.cond(ok, lambda: first, slow)
+
+
 @contextlib.contextmanager
 def guard_form(form):
     """The guard in `form` while the functions trace (each form is jitted afresh inside)."""
     module, name, value = {
         "bare": (chunk_module, "guarded_unless_finite", _bare),
         "select": (inputs_module, "_branch", _select),
+        "pass": (inputs_module, "_branch", _pass),
         "cond": (inputs_module, "_branch", inputs_module._branch),
     }[form]
     saved = getattr(module, name)
@@ -63,8 +71,9 @@ def guard_form(form):
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", default="S1,S2")
-    p.add_argument("--forms", default="bare,cond,select")
+    p.add_argument("--forms", default="bare,cond,pass")
     p.add_argument("--devices", type=int, default=1, help="shard T over this many devices")
+    p.add_argument("--memory", action="store_true", help="print XLA's temp bytes of fwd+bwd")
     args = p.parse_args()
     for name in args.sizes.split(","):
         B, T, H, K, V = SIZES[name]
@@ -83,8 +92,12 @@ def main():
                 loss = lambda *x: jnp.sum(iplr_jax.chunk(*x)[0].astype(jnp.float32))  # noqa: E731
                 fb = jax.jit(jax.grad(loss, argnums=range(5)))
                 t_f, t_fb = median_ms(fwd, *xs), median_ms(fb, *xs)
-            print(f"{name} devices={args.devices} {form:7} fwd {t_f:.3f} ms  fwd+bwd {t_fb:.3f} ms",
-                  flush=True)
+                memory = ""
+                if args.memory:  # a second compile
+                    temp = fb.lower(*xs).compile().memory_analysis().temp_size_in_bytes
+                    memory = f"  (fwd+bwd temp {temp / 2**20:.1f} MiB per device)"
+            print(f"{name} devices={args.devices} {form:7} fwd {t_f:.3f} ms  fwd+bwd {t_fb:.3f} ms"
+                  + memory, flush=True)
 
 
 if __name__ == "__main__":
