@@ -11,7 +11,9 @@ with the guard in each form:
     then a select (session 13: faster on 2 GPUs with T sharded, slower on one GPU at T = 256k;
     benchmarks/NOTES.md);
   * pass: the plain run and its VJP outside any branch, passed through the cond's fast branch
-    unchanged (select without the select: no zeros, no second read of the outputs).
+    unchanged (select without the select: no zeros, no second read of the outputs);
+  * barrier: pass, with the plain run's results behind `lax.optimization_barrier`, so that XLA
+    cannot sink the plain run back into the cond's branch.
 With --devices n the inputs are sharded over T on n devices (context parallelism under jit).
 L is one sequence B1 T = 256k H16 K=V=128; XS a CPU smoke size.
 """
@@ -26,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
-from timing import median_ms  # benchmarks/ is on sys.path as the script's folder
+from timing import device_profile, median_ms  # benchmarks/ is on sys.path as the script's folder
 
 import iplr_jax
 import iplr_jax.inputs as inputs_module
@@ -51,6 +53,11 @@ def _pass(ok, fast, slow):
     return jax.lax.cond(ok, lambda: first, slow)
 
 
+def _barrier(ok, fast, slow):
+    first = jax.lax.optimization_barrier(fast())
+    return jax.lax.cond(ok, lambda: first, slow)
+
+
 @contextlib.contextmanager
 def guard_form(form):
     """The guard in `form` while the functions trace (each form is jitted afresh inside)."""
@@ -58,6 +65,7 @@ def guard_form(form):
         "bare": (chunk_module, "guarded_unless_finite", _bare),
         "select": (inputs_module, "_branch", _select),
         "pass": (inputs_module, "_branch", _pass),
+        "barrier": (inputs_module, "_branch", _barrier),
         "cond": (inputs_module, "_branch", inputs_module._branch),
     }[form]
     saved = getattr(module, name)
@@ -74,6 +82,8 @@ def main():
     p.add_argument("--forms", default="bare,cond,pass")
     p.add_argument("--devices", type=int, default=1, help="shard T over this many devices")
     p.add_argument("--memory", action="store_true", help="print XLA's temp bytes of fwd+bwd")
+    p.add_argument("--profile", action="store_true", help="print what fwd+bwd runs on GPU 0")
+    p.add_argument("--hlo", help="write each form's compiled fwd+bwd HLO into this folder")
     args = p.parse_args()
     for name in args.sizes.split(","):
         B, T, H, K, V = SIZES[name]
@@ -96,8 +106,13 @@ def main():
                 if args.memory:  # a second compile
                     temp = fb.lower(*xs).compile().memory_analysis().temp_size_in_bytes
                     memory = f"  (fwd+bwd temp {temp / 2**20:.1f} MiB per device)"
-            print(f"{name} devices={args.devices} {form:7} fwd {t_f:.3f} ms  fwd+bwd {t_fb:.3f} ms"
-                  + memory, flush=True)
+                print(f"{name} devices={args.devices} {form:7} fwd {t_f:.3f} ms  fwd+bwd {t_fb:.3f} ms"
+                      + memory, flush=True)
+                if args.profile:
+                    print(device_profile(fb, *xs), flush=True)
+                if args.hlo:
+                    with open(f"{args.hlo}/{name}_{args.devices}_{form}.txt", "w") as out:
+                        out.write(fb.lower(*xs).compile().as_text())
 
 
 if __name__ == "__main__":

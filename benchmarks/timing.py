@@ -21,3 +21,36 @@ def median_ms(f, *args, reps: int = 20, back_to_back: int = 5, sync=jax.block_un
         sync(out)
         samples.append((time.perf_counter() - t0) / back_to_back * 1e3)
     return statistics.median(samples)
+
+
+def device_profile(f, *args, calls: int = 3, top: int = 12, device: str = "/device:GPU:0") -> str:
+    """What one call of `f(*args)` runs on `device`, from a `jax.profiler` trace of `calls`
+    calls (after a warm-up): per trace line (streams, XLA modules) the busy milliseconds per
+    call, then the `top` event names by time per call. A text table."""
+    import collections
+    import glob
+    import tempfile
+
+    jax.block_until_ready(f(*args))
+    folder = tempfile.mkdtemp()
+    with jax.profiler.trace(folder):
+        for _ in range(calls):
+            jax.block_until_ready(f(*args))
+    data = jax.profiler.ProfileData.from_file(glob.glob(f"{folder}/**/*.xplane.pb", recursive=True)[0])
+    plane = next((p for p in data.planes if p.name == device), None)
+    if plane is None:
+        return f"no {device} plane in the trace (planes: {[p.name for p in data.planes]})"
+    rows, names = [], collections.Counter()
+    for line in plane.lines:
+        events = list(line.events)
+        if not events:
+            continue
+        busy = sum(e.duration_ns for e in events) / calls / 1e6
+        span = (max(e.start_ns + e.duration_ns for e in events) - min(e.start_ns for e in events)) / 1e6
+        rows.append(f"  {line.name[:40]:40} busy {busy:9.3f} ms/call  events {len(events) // calls:5d}"
+                    f"/call  span of all calls {span:9.3f} ms")
+        if line.name.startswith("Stream"):
+            for e in events:
+                names[e.name[:90]] += e.duration_ns / calls / 1e6
+    rows += [f"    {ms:9.3f} ms  {name}" for name, ms in names.most_common(top)]
+    return "\n".join(rows)
