@@ -12,9 +12,11 @@ with the guard in each form:
     benchmarks/NOTES.md);
   * pass: the plain run and its VJP outside any branch, passed through the cond's fast branch
     unchanged (select without the select: no zeros, no second read of the outputs);
+  * unaligned: cond without `inputs._sharded_like` (the cond's results left to the partitioner);
   * barrier: pass, with the plain run's results behind `lax.optimization_barrier`, so that XLA
     cannot sink the plain run back into the cond's branch.
-With --devices n the inputs are sharded over T on n devices (context parallelism under jit).
+With --devices n the inputs are sharded over T (context parallelism under jit) or, with
+--shard b, over the batch, on n devices; the all-gathers of each compiled fwd+bwd are printed.
 L is one sequence B1 T = 256k H16 K=V=128; XS a CPU smoke size.
 """
 
@@ -22,6 +24,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -36,6 +40,10 @@ import iplr_jax.ops.chunk as chunk_module
 
 SIZES = {"S1": (8, 2048, 16, 64, 64), "S2": (4, 4096, 16, 128, 128), "S3": (1, 32768, 8, 128, 128),
          "L": (1, 262144, 16, 128, 128), "XS": (1, 512, 2, 32, 32)}
+
+
+def _output(*x, implementation):
+    return iplr_jax.chunk(*x, implementation=implementation)[0]
 
 
 def _bare(run, x, cu_seqlens, dims, *extra, **_):
@@ -66,6 +74,7 @@ def guard_form(form):
         "select": (inputs_module, "_branch", _select),
         "pass": (inputs_module, "_branch", _pass),
         "barrier": (inputs_module, "_branch", _barrier),
+        "unaligned": (inputs_module, "_sharded_like", lambda new, old: new),
         "cond": (inputs_module, "_branch", inputs_module._branch),
     }[form]
     saved = getattr(module, name)
@@ -80,10 +89,12 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", default="S1,S2")
     p.add_argument("--forms", default="bare,cond,pass")
-    p.add_argument("--devices", type=int, default=1, help="shard T over this many devices")
+    p.add_argument("--devices", type=int, default=1, help="shard over this many devices")
+    p.add_argument("--shard", default="t", choices=("t", "b"), help="shard T or the batch")
     p.add_argument("--memory", action="store_true", help="print XLA's temp bytes of fwd+bwd")
     p.add_argument("--profile", action="store_true", help="print what fwd+bwd runs on GPU 0")
     p.add_argument("--hlo", help="write each form's compiled fwd+bwd HLO into this folder")
+    p.add_argument("--implementation", default=None, help="chunk's implementation (default: its own)")
     args = p.parse_args()
     for name in args.sizes.split(","):
         B, T, H, K, V = SIZES[name]
@@ -95,11 +106,14 @@ def main():
         xs = [jnp.asarray(x, jnp.bfloat16) for x in xs]
         if args.devices > 1:
             mesh = Mesh(np.array(jax.devices()[: args.devices]), ("sp",))
-            xs = [jax.device_put(x, NamedSharding(mesh, P(None, "sp"))) for x in xs]
+            spec = P(None, "sp") if args.shard == "t" else P("sp")
+            xs = [jax.device_put(x, NamedSharding(mesh, spec)) for x in xs]
         for form in args.forms.split(","):
             with guard_form(form):
-                fwd = jax.jit(lambda *x: iplr_jax.chunk(*x)[0])
-                loss = lambda *x: jnp.sum(iplr_jax.chunk(*x)[0].astype(jnp.float32))  # noqa: E731
+                run = functools.partial(_output, implementation=args.implementation)
+                fwd = jax.jit(run)
+                # a loss whose gradient needs the output (sum(o) would let XLA drop o's kernel)
+                loss = lambda *x, run=run: jnp.sum(jnp.square(run(*x).astype(jnp.float32)))  # noqa: E731
                 fb = jax.jit(jax.grad(loss, argnums=range(5)))
                 t_f, t_fb = median_ms(fwd, *xs), median_ms(fb, *xs)
                 memory = ""
@@ -110,9 +124,14 @@ def main():
                       + memory, flush=True)
                 if args.profile:
                     print(device_profile(fb, *xs), flush=True)
+                text = fb.lower(*xs).compile().as_text()
+                gathered = sorted({re.findall(r"\w+\[[\d,]*\]", line.split(" all-gather")[0])[-1]
+                                   for line in text.splitlines()
+                                   if re.search(r" all-gather(-start)?\(", line)})
+                print(f"  all-gathers in fwd+bwd: {gathered}", flush=True)
                 if args.hlo:
                     with open(f"{args.hlo}/{name}_{args.devices}_{form}.txt", "w") as out:
-                        out.write(fb.lower(*xs).compile().as_text())
+                        out.write(text)
 
 
 if __name__ == "__main__":
