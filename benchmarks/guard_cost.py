@@ -12,7 +12,7 @@ with the guard in each form:
     benchmarks/NOTES.md);
   * pass: the plain run and its VJP outside any branch, passed through the cond's fast branch
     unchanged (select without the select: no zeros, no second read of the outputs);
-  * unaligned: cond without `inputs._sharded_like` (the cond's results left to the partitioner);
+  * unaligned: cond without `sharding.sharded_like` (the cond's results left to the partitioner);
   * barrier: pass, with the plain run's results behind `lax.optimization_barrier`, so that XLA
     cannot sink the plain run back into the cond's branch.
 With --devices n the inputs are sharded over T (context parallelism under jit) or, with
@@ -37,9 +37,10 @@ from timing import device_profile, median_ms  # benchmarks/ is on sys.path as th
 import iplr_jax
 import iplr_jax.inputs as inputs_module
 import iplr_jax.ops.chunk as chunk_module
+import iplr_jax.sharding as sharding_module
 
 SIZES = {"S1": (8, 2048, 16, 64, 64), "S2": (4, 4096, 16, 128, 128), "S3": (1, 32768, 8, 128, 128),
-         "L": (1, 262144, 16, 128, 128), "XS": (1, 512, 2, 32, 32)}
+         "L": (1, 262144, 16, 128, 128), "XS": (2, 512, 2, 32, 32)}
 
 
 def _output(*x, implementation):
@@ -74,7 +75,7 @@ def guard_form(form):
         "select": (inputs_module, "_branch", _select),
         "pass": (inputs_module, "_branch", _pass),
         "barrier": (inputs_module, "_branch", _barrier),
-        "unaligned": (inputs_module, "_sharded_like", lambda new, old: new),
+        "unaligned": (sharding_module, "sharded_like", lambda new, old: new),
         "cond": (inputs_module, "_branch", inputs_module._branch),
     }[form]
     saved = getattr(module, name)

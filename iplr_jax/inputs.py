@@ -13,7 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import checkify
-from jax.experimental.shard_alike import shard_alike
+
+from iplr_jax import sharding
 
 # "pallas": the Pallas kernels compiled for the GPU (today the Triton backend, iplr_jax/triton);
 # "interpret": the same kernels through the Pallas interpreter (CPU testing); "xla": plain jnp.
@@ -288,14 +289,6 @@ def _branch(ok, fast, slow):
     return jax.lax.cond(ok, fast, slow)
 
 
-def _sharded_like(new, old):
-    """`new` (a tree of arrays) sharded like `old` (one of the same structure). The partitioner
-    does not carry a sharding through `lax.cond`: without this, with T or the batch sharded
-    under `jit`, the branch's results came out replicated, each all-gathered (JAX 0.11.2 on 2
-    GPUs: 10 ms of a 32 ms step at T = 256k; benchmarks/NOTES.md, session 14)."""
-    return jax.tree.map(lambda n, o: shard_alike(n, o)[0], new, old)
-
-
 def guarded_unless_finite(run, x: Inputs, cu_seqlens, dims: Dims, *extra, guarded=None, axis_name=None):
     """`run(x, cu_seqlens, *extra) -> (o, final)` with `guard_nonfinite`'s semantics at the cost
     of a finiteness check of the outputs: a non-finite input always makes some output or final
@@ -328,8 +321,8 @@ def guarded_unless_finite(run, x: Inputs, cu_seqlens, dims: Dims, *extra, guarde
     def call(fn, *ls):
         return fn(*jax.tree.unflatten(tree, ls))
 
-    def chosen(ok, outs, ls):
-        return _sharded_like(_branch(ok, lambda: outs, lambda: call(guarded, *ls)), outs)
+    def chosen(ok, outs, ls):  # sharded like the plain run's (sharding.sharded_like says why)
+        return sharding.sharded_like(_branch(ok, lambda: outs, lambda: call(guarded, *ls)), outs)
 
     @jax.custom_vjp
     def op(*ls):
@@ -350,7 +343,7 @@ def guarded_unless_finite(run, x: Inputs, cu_seqlens, dims: Dims, *extra, guarde
         def slow():
             return floats(jax.vjp(functools.partial(call, guarded), *ls)[1](cts))
 
-        grads = iter(_sharded_like(_branch(ok, lambda: floats(pull(cts)), slow), floats(ls)))
+        grads = iter(sharding.sharded_like(_branch(ok, lambda: floats(pull(cts)), slow), floats(ls)))
         return tuple(next(grads) if f else None for f in inexact)
 
     op.defvjp(fwd, bwd)

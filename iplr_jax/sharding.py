@@ -388,6 +388,43 @@ def partitioned(
     return call
 
 
+def sharded_like(new, old):
+    """`new` (a tree of arrays) sharded like `old` (a tree of the same structure and shapes)
+    under auto-sharded `jit`, for the results of a `lax.cond`: the partitioner need not carry a
+    sharding through the cond's branches, and with T sharded it made them replicated, each
+    gradient all-gathered (JAX 0.11.2, 2 GPUs: 10 ms of a 32 ms step at T = 256k;
+    benchmarks/NOTES.md, session 14). The pairs are tied by a custom_partitioning identity whose
+    Shardy rule gives both operands one sharding (JAX's `shard_alike`, gone in 0.11). Per-device
+    code, explicit sharding types and scalars need nothing: `new` itself."""
+    leaves = jax.tree.leaves(old)
+    if _PER_SHARD.get() or _manual_context() or vma_of(*leaves) or _explicit_mesh(leaves) is not None:
+        return new
+    return jax.tree.map(lambda n, o: _tie(np.ndim(o))(o, n) if np.ndim(o) else n, new, old)
+
+
+@functools.cache
+def _tie(ndim: int):
+    """(old, new) -> new, sharded like old: both operands and the result share every factor."""
+    from jax.experimental.custom_partitioning import custom_partitioning
+
+    def second(old, new):
+        return new
+
+    def like_old(mesh, arg_shapes, result_shape=None):
+        sharding = arg_shapes[0].sharding
+        return sharding if isinstance(sharding, NamedSharding) else NamedSharding(mesh, P())
+
+    def partition(mesh, arg_shapes, result_shape):
+        sharding = like_old(mesh, arg_shapes)
+        return mesh, second, sharding, (sharding, sharding)
+
+    op = custom_partitioning(second)
+    dims = " ".join(f"d{i}" for i in range(ndim))
+    op.def_partition(partition=partition, infer_sharding_from_operands=like_old,
+                     sharding_rule=f"{dims}, {dims} -> {dims}")
+    return _batchable(second, op)
+
+
 def explicit_shards(fn: Callable, in_specs: Sequence[str], out_specs) -> Callable:
     """`fn(*arrays)` on every batch / head shard when the inputs carry explicit-axis shardings
     (`jax.shard_map`, differentiable), else `fn` itself: for jnp paths, which the partitioner

@@ -278,9 +278,33 @@ def test_pallas_lowers_with_sharded_inputs_for_cuda(monkeypatch, op):
     text = traced.lower(lowering_platforms=("cuda",)).as_text()
     # the forward with residuals and the backward, and the guarded branches taken only for
     # non-finite outputs (inputs.guarded_unless_finite): its forward, its recomputed forward
-    # with residuals and backward
-    assert text.count("CustomSPMDPartitioning") == 5
+    # with residuals and backward; then the guard's ties (sharding.sharded_like), one per
+    # output (o, final state) and per gradient (q, k, v, a, b, initial state)
+    ties = re.findall(r"op_sharding_rule<\(\[([a-z, ]+)\], \[\1\]\)->\(\[\1\]\)", text)
+    assert len(ties) == 8, ties
+    assert text.count("CustomSPMDPartitioning") == 5 + len(ties)
     assert "sdy.sharding_rule" in text
+
+
+def test_sharded_like_ties_sharding():
+    """`sharding.sharded_like(new, old)`: new's values with old's sharding (the guard's cond
+    results otherwise came out replicated on GPUs), also under vmap; None leaves pass."""
+    from iplr_jax.sharding import sharded_like
+
+    mesh = _mesh((2, 4))
+    spec = NamedSharding(mesh, P(None, "x", "y"))
+    old = jax.device_put(jnp.asarray(np.random.default_rng(0).standard_normal((3, 8, 4))), spec)
+    replicated = NamedSharding(mesh, P())
+
+    def f(o):
+        new = jax.lax.with_sharding_constraint(jnp.sin(o), replicated)
+        return sharded_like((new, None), (o, None))[0]
+
+    got = jax.jit(f)(old)
+    np.testing.assert_array_equal(got, np.sin(np.asarray(old)))
+    assert got.sharding.is_equivalent_to(spec, 3), got.sharding
+    batched = jax.jit(jax.vmap(f))(old)
+    np.testing.assert_array_equal(batched, got)
 
 
 importlib.import_module("iplr_jax.sharding")  # the helpers import on their own
