@@ -22,6 +22,8 @@ Two situations:
    - inside `shard_map` already (all axes manual) or without any mesh: `fn` itself.
    `partitioned_vjp` composes three such ops (primal, forward with residuals, backward) into a
    `custom_vjp`, since `custom_partitioning` cannot be differentiated.
+   `sharded_like` ties arrays to the sharding of others (for results of a `lax.cond`, which
+   the partitioner may leave replicated).
    With `sequence=` a third factor may shard too (context parallelism under jit, issue 15):
    when it arrives sharded, `fn` runs on the local slices with `sequence_axes=` the mesh axes
    it is sharded over, and may communicate over them (the partition callback traces `fn` with
@@ -394,10 +396,12 @@ def sharded_like(new, old):
     sharding through the cond's branches, and with T sharded it made them replicated, each
     gradient all-gathered (JAX 0.11.2, 2 GPUs: 10 ms of a 32 ms step at T = 256k;
     benchmarks/NOTES.md, session 14). The pairs are tied by a custom_partitioning identity whose
-    Shardy rule gives both operands one sharding (JAX's `shard_alike`, gone in 0.11). Per-device
-    code, explicit sharding types and scalars need nothing: `new` itself."""
+    Shardy rule gives both operands one sharding (JAX's `shard_alike`, gone in 0.11). One
+    device, per-device code, explicit sharding types and scalars need nothing: `new` itself."""
     leaves = jax.tree.leaves(old)
-    if _PER_SHARD.get() or _manual_context() or vma_of(*leaves) or _explicit_mesh(leaves) is not None:
+    one_device = jax.device_count() == 1 and len(jax.devices("cpu")) == 1  # (tests mesh CPUs)
+    if (one_device or _PER_SHARD.get() or _manual_context() or vma_of(*leaves)
+            or _explicit_mesh(leaves) is not None):
         return new
     return jax.tree.map(lambda n, o: _tie(np.ndim(o))(o, n) if np.ndim(o) else n, new, old)
 
