@@ -30,6 +30,7 @@ from guard_cost import guard_form  # benchmarks/ is on sys.path as the script's 
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from scaling import cp_inputs, median_ms
+from timing import grads
 
 import iplr_jax
 from iplr_jax.context_parallel import chunk_cp
@@ -41,7 +42,7 @@ JIT_PATH = False  # --jit: the 2-GPU memory rows from `chunk` under jit (T shard
 def plain(T, width=V, reps=10):
     q, k, v, a, b = cp_inputs(T, H, K, width, jnp.bfloat16)
     f = lambda *x: iplr_jax.chunk(*x)[0]  # noqa: E731
-    fb = jax.jit(jax.grad(lambda *x: jnp.sum(f(*x).astype(jnp.float32)), argnums=(0, 1, 2, 3, 4)))
+    fb = jax.jit(grads(f))
     return median_ms(jax.jit(f), q, k, v, a, b, reps=reps), median_ms(fb, q, k, v, a, b, reps=reps)
 
 
@@ -51,7 +52,7 @@ def cp(T, n, combine, reps=10, fwd=True):
     xs = [jax.device_put(x, NamedSharding(mesh, spec)) for x in cp_inputs(T, H, K, V, jnp.bfloat16)]
     local = functools.partial(lambda *x, c: chunk_cp(*x, axis_name="sp", combine=c)[0], c=combine)
     f = jax.shard_map(local, mesh=mesh, in_specs=(spec,) * 5, out_specs=spec)
-    fb = jax.jit(jax.grad(lambda *x: jnp.sum(f(*x).astype(jnp.float32)), argnums=(0, 1, 2, 3, 4)))
+    fb = jax.jit(grads(f))
     t_f = median_ms(jax.jit(f), *xs, reps=reps) if fwd else None
     return t_f, median_ms(fb, *xs, reps=reps)
 
@@ -63,7 +64,7 @@ def cp_jit(T, n, reps=10, segments=None):
     xs = [jax.device_put(x, NamedSharding(mesh, P(None, "sp"))) for x in cp_inputs(T, H, K, V, jnp.bfloat16)]
     config = iplr_jax.ChunkConfig(segment_chunks=segments)
     f = lambda *x: iplr_jax.chunk(*x, config=config)[0]  # noqa: E731
-    fb = jax.jit(jax.grad(lambda *x: jnp.sum(f(*x).astype(jnp.float32)), argnums=(0, 1, 2, 3, 4)))
+    fb = jax.jit(grads(f))
     return median_ms(jax.jit(f), *xs, reps=reps), median_ms(fb, *xs, reps=reps)
 
 
@@ -73,8 +74,7 @@ def check(T, n, segments=None):
     xs = cp_inputs(T, H, K, V, jnp.bfloat16)
     config = iplr_jax.ChunkConfig(segment_chunks=segments)
     run = lambda *x: iplr_jax.chunk(*x, config=config)[0]  # noqa: E731
-    loss = lambda *x: jnp.sum(run(*x).astype(jnp.float32) ** 2)  # noqa: E731
-    both = jax.jit(lambda *x: (run(*x), jax.grad(loss, argnums=(0, 1, 2, 3, 4))(*x)))
+    both = jax.jit(lambda *x: (run(*x), grads(run)(*x)))
     ref = both(*xs)
     mesh = Mesh(np.array(jax.devices()[:n]), ("sp",))
     got = both(*[jax.device_put(x, NamedSharding(mesh, P(None, "sp"))) for x in xs])
@@ -90,8 +90,7 @@ def peak_bytes(T, n):
     xs = cp_inputs(1024, H, K, V, jnp.bfloat16)  # shapes only
     shapes = [jax.ShapeDtypeStruct((1, T, H, x.shape[-1]), x.dtype) for x in xs]
     if n == 1 or JIT_PATH:
-        loss = lambda *x: jnp.sum(iplr_jax.chunk(*x)[0].astype(jnp.float32))  # noqa: E731
-        grad = jax.grad(loss, argnums=(0, 1, 2, 3, 4))
+        grad = grads(lambda *x: iplr_jax.chunk(*x)[0])
         # one device: plain jit (a 1-device in_shardings analysed ~1.7x higher in session 8)
         shard = NamedSharding(Mesh(np.array(jax.devices()[:n]), ("sp",)), P(None, "sp"))
         step = jax.jit(grad) if n == 1 else jax.jit(grad, in_shardings=(shard,) * 5)
@@ -100,7 +99,7 @@ def peak_bytes(T, n):
         spec = P(None, "sp")
         f = jax.shard_map(lambda *x: chunk_cp(*x, axis_name="sp")[0], mesh=mesh,
                           in_specs=(spec,) * 5, out_specs=spec)
-        step = jax.jit(jax.grad(lambda *x: jnp.sum(f(*x).astype(jnp.float32)), argnums=(0, 1, 2, 3, 4)),
+        step = jax.jit(grads(f),
                        in_shardings=(NamedSharding(mesh, spec),) * 5)
     m = step.lower(*shapes).compile().memory_analysis()
     return m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes

@@ -1,6 +1,6 @@
 """What the non-finite guard costs (issue 13; docs/numerics.md "Non-finite inputs").
 
-    python benchmarks/guard_cost.py --sizes S1,S2,L --forms bare,cond,select [--devices 2]
+    python benchmarks/guard_cost.py --sizes S1,S2,L --forms bare,cond,unaligned [--devices 2]
 
 Times the public `iplr_jax.chunk` (bf16, default implementation, medians of 20) in one process
 with the guard in each form:
@@ -8,13 +8,12 @@ with the guard in each form:
   * cond: the guard as it is (`inputs._branch`: the plain run, or the guarded one, under one
     `lax.cond`, forward and backward);
   * select: the plain run and its VJP outside any branch, only the guarded run under the cond,
-    then a select (session 13: faster on 2 GPUs with T sharded, slower on one GPU at T = 256k;
+    then a select (session 13: faster on 2 GPUs with T sharded, where it escaped the all-gather
+    that the tie now removes, and slower on one GPU at T = 256k;
     benchmarks/NOTES.md);
-  * pass: the plain run and its VJP outside any branch, passed through the cond's fast branch
-    unchanged (select without the select: no zeros, no second read of the outputs);
-  * unaligned: cond without `sharding.sharded_like` (the cond's results left to the partitioner);
-  * barrier: pass, with the plain run's results behind `lax.optimization_barrier`, so that XLA
-    cannot sink the plain run back into the cond's branch.
+  * unaligned: cond without `sharding.sharded_like` (the cond's results left to the partitioner).
+(Session 14 also timed the plain VJP passed through the cond's fast branch, with and without an
+`optimization_barrier`: the same as cond; benchmarks/NOTES.md.)
 With --devices n the inputs are sharded over T (context parallelism under jit) or, with
 --shard b, over the batch, on n devices; the all-gathers of each compiled fwd+bwd are printed.
 L is one sequence B1 T = 256k H16 K=V=128; XS a CPU smoke size.
@@ -32,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
-from timing import device_profile, median_ms  # benchmarks/ is on sys.path as the script's folder
+from timing import device_profile, grads, median_ms  # benchmarks/ is on sys.path as the script's folder
 
 import iplr_jax
 import iplr_jax.inputs as inputs_module
@@ -57,24 +56,12 @@ def _select(ok, fast, slow):
     return jax.tree.map(lambda f, s: jnp.where(ok, f, s), first, other)
 
 
-def _pass(ok, fast, slow):
-    first = fast()
-    return jax.lax.cond(ok, lambda: first, slow)
-
-
-def _barrier(ok, fast, slow):
-    first = jax.lax.optimization_barrier(fast())
-    return jax.lax.cond(ok, lambda: first, slow)
-
-
 @contextlib.contextmanager
 def guard_form(form):
     """The guard in `form` while the functions trace (each form is jitted afresh inside)."""
     module, name, value = {
         "bare": (chunk_module, "guarded_unless_finite", _bare),
         "select": (inputs_module, "_branch", _select),
-        "pass": (inputs_module, "_branch", _pass),
-        "barrier": (inputs_module, "_branch", _barrier),
         "unaligned": (sharding_module, "sharded_like", lambda new, old: new),
         "cond": (inputs_module, "_branch", inputs_module._branch),
     }[form]
@@ -89,7 +76,7 @@ def guard_form(form):
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", default="S1,S2")
-    p.add_argument("--forms", default="bare,cond,pass")
+    p.add_argument("--forms", default="bare,cond")
     p.add_argument("--devices", type=int, default=1, help="shard over this many devices")
     p.add_argument("--shard", default="t", choices=("t", "b"), help="shard T or the batch")
     p.add_argument("--memory", action="store_true", help="print XLA's temp bytes of fwd+bwd")
@@ -112,20 +99,18 @@ def main():
         for form in args.forms.split(","):
             with guard_form(form):
                 run = functools.partial(_output, implementation=args.implementation)
-                fwd = jax.jit(run)
-                # a loss whose gradient needs the output (sum(o) would let XLA drop o's kernel)
-                loss = lambda *x, run=run: jnp.sum(jnp.square(run(*x).astype(jnp.float32)))  # noqa: E731
-                fb = jax.jit(jax.grad(loss, argnums=range(5)))
+                fwd, fb = jax.jit(run), jax.jit(grads(run))
                 t_f, t_fb = median_ms(fwd, *xs), median_ms(fb, *xs)
+                compiled = fb.lower(*xs).compile()  # a second compile, for its text and memory
                 memory = ""
-                if args.memory:  # a second compile
-                    temp = fb.lower(*xs).compile().memory_analysis().temp_size_in_bytes
+                if args.memory:
+                    temp = compiled.memory_analysis().temp_size_in_bytes
                     memory = f"  (fwd+bwd temp {temp / 2**20:.1f} MiB per device)"
                 print(f"{name} devices={args.devices} {form:7} fwd {t_f:.3f} ms  fwd+bwd {t_fb:.3f} ms"
                       + memory, flush=True)
                 if args.profile:
                     print(device_profile(fb, *xs), flush=True)
-                text = fb.lower(*xs).compile().as_text()
+                text = compiled.as_text()
                 gathered = sorted({re.findall(r"\w+\[[\d,]*\]", line.split(" all-gather")[0])[-1]
                                    for line in text.splitlines()
                                    if re.search(r" all-gather(-start)?\(", line)})

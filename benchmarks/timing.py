@@ -23,6 +23,14 @@ def median_ms(f, *args, reps: int = 20, back_to_back: int = 5, sync=jax.block_un
     return statistics.median(samples)
 
 
+def grads(f, argnums=(0, 1, 2, 3, 4)):
+    """The gradients of `sum(f(*args)**2)` (float32): a loss whose gradient needs the output,
+    as a training loss does. With `sum(f(*args))` the cotangent is constant and XLA may drop
+    the kernel that computes the output (benchmarks/NOTES.md, session 14)."""
+    loss = lambda *x: jax.numpy.sum(jax.numpy.square(f(*x).astype(jax.numpy.float32)))  # noqa: E731
+    return jax.grad(loss, argnums=argnums)
+
+
 def device_profile(f, *args, calls: int = 3, top: int = 12, device: str = "/device:GPU:0") -> str:
     """What one call of `f(*args)` runs on `device`, from a `jax.profiler` trace of `calls`
     calls (after a warm-up): per trace line (streams, XLA modules) the busy milliseconds per
