@@ -140,6 +140,15 @@ def rng(request):
 
 
 @pytest.fixture
+def on_cpu():
+    """Run the test on the CPU device, also on a GPU machine: for checks of the interpreted
+    kernels to float32 rounding, which a GPU would compute with tf32 dots (docs/numerics.md);
+    the compiled kernels have their own cases."""
+    with jax.default_device(jax.devices("cpu")[0]):
+        yield
+
+
+@pytest.fixture
 def unguarded(monkeypatch):
     """The ops without `inputs.guarded_unless_finite`'s guarded branch (the same kernels again,
     taken only for non-finite outputs), so a lowered module lists each kernel of the plain path

@@ -25,6 +25,15 @@ def cpu_mesh(shape, names, axis_types=None):
     return jax.make_mesh(shape, names, axis_types=axis_types, devices=jax.devices("cpu")[:n])
 
 
+def cuda_mesh(shape, names):
+    """An abstract mesh whose devices are a CUDA GPU's, for lowering the Pallas kernels inside
+    `shard_map` for CUDA on any machine: from JAX 0.11 the Triton lowering reads the GPU's kind
+    from the mesh's device (a mesh of CPU devices fails with "No supported GPU devices found")."""
+    gpu = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", platform="gpu", num_cores=132)
+    auto = (jax.sharding.AxisType.Auto,) * len(shape)
+    return jax.sharding.AbstractMesh(tuple(shape), tuple(names), auto, abstract_device=gpu)
+
+
 def make_inputs(rng, B, T, H, K, V, *, dtype=jnp.float32, delta=False, N=None, h0=True):
     """q, k, v, a, b (and an initial state) drawn in float64, then cast to `dtype`.
 

@@ -113,6 +113,7 @@ def _unit_vectors(rng, shape):
     return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
 
+@pytest.mark.usefixtures("on_cpu")
 @pytest.mark.parametrize("C", [16, 32, 64])
 @pytest.mark.parametrize("delta", [False, True])
 def test_wy_kernel(rng, C, delta):

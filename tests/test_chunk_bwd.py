@@ -84,6 +84,7 @@ KERNEL_CASES = [
 ]
 
 
+@pytest.mark.usefixtures("on_cpu")
 @pytest.mark.parametrize("case", KERNEL_CASES)
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_kernels_match_reference_backward(rng, case, dtype):
@@ -91,12 +92,14 @@ def test_kernels_match_reference_backward(rng, case, dtype):
     _kernels_vs_reference(rng, case, dtype)
 
 
+@pytest.mark.usefixtures("on_cpu")
 def test_kernels_partial_v_blocks(rng):
     """Several V-blocks in the intra kernel: float32 partial K-side gradients summed by XLA."""
     _kernels_vs_reference(rng, KERNEL_CASES[1], jnp.float32, bwd_intra_block_v=16)
     _kernels_vs_reference(rng, KERNEL_CASES[1], jnp.bfloat16, bwd_intra_block_v=16)
 
 
+@pytest.mark.usefixtures("on_cpu")
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_kernels_kp256(rng, dtype):
     """Kp = 256 on the kernels (interpreted): the GPU runs it in jnp for lack of shared memory,

@@ -70,8 +70,10 @@ def _case(B, T, packed=False):
 
 @functools.cache
 def _unsharded(impl, B, T, packed=False):
+    """On the CPU like the meshes (a GPU would run the interpreted dots as tf32)."""
     cu = _packed_offsets(T) if packed else None
-    return jax.jit(_outputs_and_grads(impl, cu))(*_case(B, T, packed))
+    xs = jax.device_put(_case(B, T, packed), jax.devices("cpu")[0])
+    return jax.jit(_outputs_and_grads(impl, cu))(*xs)
 
 
 def _packed_offsets(T):  # 3 sequences, one straddling the middle

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import cpu_mesh
+from helpers import cpu_mesh, cuda_mesh
 from jax import export
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -243,7 +243,7 @@ def test_shard_map_replicated_state_gradient():
 @pytest.mark.parametrize("op", ["chunk", "fused_recurrent"])
 def test_pallas_lowers_in_shard_map_for_cuda(monkeypatch, op):
     monkeypatch.setattr(inputs_module, "has_gpu", lambda: True)
-    mesh = _mesh((2, 4))
+    mesh = cuda_mesh((2, 4), ("x", "y"))
     tok = P("x", None, "y")
     call = _call(op, "pallas")
 
