@@ -7,7 +7,8 @@ program must move no activations between devices: no all-to-all, and every all-g
 a parameter (FSDP gathers each kernel where it is used; the gradients come back
 reduce-scattered). Parameter and activation shapes differ here (pieces of [32, 32], [32, 4],
 [4, 96] against [B, T, ...] or [B * T, ...] with B * T / 4 = 64), so an all-gather's result
-shape tells which it is.
+shape tells which it is. Every test here runs on the CPU devices, also on a GPU machine (the
+`on_cpu` fixture: the one-device reference too).
 """
 
 from __future__ import annotations
@@ -20,10 +21,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from helpers import cpu_mesh
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from iplr_jax.layer import IPLRLayer
+
+pytestmark = pytest.mark.usefixtures("on_cpu")
 
 B, T, D, H = 8, 32, 32, 4
 
@@ -96,7 +100,7 @@ CASES = [
 @pytest.mark.parametrize("impl, shape, sharding, mode", CASES, ids=str)
 def test_sharded_training_step(impl, shape, sharding, mode):
     names = ("data", "model")[: len(shape)]
-    mesh = jax.make_mesh(shape, names, axis_types=(AxisType.Auto,) * len(shape))
+    mesh = cpu_mesh(shape, names, axis_types=(AxisType.Auto,) * len(shape))
     with jax.set_mesh(mesh):
         layer = _layer(impl, sharding, mode)  # created sharded (Flax eager sharding)
         graphdef, params = nnx.split(layer)
@@ -137,7 +141,7 @@ def test_sharded_training_step(impl, shape, sharding, mode):
 def test_explicit_mesh_training_step(impl):
     """Data parallel on an explicit-sharding mesh (shardings in the types, no constraints): the
     same loss and gradients as one device, and nothing gathered or exchanged but gradients."""
-    mesh = jax.make_mesh((4,), ("data",), axis_types=(AxisType.Explicit,))
+    mesh = cpu_mesh((4,), ("data",), axis_types=(AxisType.Explicit,))
     with jax.set_mesh(mesh):
         graphdef, params = nnx.split(_layer(impl, DP))
         x, y = (jax.device_put(u, NamedSharding(mesh, P("data"))) for u in _data())
@@ -153,7 +157,7 @@ def test_explicit_mesh_training_step(impl):
 def test_partition_specs():
     """The annotations Flax reads: kernels [d_model, H * .] are (embed, heads), o_proj's the
     reverse, the rest replicated; no sharding argument means no annotation."""
-    mesh = jax.make_mesh((2, 2), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+    mesh = cpu_mesh((2, 2), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
     with jax.set_mesh(mesh):
         specs = nnx.get_partition_spec(nnx.state(_layer("xla", FSDP_TP)))
     assert specs["q_proj"]["kernel"].get_value() == P("data", "model")
@@ -170,7 +174,7 @@ def test_partition_specs():
 def test_no_mesh_context_is_unconstrained():
     """Sharding constraints apply only under a mesh context; shard_map (manual axes) and plain
     calls run the layer unchanged."""
-    mesh = jax.make_mesh((4,), ("data",), axis_types=(AxisType.Auto,))
+    mesh = cpu_mesh((4,), ("data",), axis_types=(AxisType.Auto,))
     with jax.set_mesh(mesh):
         layer = _layer("xla", DP)
     graphdef, params = nnx.split(layer)
@@ -187,7 +191,7 @@ def test_layer_context_parallel(impl):
     """The layer with x sharded over T inside shard_map (the convolution's halo from the
     preceding device, chunk with sequence_axis) equals the single-device layer: output and the
     gradients of the input and of every parameter."""
-    from helpers import cpu_mesh, rel_err
+    from helpers import rel_err
 
     mesh = cpu_mesh((4,), ("sp",), axis_types=(AxisType.Auto,))
     kw = dict(num_heads=2, chunk_size=16, implementation=impl)
@@ -222,7 +226,7 @@ def test_layer_context_parallel(impl):
 def test_demo_model_data_parallel():
     """The demo's TinyLM with `sharding={"batch": "data"}`: a data-parallel loss and gradient on 4
     devices equal the single-device ones, with no all-gather or all-to-all."""
-    from helpers import cpu_mesh, rel_err
+    from helpers import rel_err
 
     from iplr_jax.demo import TinyLM, loss_and_accuracy
 

@@ -95,6 +95,7 @@ def _layer(layer_idx=0, seed=0, **kw):
     return layer
 
 
+@pytest.mark.usefixtures("on_cpu")  # float32 to rounding: no tf32 dots
 @pytest.mark.parametrize("layer_idx", [0, 2])
 def test_matches_float64_reference(layer_idx):
     """Outputs and the gradient w.r.t. the input (and v_first) against the float64 equations."""
@@ -116,6 +117,7 @@ def test_matches_float64_reference(layer_idx):
         assert rel_err(g, r) < 1e-4
 
 
+@pytest.mark.usefixtures("on_cpu")  # float32 to rounding: no tf32 dots
 def test_prefill_then_decode_matches_full_forward():
     layer = _layer(1, seed=3, implementation="interpret")
     x = jax.random.normal(jax.random.PRNGKey(4), (2, 24, D), jnp.float32)

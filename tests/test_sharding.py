@@ -5,7 +5,8 @@ conftest.py splits the CPU into 8 devices before jax is imported. Every case com
 outputs and all six gradients with the same op called on one device, and, under `jit`, checks
 that the compiled program moves no data between devices (no all-gather / all-to-all; with
 inputs sharded over heads or batch each device runs the kernels on its own shard).
-Shapes are tiny: the interpreted kernels compile slowly, not run slowly.
+Shapes are tiny: the interpreted kernels compile slowly, not run slowly. On a GPU machine too
+every case runs on the CPU devices (the `on_cpu` fixture), one-device references included.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from jax.sharding import PartitionSpec as P
 
 import iplr_jax
 import iplr_jax.inputs as inputs_module
+
+pytestmark = pytest.mark.usefixtures("on_cpu")
 
 B, T, H, K, V = 8, 12, 4, 16, 16  # T = 12: the chunk layout pads the last chunk
 CHUNK = 16
