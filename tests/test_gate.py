@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import CHUNK_IMPLS, RECURRENT_IMPLS
+from conftest import CHUNK_IMPLS, GPU, RECURRENT_IMPLS
 from helpers import make_inputs, rel_err, tol, up
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
@@ -116,12 +116,14 @@ def check(call, inputs, h0, *, cu=None, eps=None, grads=True):
 
 def assert_grads_strong_gate(got, want):
     """Seven gradients against the float64 reference when every gate is -20: dgk within 1e-5
-    of the other gradients' scale (its error is absolute there, docs/gate.md), the rest as
-    usual."""
+    of the other gradients' scale (its error is absolute there, docs/gate.md; 1e-3 with a GPU's
+    tf32 dots), the rest as usual."""
+    eps = 1e-3 if GPU else 1e-5
     for name, g, w in zip(NAMES, got, want, strict=True):
         if name == "dgk":
             scale = max(float(jnp.linalg.norm(up(x))) for x in got[:5])
-            assert float(jnp.linalg.norm(up(g) - w)) < 1e-5 * scale, name
+            err = float(jnp.linalg.norm(up(g) - w)) / scale
+            assert err < eps, (name, err)
         else:
             assert rel_err(g, w) < tol(jnp.float32), (name, rel_err(g, w))
 
@@ -229,6 +231,7 @@ def test_chunk_bf16(impl, rng):
     check(_op("chunk", impl), inputs, h0)
 
 
+@pytest.mark.usefixtures("on_cpu")  # float32 to rounding: no tf32 dots
 @pytest.mark.parametrize("chunk_factored", [False, True])
 @pytest.mark.parametrize("kind", ["softplus", "strong", "all_strong", "split"])
 @pytest.mark.parametrize("C", [16, 64])

@@ -6,7 +6,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import GPU
 from flax import nnx
+from helpers import tol
 
 from iplr_jax.layer import IPLRLayer
 
@@ -37,7 +39,6 @@ def test_bad_arguments():
         layer(jnp.zeros((2, 3, D + 1)))
 
 
-@pytest.mark.usefixtures("on_cpu")  # float32 to rounding: no tf32 dots
 @pytest.mark.parametrize("mode,conv", [("iplr", 4), ("delta", 4), ("iplr", 0), ("linear", 3)])
 def test_prefill_then_decode_matches_full_forward(mode, conv):
     T1, T = 21, 40
@@ -51,7 +52,7 @@ def test_prefill_then_decode_matches_full_forward(mode, conv):
     outs.append(layer(x[:, T1 + 5 :], decode=True))  # a multi-token chunk from the cached state
     got = jnp.concatenate(outs, axis=1)
     err = float(jnp.linalg.norm(got - full) / jnp.linalg.norm(full))
-    assert err < 1e-5, err
+    assert err < (tol(jnp.float32) if GPU else 1e-5), err  # the kernels' tf32 dots on a GPU
     assert layer.state[...].shape == (2, H, D // H, D // H)
     assert layer.state[...].dtype == jnp.float32
 
