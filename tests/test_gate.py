@@ -49,6 +49,8 @@ def draw_gate(rng, shape, kind):
         return np.where(chunk == 0, soft, strong)
     if kind == "zero":
         return np.zeros(shape)
+    if kind == "positive":  # a slight growth: outside the usual gk <= 0, exact on every path
+        return rng.uniform(0.0, 0.05, shape)
     raise ValueError(kind)
 
 
@@ -289,6 +291,7 @@ E2E_BWD = {
     "logsigmoid_c32_k60": (1, 77, 1, 60, 20, "logsigmoid", 32, jnp.float32, None),
     "strong_packed_c16": (1, 120, 2, 16, 16, "strong", 16, jnp.float32, [0, 40, 40, 110, 111, 120]),
     "zero": (1, 50, 1, 16, 16, "zero", 32, jnp.float32, None),
+    "positive": (1, 50, 1, 16, 16, "positive", 32, jnp.float32, None),
     # the gated WY as the IPLR kernel on decayed operands (`gate_chunk_factored`)
     "chunk_factored_bf16": (1, 100, 2, 32, 16, "softplus", 64, jnp.bfloat16, None, True),
     "chunk_factored_packed": (1, 120, 2, 16, 16, "softplus", 32, jnp.bfloat16, [0, 40, 40, 110, 120], True),

@@ -358,12 +358,12 @@ def chunk(
     Args:
       q, k, a, b: [B, T, H, K].
       v: [B, T, H, V].
-      gk: optional log-decay [B, T, H, K] on the K rows of the state (<= 0; any value down to
-        -20 per step and below is safe at every chunk size); None: IPLR, compiled exactly as
-        without a gate. NOTE: with `gk`, "pallas" and "interpret" run the gated chunk kernels
-        forward, but the backward is by default the VJP of the jnp chunked form (recomputed
-        from the inputs; numerically safe, not kernel-fast); `config=ChunkConfig(
-        bwd_kernels=True)` runs the gated backward kernels instead (docs/gate.md).
+      gk: optional log-decay [B, T, H, K] on the K rows of the state (normally <= 0; any
+        value down to -20 per step and below is safe at every chunk size; positive values, a
+        growth, are computed exactly too); None: IPLR, compiled exactly as without a gate.
+        With `gk`, "pallas" and "interpret" run the gated chunk kernels forward and, for
+        K <= 128, backward; for K > 128 (or `config=ChunkConfig(bwd_kernels=False)`) the
+        backward is the VJP of the jnp chunked form (docs/gate.md).
       scale: output scale, default `K ** -0.5`; a number or a scalar array (may be traced).
       initial_state: [N, H, K, V] state before the first token of each sequence.
       output_final_state: also return the state after each sequence's last token.

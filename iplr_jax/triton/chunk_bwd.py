@@ -318,7 +318,7 @@ def _gated_sweep_kernel(
         G = jnp.cumsum(g_ref[rows, :].astype(jnp.float32), axis=0)
         GC = jnp.sum(mask(last, G), axis=0)[None, :]
         qd = q_ref[rows, :].astype(jnp.float32) * jnp.exp(G)
-        bd = b_ref[rows, :].astype(jnp.float32) * jnp.exp(jnp.minimum(GC - G, 0))
+        bd = b_ref[rows, :].astype(jnp.float32) * jnp.exp(GC - G)
         mm = functools.partial(dot_as, dt=dt, f32_precision=f32_prec)
         dv2 = p_ref[rows, :] + mm(bd, ds)
         return jnp.exp(GC).reshape(-1, 1) * ds + scale * mm(qd, do_ref[rows, :], ta=True) + mm(
