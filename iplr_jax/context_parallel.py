@@ -101,6 +101,7 @@ import numpy as np
 import iplr_jax
 from iplr_jax.inputs import Inputs, guarded_unless_finite, resolve_implementation
 from iplr_jax.layout import sequence_ids
+from iplr_jax.triton.config import ChunkConfig
 
 __all__ = [
     "chunk_cp", "entering_state", "fold_entering", "fold_exiting", "packed_fold_entering",
@@ -242,6 +243,7 @@ def chunk_cp(
     implementation: str | None = None,
     exchange: str = "allgather",
     combine: str | None = None,
+    config: ChunkConfig | None = None,
 ) -> tuple[jax.Array, jax.Array | None]:
     """`iplr_jax.chunk` on a sequence whose time axis is sharded over the mesh axis `axis_name`.
 
@@ -264,7 +266,7 @@ def chunk_cp(
         float32, replicated over `axis_name`.
       cu_seqlens: int32 [N + 1] GLOBAL offsets of the packed sequences (B = 1), replicated over
         `axis_name`; may be traced. Sequences may straddle device boundaries or be empty.
-      chunk_size, implementation: as for `chunk`.
+      chunk_size, implementation, config: as for `chunk`.
       exchange: "allgather" (one all-gather, fold in P - 1 steps) or "scan" (log2 P ppermute
         rounds).
       combine: "linear" (the output and final state from the widened run, corrected with the
@@ -280,12 +282,12 @@ def chunk_cp(
         return _chunk_cp_kernels(
             q, k, v, a, b, axis_name=axis_name, scale=scale, initial_state=initial_state,
             output_final_state=output_final_state, chunk_size=chunk_size, implementation=implementation,
-            cu_seqlens=cu_seqlens,
+            cu_seqlens=cu_seqlens, config=config,
         )
     return _chunk_cp_composed(
         q, k, v, a, b, gk, axis_name=axis_name, scale=scale, initial_state=initial_state,
         output_final_state=output_final_state, cu_seqlens=cu_seqlens, chunk_size=chunk_size,
-        implementation=implementation, exchange=exchange, combine=combine,
+        implementation=implementation, exchange=exchange, combine=combine, config=config,
     )
 
 
@@ -378,7 +380,7 @@ def _kernel_path(q, k, v, a, b, gk, cu_seqlens, chunk_size, implementation, exch
 
 
 def _chunk_cp_kernels(q, k, v, a, b, *, axis_name, scale, initial_state, output_final_state,
-                      chunk_size, implementation, cu_seqlens=None):
+                      chunk_size, implementation, cu_seqlens=None, config=None):
     """`chunk_cp` on the kernels: the per-slice forward and backward of `chunk` under jit with T
     sharded (ops/chunk.py), here inside the caller's shard_map. A non-finite input on any
     device takes every device to `_chunk_cp_composed` (its flags keep NaN causal across
@@ -394,27 +396,30 @@ def _chunk_cp_kernels(q, k, v, a, b, *, axis_name, scale, initial_state, output_
     if initial_state is not None and initial_state.shape != (N, H, K, V):
         raise ValueError(f"initial_state must have shape {(N, H, K, V)}, got {initial_state.shape}")
     scale = K**-0.5 if scale is None else scale
+    # a traced scale enters the guard's custom_vjp as an argument, not closed over (as in `chunk`)
+    extra = (initial_state,) if isinstance(scale, (int, float)) else (initial_state, scale)
 
-    def run(x, cu, h0):
+    def run(x, cu, h0, *traced):
         h0 = jnp.zeros((N, H, K, V), jnp.float32) if h0 is None else h0.astype(jnp.float32)
-        return kernels_on_slices(x, scale=scale, h0=h0, cu_seqlens=cu, chunk_size=chunk_size,
-                                 interpret=impl == "interpret", axes=axis_name)
+        return kernels_on_slices(x, scale=traced[0] if traced else scale, h0=h0, cu_seqlens=cu,
+                                 chunk_size=chunk_size, interpret=impl == "interpret", axes=axis_name,
+                                 config=config)
 
-    def composed(x, cu, h0):
+    def composed(x, cu, h0, *traced):
         o, final = _chunk_cp_composed(
-            *x.arrays(), None, axis_name=axis_name, scale=scale, initial_state=h0,
-            output_final_state=True, cu_seqlens=cu, chunk_size=chunk_size, implementation=impl,
-            exchange="allgather", combine=None,
+            *x.arrays(), None, axis_name=axis_name, scale=traced[0] if traced else scale,
+            initial_state=h0, output_final_state=True, cu_seqlens=cu, chunk_size=chunk_size,
+            implementation=impl, exchange="allgather", combine=None, config=config,
         )
         return o, final.astype(jnp.float32)
 
-    o, final = guarded_unless_finite(run, x, cu, None, initial_state, guarded=composed, axis_name=axis_name)
+    o, final = guarded_unless_finite(run, x, cu, None, *extra, guarded=composed, axis_name=axis_name)
     return o.astype(v.dtype), (final if output_final_state else None)
 
 
 def _chunk_cp_composed(
     q, k, v, a, b, gk, *, axis_name, scale, initial_state, output_final_state, cu_seqlens,
-    chunk_size, implementation, exchange, combine,
+    chunk_size, implementation, exchange, combine, config=None,
 ):
     """`chunk_cp` from public `chunk` calls: the widened run and a combine (module docstring)."""
     if combine is None:
@@ -429,7 +434,7 @@ def _chunk_cp_composed(
     d = jax.lax.axis_index(axis_name)
     acc = _acc(*(x for x in (q, k, v, a, b, gk) if x is not None))
     t0 = d * Tl
-    kw = dict(scale=scale, chunk_size=chunk_size, implementation=implementation)
+    kw = dict(scale=scale, chunk_size=chunk_size, implementation=implementation, config=config)
 
     if cu_seqlens is None:
         N = B

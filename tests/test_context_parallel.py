@@ -9,6 +9,7 @@ Every implementation runs inside `shard_map` with the default `check_vma=True`.
 
 from __future__ import annotations
 
+import functools
 import re
 
 import jax
@@ -363,3 +364,35 @@ def test_cp_kernels_packed(rng, n_dev):
     f = jax.shard_map(local, mesh=mesh, in_specs=SP[:1] * 5 + SP[1:] + (P(),), out_specs=(SP[0], SP[1]))
     assert "iplr_chunk_summary_fwd" in str(jax.make_jaxpr(f)(*inputs, h0, jnp.asarray(cu)))
     _check("interpret", mesh, inputs, h0, cu=cu, specs=SP)
+
+
+@pytest.mark.parametrize("impl", KERNEL_IMPLS)
+def test_cp_kernels_traced_scale_and_config(rng, impl, monkeypatch):
+    """A traced scale, differentiated (dscale summed over the devices), and a `config` through
+    `chunk(..., sequence_axis=...)` to the kernels' context parallelism."""
+    import iplr_jax.ops.chunk as chunk_module
+
+    seen = []
+    fn = chunk_module._chunk_pallas
+    spy = lambda *a, **kw: seen.append(kw["config"]) or fn(*a, **kw)  # noqa: E731
+    monkeypatch.setattr(chunk_module, "_chunk_pallas", spy)
+    config = iplr_jax.ChunkConfig(bwd_kernels=False)  # the jnp backward of the slices
+    inputs, _ = make_inputs(rng, 1, 64, 2, 16, 8, h0=False)
+    mesh = _mesh((2,), ("sp",), gpu=impl == "pallas")
+
+    def call(scale, q, k, v, a, b, *, axis=None):
+        return iplr_jax.chunk(q, k, v, a, b, scale=scale, chunk_size=C, implementation=impl,
+                              config=config, sequence_axis=axis)[0]
+
+    def sharded(scale, *xs):
+        return jax.shard_map(functools.partial(call, axis="sp"), mesh=mesh,
+                             in_specs=(P(),) + SP[:1] * 5, out_specs=SP[0])(scale, *xs)
+
+    def grads(f):
+        loss = lambda *xs: _loss(f(*xs), None)  # noqa: E731
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(jnp.float32(0.3), *inputs)
+
+    got, (gs, gq) = grads(sharded)
+    assert seen and all(c.bwd_kernels is False for c in seen), seen
+    want, (ws, wq) = grads(call)
+    assert rel_err(got, want) < TOL and rel_err(gq, wq) < TOL and rel_err(gs, ws) < TOL

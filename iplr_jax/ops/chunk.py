@@ -266,7 +266,7 @@ def _bwd_shard_cp(q, k, v, a, b, h0, *rest, sequence_axes, **kw):
     de = pull(ds0.astype(s0.dtype))
     f32 = jnp.float32
     grads = [(g.astype(f32) + e.astype(f32)).astype(g.dtype) for g, e in zip(dx, de, strict=False)]
-    return (*grads, jax.lax.psum(de[5], sequence_axes).astype(ds0.dtype))
+    return (*grads, _initial_state_grad(de[5], h0, sequence_axes).astype(ds0.dtype))
 
 
 def _chunk_pallas(x: Inputs, *, scale, h0, cu_seqlens, chunk_size, config, interpret, sequence_axes=None):
@@ -301,13 +301,13 @@ def _chunk_pallas(x: Inputs, *, scale, h0, cu_seqlens, chunk_size, config, inter
     return op(*match_vma(*x._replace(q=q).arrays(), h0, *cu))
 
 
-def kernels_on_slices(x: Inputs, *, scale, h0, cu_seqlens, chunk_size, interpret, axes):
+def kernels_on_slices(x: Inputs, *, scale, h0, cu_seqlens, chunk_size, interpret, axes, config=None):
     """Inside `shard_map` with T sharded over the mesh axes `axes`: the kernels' context
     parallelism on this device's slice (what `chunk` runs per slice under jit with T sharded),
     differentiable. `cu_seqlens`: the GLOBAL packed offsets, or None. Returns (o, final states
     replicated over `axes`). Used by `context_parallel.chunk_cp`."""
     return _chunk_pallas(x, scale=scale, h0=h0, cu_seqlens=cu_seqlens, chunk_size=chunk_size,
-                         config=None, interpret=interpret, sequence_axes=axes)
+                         config=config, interpret=interpret, sequence_axes=axes)
 
 
 def _chunk_jnp(x: Inputs, *, scale, h0, cu_seqlens, chunk_size):
@@ -402,7 +402,7 @@ def chunk(
         return chunk_cp(
             q, k, v, a, b, gk, axis_name=sequence_axis, scale=scale, initial_state=initial_state,
             output_final_state=output_final_state, cu_seqlens=cu_seqlens, chunk_size=chunk_size,
-            implementation=implementation,
+            implementation=implementation, config=config,
         )
     x = Inputs(q, k, v, a, b, gk)
     impl = resolve_implementation(implementation, x)
