@@ -334,8 +334,9 @@ def _via_shard_map(fn, in_specs, out_specs, mesh, xs, sequence=None, factor_size
     multiple = not isinstance(out_specs, str)
     specs_out = tuple(_pspec(s, chosen) for s in out_specs) if multiple else _pspec(out_specs, chosen)
     used = {a for v in chosen.values() if v is not None for a in (v if isinstance(v, tuple) else (v,))}
-    if not used:
-        return fn(*xs)
+    # nothing sharded (replicated inputs): still one call per device, with manual axes, since
+    # under an explicit mesh the interpreted kernels' updates fail JAX's sharding-type checks
+    used = used or set(mesh.axis_names)
     return jax.shard_map(
         _bind_sequence(fn, sequence, chosen), mesh=mesh, in_specs=tuple(specs_in),
         out_specs=specs_out, axis_names=frozenset(used),

@@ -174,6 +174,18 @@ def test_jit_explicit_sharding(op, impl):
     assert got[0].sharding.is_equivalent_to(tok, 4), got[0].sharding
 
 
+@pytest.mark.parametrize("op", ["chunk", "fused_recurrent"])
+def test_jit_explicit_mesh_replicated_inputs(op):
+    """Replicated inputs under an explicit-sharding mesh: the kernels still run per device (the
+    interpreted kernels outside shard_map fail JAX's sharding-type checks there)."""
+    mesh = _mesh((2, 4), types=AxisType.Explicit)
+    xs, _ = _case_inputs(False)
+    with jax.set_mesh(mesh):
+        xs = [jax.device_put(x, NamedSharding(mesh, P())) for x in xs]
+        got = jax.jit(_outputs_and_grads(_call(op, "interpret")))(*xs)
+    _close(got, _unsharded(op, "interpret", False), "explicit mesh, replicated")
+
+
 # -- shard_map, check_vma=True ---------------------------------------------------------------------
 
 SHMAP_CASES = [
