@@ -278,6 +278,13 @@ def chunk_cp(
     """
     if exchange not in EXCHANGES:
         raise ValueError(f"exchange must be one of {EXCHANGES}, got {exchange!r}")
+    try:
+        _axis_size(axis_name)
+    except NameError as e:
+        raise ValueError(
+            f"sequence_axis {axis_name!r} is no mesh axis of an enclosing jax.shard_map: call "
+            f"chunk(..., sequence_axis=...) inside a shard_map whose in_specs shard T over it"
+        ) from e
     if _kernel_path(q, k, v, a, b, gk, cu_seqlens, chunk_size, implementation, exchange, combine):
         return _chunk_cp_kernels(
             q, k, v, a, b, axis_name=axis_name, scale=scale, initial_state=initial_state,

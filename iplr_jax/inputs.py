@@ -76,9 +76,17 @@ def has_gpu() -> bool:
         return False
 
 
+def check_arrays(x: Inputs) -> None:
+    """Every input an array (a nested list or a scalar has no dtype to check or compute in)."""
+    for name, y in x.named():
+        if not (hasattr(y, "shape") and hasattr(y, "dtype")):
+            raise TypeError(f"{name} must be an array (jax.Array or numpy), got {type(y).__name__}")
+
+
 def resolve_implementation(implementation: str | None, x: Inputs) -> str:
     """`None` -> the fastest available: "pallas" on a GPU, "xla" elsewhere, and "xla" for
     float64 inputs everywhere (the kernels compute in float32, the xla path in float64)."""
+    check_arrays(x)
     if implementation is None:
         if any(jnp.result_type(y) == jnp.float64 for y in x.arrays()):
             return "xla"
@@ -104,6 +112,7 @@ def check_inputs(
     implementation: str = "xla",
 ) -> Dims:
     """Validates the arguments shared by `naive`, `chunk` and `fused_recurrent`."""
+    check_arrays(x)
     for name, y in x.named():
         if len(shape_of(y)) != 4:
             want = "[B, T, H, V]" if name == "v" else "[B, T, H, K]"
@@ -166,6 +175,9 @@ def check_inputs(
                 raise ValueError(
                     f"cu_seqlens must be non-decreasing offsets from 0 to T={T}, got {cu.tolist()}"
                 )
+    if initial_state is not None and not jnp.issubdtype(jnp.result_type(initial_state), jnp.floating):
+        dtype = jnp.result_type(initial_state)
+        raise ValueError(f"initial_state must be a floating-point array, got dtype {dtype}")
     if initial_state is not None and shape_of(initial_state) != (N, H, K, V):
         what = "N = len(cu_seqlens) - 1" if cu_seqlens is not None else "N = B"
         raise ValueError(

@@ -54,6 +54,21 @@ def test_bad_initial_state(op):
 
 
 @pytest.mark.parametrize("op", OPS)
+def test_not_arrays_and_integer_state(op):
+    args = list(_inputs())
+    args[2] = np.ones((2, 8, 2, 3)).tolist()
+    with pytest.raises(TypeError, match="v must be an array .* got list"):
+        OPS[op](*args)
+    with pytest.raises(ValueError, match="initial_state must be a floating-point array, got dtype int32"):
+        OPS[op](*_inputs(), initial_state=jnp.zeros((2, 2, 4, 3), jnp.int32))
+
+
+def test_sequence_axis_outside_shard_map():
+    with pytest.raises(ValueError, match="sequence_axis 'sp' is no mesh axis of an enclosing jax.shard_map"):
+        OPS["chunk"](*_inputs(), sequence_axis="sp")
+
+
+@pytest.mark.parametrize("op", OPS)
 def test_bad_cu_seqlens(op):
     msg = r"packed into a batch of 1: q must have shape \[1, T, H, K\], got \(2"
     with pytest.raises(ValueError, match=msg):
