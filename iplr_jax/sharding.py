@@ -457,6 +457,24 @@ def _cotangent_like(g, x):
     return jax.sharding.reshard(g, want.spec)
 
 
+SECOND_ORDER = (
+    "second-order derivatives (grad of grad, jax.hessian, jvp of grad) are not implemented for "
+    "the Pallas kernels' backward: use implementation='xla', whose autodiff has them"
+)
+
+
+def _first_order_only(op: Callable) -> Callable:
+    """`op` unchanged, but differentiating it (inside `partitioned_vjp`'s rules: a second-order
+    derivative) raises a clear error instead of JAX's missing rule for custom_partitioning."""
+    wrapped = jax.custom_jvp(lambda *xs: op(*xs))
+
+    @wrapped.defjvp
+    def _jvp(primals, tangents):
+        raise NotImplementedError(SECOND_ORDER)
+
+    return wrapped
+
+
 def partitioned_vjp(
     primal: Callable, fwd: Callable, bwd: Callable, *, in_specs: Sequence[str],
     out_specs: Sequence[str], res_specs: Sequence[str], num_diff: int,
@@ -474,9 +492,9 @@ def partitioned_vjp(
     in_specs, out_specs, res_specs = tuple(in_specs), tuple(out_specs), tuple(res_specs)
     n_out = len(out_specs)
     kw = dict(sequence=sequence, factor_sizes=factor_sizes)
-    p_primal = partitioned(primal, in_specs, out_specs, **kw)
-    p_fwd = partitioned(fwd, in_specs, out_specs + res_specs, **kw)
-    p_bwd = partitioned(bwd, in_specs + res_specs + out_specs, in_specs[:num_diff], **kw)
+    p_primal = _first_order_only(partitioned(primal, in_specs, out_specs, **kw))
+    p_fwd = _first_order_only(partitioned(fwd, in_specs, out_specs + res_specs, **kw))
+    p_bwd = _first_order_only(partitioned(bwd, in_specs + res_specs + out_specs, in_specs[:num_diff], **kw))
 
     @jax.custom_vjp
     def f(*args):

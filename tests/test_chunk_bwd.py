@@ -242,3 +242,25 @@ def test_chunk_gradients_pallas_bench_sizes(rng, size):
     ref = jax.jit(lambda *xs: grads(_chunk64("xla", 64), xs[:5], xs[5]))(*(up(x) for x in (*inputs, h0)))
     g = jax.jit(lambda *xs: grads(_chunk64("pallas", 64), xs[:5], xs[5]))(*inputs, h0)
     assert_grads(g, ref, tol(jnp.bfloat16), ("pallas", size))
+
+
+@pytest.mark.parametrize("op", ["chunk", "fused_recurrent"])
+def test_second_order_derivatives(rng, op):
+    """Hessian-vector products: the xla path's (autodiff) against the float64 recurrence's; the
+    kernels' backward has none and says which implementation does."""
+    (q, k, v, a, b), h0 = make_inputs(rng, 1, 20, 2, 16, 8)
+    d = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
+
+    def hvp(fn, *xs):
+        def loss(q):
+            o, ht = fn(q, *xs[1:5], initial_state=xs[5], output_final_state=True)
+            return jnp.sum(jnp.sin(o)) + jnp.sum(ht * ht)
+
+        return jax.jvp(jax.grad(loss), (xs[0],), (d.astype(xs[0].dtype),))[1]
+
+    call = functools.partial(getattr(iplr_jax, op), implementation="xla")
+    want = hvp(reference, *map(up, (q, k, v, a, b, h0)))
+    assert rel_err(hvp(call, q, k, v, a, b, h0), want) < 1e-4
+    kernels = functools.partial(getattr(iplr_jax, op), implementation="interpret")
+    with pytest.raises(NotImplementedError, match="implementation='xla'"):
+        hvp(kernels, q, k, v, a, b, h0)
