@@ -43,6 +43,13 @@ def _lora_rank(d_model: int, mult: float, factor: float = 1.0) -> int:
     return max(32, int(round((mult * d_model**0.5) * factor / 32) * 32))
 
 
+def _orthogonal(gain: float):
+    """An orthogonal initializer that draws in float32 whatever the parameter dtype (its QR step
+    has no 16-bit kernel), then casts."""
+    init = nnx.initializers.orthogonal(gain)
+    return lambda key, shape, dtype=jnp.float32: init(key, shape, jnp.float32).astype(dtype)
+
+
 class LoRA(nnx.Module):
     """x -> up(act(down(x))): fla's `LoRA` (down has no bias; up's bias optional)."""
 
@@ -52,7 +59,7 @@ class LoRA(nnx.Module):
         self.down = nnx.Linear(d_in, rank, use_bias=False, dtype=dtype, param_dtype=param_dtype,
                                kernel_init=nnx.initializers.zeros, rngs=rngs)
         self.up = nnx.Linear(rank, d_out, use_bias=bias, dtype=dtype, param_dtype=param_dtype,
-                             kernel_init=nnx.initializers.orthogonal(0.1 * gain), rngs=rngs)
+                             kernel_init=_orthogonal(0.1 * gain), rngs=rngs)
         self.activation = activation
 
     def __call__(self, x):
@@ -132,7 +139,7 @@ class RWKV7TimeMix(nnx.Module):
 
         def lin(d_in, d_out, gain=1.0):
             return nnx.Linear(d_in, d_out, use_bias=False, dtype=dtype, param_dtype=param_dtype,
-                              kernel_init=nnx.initializers.orthogonal(gain), rngs=rngs)
+                              kernel_init=_orthogonal(gain), rngs=rngs)
 
         self.r_proj, self.k_proj, self.v_proj = lin(D, D), lin(D, D, 0.1), lin(D, value_dim)
         self.o_proj = nnx.Linear(value_dim, D, use_bias=False, dtype=dtype, param_dtype=param_dtype,

@@ -142,11 +142,15 @@ def test_bf16_and_errors():
         _layer(0)(jnp.ones((1, 5, D)), decode=True)
 
 
-def test_default_init_is_finite():
-    layer = RWKV7TimeMix(64, head_dim=32, layer_idx=1, num_hidden_layers=3, rngs=nnx.Rngs(0))
+@pytest.mark.parametrize("param_dtype", [jnp.float32, jnp.bfloat16])
+def test_default_init_is_finite(param_dtype):
+    """fla's initialisation (orthogonal kernels drawn in float32 for any parameter dtype)."""
+    layer = RWKV7TimeMix(64, head_dim=32, layer_idx=1, num_hidden_layers=3, param_dtype=param_dtype,
+                         rngs=nnx.Rngs(0))
+    assert {p.dtype for p in jax.tree.leaves(nnx.state(layer, nnx.Param))} == {jnp.dtype(param_dtype)}
     x = jax.random.normal(jax.random.PRNGKey(0), (1, 20, 64))
     y, _ = layer(x, x)
-    assert y.shape == x.shape and np.all(np.isfinite(np.asarray(y)))
+    assert y.shape == x.shape and np.all(np.isfinite(np.asarray(y, np.float32)))
 
 
 # -- against fla (GPU) ---------------------------------------------------------------------------
