@@ -32,6 +32,7 @@ variables holding the recurrent state and the causal-convolution tail, then
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Mapping
 from typing import Literal
 
@@ -141,7 +142,8 @@ class IPLRLayer(nnx.Module):
       head_dim: key / low-rank head size K (default d_model // num_heads).
       value_dim: value head size V (default head_dim).
       mode: "iplr" (learned low-rank pair), "delta" (delta rule) or "linear" (a = b = 0).
-      conv_size: width of the causal depthwise convolution on q, k, v; 0 or None disables it.
+      conv_size: width of the causal depthwise convolution on q, k, v; 0, 1 or None disables
+        it (q, k, v then pass through SiLU alone; a width-1 filter would be a per-channel scale).
       use_gate: multiply the normalised output by SiLU of an extra projection of x.
       chunk_size: chunk length of the chunked form (16, 32 or 64).
       implementation: passed to `iplr_jax.chunk` / `iplr_jax.fused_recurrent` (None: fastest).
@@ -204,6 +206,8 @@ class IPLRLayer(nnx.Module):
         self.d_model, self.num_heads = d_model, num_heads
         self.head_dim, self.value_dim = head_dim, value_dim
         self.mode = mode
+        if conv_size is not None and (not isinstance(conv_size, numbers.Integral) or conv_size < 0):
+            raise ValueError(f"conv_size must be a non-negative int or None, got {conv_size!r}")
         self.conv_size = conv_size if conv_size and conv_size > 1 else 0
         self.sequence_axis = sequence_axis
         self.use_gate = use_gate

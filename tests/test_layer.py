@@ -32,6 +32,8 @@ def test_shapes_and_dtypes(mode, dtype):
 def test_bad_arguments():
     with pytest.raises(ValueError, match="mode"):
         IPLRLayer(D, H, mode="bogus", rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="conv_size must be a non-negative int or None, got -3"):
+        IPLRLayer(D, H, conv_size=-3, rngs=nnx.Rngs(0))
     layer = IPLRLayer(D, H, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="init_cache"):
         layer(_x(3), decode=True)
