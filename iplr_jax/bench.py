@@ -21,6 +21,7 @@ import os
 import platform
 import re
 import statistics
+import sys
 import time
 
 import jax
@@ -421,6 +422,10 @@ def main(argv=None) -> int:
     rows = run(sizes, args.modes, impls, dtype, args.reps, fla=not args.no_fla,
                progress=False, log=functools.partial(print, flush=True), only=args.only,
                peaks=known[1:] if known else None, gate=args.gate)
+    if not rows:
+        print(f"no case matched --only {args.only!r} (it matches \"size op impl\", e.g. "
+              f"\"S2 chunk pallas\")" if args.only else "no case to run", file=sys.stderr)
+        return 1
 
     meta = dict(
         date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),

@@ -107,6 +107,12 @@ def test_bench_size_alone_runs_only_that_size_and_writes_only_when_asked(tmp_pat
     assert list(tmp_path.iterdir()) == [tmp_path / "r.json"]
 
 
+def test_bench_only_matching_nothing_says_so(capsys):
+    argv = ["bench", "--size", "1,20,1,8,8", "--modes", "fwd", "--reps", "1", "--no-fla", "--only", "nomatch"]
+    assert main(argv) == 1
+    assert "no case matched --only 'nomatch'" in capsys.readouterr().err
+
+
 def test_bench_gate_adds_the_gated_rows(capsys):
     argv = ["bench", "--size", "1,20,1,8,8", "--modes", "fwd", "--reps", "1", "--no-fla", "--impls", "xla",
             "--gate", "--only", "xla"]
