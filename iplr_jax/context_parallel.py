@@ -235,7 +235,7 @@ def chunk_cp(
     gk: jax.Array | None = None,
     *,
     axis_name,
-    scale: float | None = None,
+    scale: float | jax.Array | None = None,
     initial_state: jax.Array | None = None,
     output_final_state: bool = False,
     cu_seqlens: jax.Array | None = None,

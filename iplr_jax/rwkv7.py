@@ -100,8 +100,8 @@ class RWKV7TimeMix(nnx.Module):
         num_hidden_layers: int = 1,
         chunk_size: int = 64,
         implementation: str | None = None,
-        dtype=None,
-        param_dtype=jnp.float32,
+        dtype: jnp.dtype | None = None,
+        param_dtype: jnp.dtype = jnp.float32,
         rngs: nnx.Rngs,
     ):
         if head_dim is None and num_heads is None:
@@ -191,7 +191,9 @@ class RWKV7TimeMix(nnx.Module):
 
     # -- forward -------------------------------------------------------------------------------
 
-    def features(self, x: jax.Array, v_first: jax.Array | None = None, shift: jax.Array | None = None):
+    def features(
+        self, x: jax.Array, v_first: jax.Array | None = None, shift: jax.Array | None = None
+    ) -> tuple:
         """The DPLR inputs and what the output needs: (r, w, k, v, kk, a, g, v_first), r, w, k,
         kk, a [B, T, H, K], v [B, T, H, V], g [B, T, value_dim], v_first [B, T, value_dim]."""
         B, T, D = x.shape
@@ -225,7 +227,9 @@ class RWKV7TimeMix(nnx.Module):
         return (cast(r), cast(w), cast(k), v.reshape(B, T, H, V), kk.astype(dtype),
                 cast(a), g, v_first)
 
-    def __call__(self, x: jax.Array, v_first: jax.Array | None = None, *, decode: bool = False):
+    def __call__(
+        self, x: jax.Array, v_first: jax.Array | None = None, *, decode: bool = False
+    ) -> tuple[jax.Array, jax.Array]:
         """Mixes tokens causally.
 
         Args:
@@ -260,7 +264,7 @@ class RWKV7TimeMix(nnx.Module):
         y = self.output(o, r, k, v, g)
         return y, v_first
 
-    def output(self, o, r, k, v, g):
+    def output(self, o: jax.Array, r: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array) -> jax.Array:
         """Group norm per head, the (r . k r_k) v correction, the gate, the output projection."""
         B, T, H, V = o.shape
         dtype = self.dtype or jnp.result_type(g.dtype, self.param_dtype)

@@ -41,7 +41,7 @@ def naive(
     b: jax.Array,
     gk: jax.Array | None = None,
     *,
-    scale: float | None = None,
+    scale: float | jax.Array | None = None,
     initial_state: jax.Array | None = None,
     output_final_state: bool = False,
     cu_seqlens: jax.Array | None = None,
