@@ -144,8 +144,9 @@ def fused_recurrent(
         None follow the tuned rules); ignored by "xla".
 
     Returns:
-      `o` [B, T, H, V] in v's dtype and the final state [N, H, K, V] float32 (float64 for float64 inputs; or None); a NaN /
-      inf input makes o NaN from its token on, never before (docs/numerics.md "Non-finite inputs").
+      `o` [B, T, H, V] in v's dtype and the final state [N, H, K, V] float32 (float64 for
+      float64 inputs; or None); a NaN / inf input makes o NaN from its token on, never before
+      (docs/numerics.md "Non-finite inputs").
     """
     x = Inputs(q, k, v, a, b, gk)
     impl = resolve_implementation(implementation, x)
