@@ -385,7 +385,8 @@ def chunk(
     Returns:
       `o` [B, T, H, V] in v's dtype and the final state [N, H, K, V] float32 (float64 for
       float64 inputs; or None). A NaN or inf in an input makes o NaN from that token of its
-      sequence on (q: that token only), never before, and gradients stay finite (docs/numerics.md "Non-finite inputs").
+      sequence on (q: that token only), never before, and gradients stay finite
+      (docs/numerics.md "Non-finite inputs").
     """
     if precision is not None:
         if precision not in PRECISIONS:
