@@ -40,10 +40,13 @@ RECURRENT_IMPLS = ["xla", "interpret"] + (["pallas"] if GPU else [])
 
 
 # The heavy tier: cases that repeat what a faster case of the same test already checks on another
-# shape or implementation, so the default run stays within minutes on 2 CPU cores (README).
-# They run with --runslow (CI's second command, and the GPU check); patterns match test ids.
+# shape or implementation, and a few slow single cases (a positive gate through the gated
+# backward kernels, a traced scale under context parallelism), so the default run stays within
+# 5 minutes on 2 CPU cores (README). They run with --runslow (CI's second command, and the GPU
+# check); patterns match test ids.
 HEAVY = [
-    r"test_gate\.py::test_chunk_backward_kernels\[(mixed|chunk_factored_packed|chunk_factored_by_chunk|k32_v200)-",
+    r"test_gate\.py::test_chunk_backward_kernels\[(mixed|chunk_factored_packed|chunk_factored_by_chunk|k32_v200|positive)-",
+    r"test_context_parallel\.py::test_cp_kernels_traced_scale_and_config\[interpret\]",
     # both settings: the default rule already gives the interpreted fast-tier cases 16-bit state
     # operands (their sweeps have fewer programs than SMs)
     r"test_chunk\.py::test_low_precision_state_both_ways\[",
