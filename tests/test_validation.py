@@ -118,6 +118,28 @@ def test_bad_config(op):
         getattr(iplr_jax, op)(*_inputs(), config=other)
 
 
+@pytest.mark.parametrize(
+    "config, match",
+    [
+        (iplr_jax.ChunkConfig(state_block_v=24), r"state_block_v must be a power of two .* 16, got 24"),
+        (iplr_jax.ChunkConfig(output_block_v=32), r"output_block_v must be .* padded value size 16, got 32"),
+        (iplr_jax.ChunkConfig(wy_warps=3), r"ChunkConfig.wy_warps must be 1, 2, 4, 8 or 16, got 3"),
+        (iplr_jax.ChunkConfig(f32_dots="float32"), r"f32_dots must be 'tf32' or 'highest', got 'float32'"),
+        (iplr_jax.ChunkConfig(fuse_output="yes"), r"fuse_output must be True, False or None, got 'yes'"),
+        (iplr_jax.ChunkConfig(segment_chunks=2.5), r"segment_chunks must be an int >= 0, got 2.5"),
+        (iplr_jax.ChunkConfig(wy_precision="tf32x3"), r"'tf32x3' needs compiled kernels"),
+        (iplr_jax.FusedRecurrentConfig(fwd_block_v=8), r"FusedRecurrentConfig.fwd_block_v must be a power"),
+        (iplr_jax.FusedRecurrentConfig(prefetch=-1), r"FusedRecurrentConfig.prefetch must be an int >= 0"),
+    ],
+)
+def test_bad_config_fields(config, match):
+    """A config field the kernels cannot run (a V-block that does not tile the padded V gave
+    NaN) fails at the call, naming the field."""
+    op = iplr_jax.chunk if isinstance(config, iplr_jax.ChunkConfig) else iplr_jax.fused_recurrent
+    with pytest.raises(ValueError, match=match):
+        op(*_inputs(), config=config, implementation="interpret")
+
+
 @pytest.mark.parametrize("op", ["chunk", "fused_recurrent"])
 def test_bad_implementation(op):
     fn = getattr(iplr_jax, op)

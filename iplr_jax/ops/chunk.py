@@ -413,6 +413,9 @@ def chunk(
     )
     if config is not None and not isinstance(config, ChunkConfig):
         raise ValueError(f"config must be an iplr_jax.ChunkConfig or None, got {config!r}")
+    if config is not None and impl != "xla":  # its fields checked now, not inside a kernel's trace
+        chunk_config(config, N=dims.N, H=dims.H, Kp=lay.next_pow2(dims.K), Vp=lay.next_pow2(dims.V),
+                     num_chunks=1, dtype=v.dtype, interpret=impl == "interpret", gated=x.gated)
     bad, cu_seqlens = malformed_offsets(cu_seqlens, dims.T)
     scale = default_scale(scale, dims.K)
     traced_scale = not isinstance(scale, (int, float))

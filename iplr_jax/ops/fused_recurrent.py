@@ -155,6 +155,9 @@ def fused_recurrent(
     )
     if config is not None and not isinstance(config, FusedRecurrentConfig):
         raise ValueError(f"config must be an iplr_jax.FusedRecurrentConfig or None, got {config!r}")
+    if config is not None and impl != "xla":  # its fields checked now, not inside a kernel's trace
+        Kp, Vp = lay.next_pow2(dims.K), lay.next_pow2(dims.V)
+        fused_recurrent_config(config, pairs=dims.N * dims.H, Kp=Kp, Vp=Vp)
     if impl == "xla":  # the scan, which guards traced offsets itself
         return naive(
             q, k, v, a, b, gk, scale=scale, initial_state=initial_state,

@@ -24,7 +24,8 @@ STATE_ELEMENTS = 8192
 
 @dataclasses.dataclass(frozen=True)
 class ChunkConfig:
-    """Blocks and choices of the chunked path's kernels (`None`: the rule decides).
+    """Blocks and choices of the chunked path's kernels (`None`: the rule decides). Checked at
+    the call: V-blocks are powers of two from 16 to the padded V, warps 1 to 16 (powers of two).
 
     WY kernel (`wy_fast`): `wy_warps`, `wy_block_v` (V-block of U = P V inside the kernel),
     `wy_precision` of its float32 16 x 16 block products ("highest" or "tf32x3").
@@ -99,6 +100,38 @@ def default_f32_dots() -> str:
     return "highest" if str(p).lower() in ("highest", "float32", "precision.highest") else "tf32"
 
 
+def _checked(config, Vp: int, interpret: bool | None = None):
+    """`config` after its rules, every field checked: a V-block that does not tile the padded V
+    would compute NaN or fail deep inside a kernel, an unknown precision would fall back to tf32
+    unasked."""
+    name = type(config).__name__
+    for f in dataclasses.fields(config):
+        x = getattr(config, f.name)
+
+        def bad(want, f=f, x=x):
+            return ValueError(f"{name}.{f.name} must be {want}, got {x!r}")
+
+        is_int = isinstance(x, int) and not isinstance(x, bool)
+        if f.name.endswith("block_v") and not (is_int and 16 <= x <= Vp and x & (x - 1) == 0):
+            raise bad(f"a power of two from 16 to the padded value size {Vp}")
+        if f.name.endswith("warps") and x not in (1, 2, 4, 8, 16):
+            raise bad("1, 2, 4, 8 or 16")
+        if f.name.endswith("stages") and not (is_int and x >= 1):
+            raise bad("an int >= 1")
+        if f.name in ("segment_chunks", "prefetch") and not (is_int and x >= 0):
+            raise bad("an int >= 0")
+        if "bool" in str(f.type) and not isinstance(x, bool):
+            raise bad("True, False or None")
+    if getattr(config, "f32_dots", "tf32") not in ("tf32", "highest"):
+        raise ValueError(f"{name}.f32_dots must be 'tf32' or 'highest', got {config.f32_dots!r}")
+    wy = getattr(config, "wy_precision", "highest")
+    if wy not in ("highest", "tf32x3"):
+        raise ValueError(f"{name}.wy_precision must be 'highest' or 'tf32x3', got {wy!r}")
+    if interpret and getattr(config, "wy_precision", None) == "tf32x3":
+        raise ValueError(f"{name}.wy_precision='tf32x3' needs compiled kernels (no tf32 in the interpreter)")
+    return config
+
+
 def _fill(config, **rules):
     """`config` with each None field replaced by its rule (a zero-argument callable)."""
     values = {}
@@ -142,8 +175,8 @@ def chunk_config(
     # 13). Not with the gate (whole sweeps).
     cuts = NUM_SMS // (2 * max(N, 1) * H) if context_parallel and not gated else 0  # per sequence
     c = _fill(c, segment_chunks=lambda: -(-num_chunks // (max(N, 1) * cuts)) if cuts > 1 else 0)
-    if c.segment_chunks < 0:
-        raise ValueError(f"ChunkConfig.segment_chunks must be >= 0, got {c.segment_chunks}")
+    if not isinstance(c.segment_chunks, int) or c.segment_chunks < 0:
+        raise ValueError(f"ChunkConfig.segment_chunks must be an int >= 0, got {c.segment_chunks!r}")
     # the sweeps' independent chains: sequences, or segments when they are cut
     chains_n = max(N, -(-num_chunks // c.segment_chunks)) if c.segment_chunks and not gated else N
     c = _fill(
@@ -191,7 +224,7 @@ def chunk_config(
         bwd_kernels=lambda: Kp <= 128 and (low or c.f32_dots != "highest"),
         bwd_sweep_block_v=lambda: _sweep_block_v(chains_n, H, Kp, Vp),
     )
-    return _fill(
+    c = _fill(
         c,
         bwd_sweep_warps=lambda: 8 if Kp * c.bwd_sweep_block_v >= STATE_ELEMENTS else 4,
         bwd_sweep_stages=lambda: 2 if Kp <= 128 else 1,
@@ -199,6 +232,7 @@ def chunk_config(
         bwd_intra_block_v=lambda: min(Vp, 128 if Kp <= 128 else 64),
         bwd_intra_warps=lambda: 8,
     )
+    return _checked(c, Vp, interpret)
 
 
 def fused_recurrent_config(
@@ -221,8 +255,9 @@ def fused_recurrent_config(
         return bv
 
     c = _fill(c, fwd_block_v=lambda: min(Vp, 32), bwd_block_v=bwd_block_v, prefetch=lambda: 2)
-    return _fill(
+    c = _fill(
         c,
         fwd_warps=lambda: max(2, min(8, Kp * c.fwd_block_v // 1024)),
         bwd_warps=lambda: max(1, min(8, Kp * c.bwd_block_v // 2048)),
     )
+    return _checked(c, Vp)
