@@ -2,7 +2,8 @@
 # The test suite on a GPU machine within one device call: groups of test files run as parallel
 # pytest processes (the suite is compile-bound; serially it takes longer than a call may run).
 #   bash benchmarks/gpu_tests.sh SECONDS "GPU:pytest args" ...
-# e.g. "0:tests/test_gate.py" "1:--runslow -k pallas tests/test_cp_jit.py". Each group's log
+# e.g. "0:tests/test_gate.py" "0,1:--runslow -k 'pallas or gpu' tests/test_cp_jit.py" (the args are
+# shell words: quote inside the group; GPU may list several). Each group's log
 # (one line per test, -v) is $OUT/tests_<n>.log; its failures and last line are echoed.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
@@ -14,8 +15,9 @@ mkdir -p /tmp/tc && [ -d .triton_autotune ] && cp -r .triton_autotune/. /tmp/tc/
 n=0
 for group in "$@"; do
   n=$((n + 1))
+  eval "args=(${group#*:})"
   CUDA_VISIBLE_DEVICES=${group%%:*} timeout "$secs" python -m pytest -v -rfE -p no:cacheprovider \
-    ${group#*:} >"$OUT/tests_$n.log" 2>&1 &
+    "${args[@]}" >"$OUT/tests_$n.log" 2>&1 &
 done
 wait
 for i in $(seq 1 $n); do
