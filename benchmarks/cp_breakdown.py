@@ -11,7 +11,7 @@ One sequence B1 H16 K=V=128, bf16, default implementation. Times (median of 10, 
   * `chunk_cp` on 1 and 2 devices at T: the default call (the kernels' path) and both combines
     of the composed form.
 --jit keeps the first two items; --unguarded adds them without the non-finite guard. --check T
-first compares n devices with one. With --longest, the longest T (512k times powers of two)
+first compares n devices with one. With --longest, the longest T (to 64k tokens per device)
 whose forward + backward fits one device's memory by XLA's memory analysis of the compiled
 step, on 1 GPU (plain `chunk` under jit) and on 2 GPUs (`chunk_cp`, or with --jit `chunk` on
 T-sharded inputs).
@@ -105,18 +105,29 @@ def peak_bytes(T, n):
     return m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
 
 
-def longest(n, limit, start=1 << 19):
-    """The longest T (512k times powers of two) whose forward +
-    backward fits one device's memory (95%), from compiled memory analyses."""
+def longest(n, limit, step=1 << 16):
+    """The longest T (a multiple of n * `step` tokens) whose forward + backward fits one
+    device's memory (95%), from compiled memory analyses: a line through the bytes at two
+    lengths predicts it, then compiles at the prediction and one step either side settle it."""
     cap = 0.95 * jax.devices()[0].memory_stats()["bytes_limit"]
-    best, T = None, start
-    while T <= limit:
-        need = peak_bytes(T, n)
-        print(f"  n={n} T={T}: {need / 2**30:.1f} GiB per device (cap {cap / 2**30:.1f})", flush=True)
-        if need > cap:
-            break
-        best, T = T, 2 * T
-    return best
+    unit = n * step
+    seen = {}
+
+    def fits(T):
+        if T not in seen:
+            seen[T] = peak_bytes(T, n)
+            print(f"  n={n} T={T}: {seen[T] / 2**30:.2f} GiB per device (cap {cap / 2**30:.1f})", flush=True)
+        return seen[T] <= cap
+
+    t1, t2 = 4 * unit, 8 * unit
+    fits(t1), fits(t2)
+    per_token = (seen[t2] - seen[t1]) / (t2 - t1)
+    T = min(limit, max(unit, int((cap - seen[t1]) / per_token + t1) // unit * unit))
+    while T > unit and not fits(T):
+        T -= unit
+    while T + unit <= limit and fits(T + unit):
+        T += unit
+    return T if fits(T) else None
 
 
 def run_cases(T, rows, jit_only=False, devices=(2,), segment_rows=(None,), unguarded=False):
