@@ -11,10 +11,10 @@ One sequence B1 H16 K=V=128, bf16, default implementation. Times (median of 10, 
   * `chunk_cp` on 1 and 2 devices at T: the default call (the kernels' path) and both combines
     of the composed form.
 --jit keeps the first two items; --unguarded adds them without the non-finite guard. --check T
-first compares n devices with one. With --longest, the longest T (to 64k tokens per device)
-whose forward + backward fits one device's memory by XLA's memory analysis of the compiled
-step, on 1 GPU (plain `chunk` under jit) and on 2 GPUs (`chunk_cp`, or with --jit `chunk` on
-T-sharded inputs).
+first compares n devices with one; --profile prints each kernel's time instead. With --longest,
+the longest T (to 64k tokens per device) whose forward + backward fits one device's memory by
+XLA's memory analysis of the compiled step, on 1 GPU (plain `chunk` under jit) and on 2 GPUs
+(`chunk_cp`, or with --jit `chunk` on T-sharded inputs).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -30,9 +31,10 @@ from guard_cost import guard_form  # benchmarks/ is on sys.path as the script's 
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from scaling import cp_inputs, median_ms
-from timing import grads
+from timing import device_profile, grads
 
 import iplr_jax
+from iplr_jax import segments
 from iplr_jax.context_parallel import chunk_cp
 
 H, K, V = 16, 128, 128
@@ -57,15 +59,35 @@ def cp(T, n, combine, reps=10, fwd=True):
     return t_f, median_ms(fb, *xs, reps=reps)
 
 
-def cp_jit(T, n, reps=10, segments=None):
+def cp_jit(T, n, reps=10, segments=None, **fields):
     """`chunk` under plain jit with q, k, v, a, b sharded over T on n devices (the kernels'
-    path, ops/chunk.py; `segments`: `ChunkConfig.segment_chunks`), forward and forward+backward."""
+    path, ops/chunk.py; `segments`: `ChunkConfig.segment_chunks`; `fields`: other ChunkConfig
+    fields), forward and forward+backward."""
     mesh = Mesh(np.array(jax.devices()[:n]), ("sp",))
     xs = [jax.device_put(x, NamedSharding(mesh, P(None, "sp"))) for x in cp_inputs(T, H, K, V, jnp.bfloat16)]
-    config = iplr_jax.ChunkConfig(segment_chunks=segments)
+    config = iplr_jax.ChunkConfig(segment_chunks=segments, **fields)
     f = lambda *x: iplr_jax.chunk(*x, config=config)[0]  # noqa: E731
     fb = jax.jit(grads(f))
     return median_ms(jax.jit(f), *xs, reps=reps), median_ms(fb, *xs, reps=reps)
+
+
+def profile(T, n):
+    """Each kernel's device time per call (GPU 0): plain `chunk` on one GPU at T / n, and `chunk`
+    under jit with T sharded over n devices; forward, then forward+backward. Then the times of
+    the latter with the segments' folds as a loop (the default) and as a log-depth scan."""
+    f = lambda *x: iplr_jax.chunk(*x)[0]  # noqa: E731
+    one = cp_inputs(T // n, H, K, V, jnp.bfloat16)
+    mesh = Mesh(np.array(jax.devices()[:n]), ("sp",))
+    xs = [jax.device_put(x, NamedSharding(mesh, P(None, "sp"))) for x in cp_inputs(T, H, K, V, jnp.bfloat16)]
+    for label, args in ((f"one GPU, T/{n}", one), (f"{n} devices, T", xs)):
+        for step, fn in (("forward", jax.jit(f)), ("forward+backward", jax.jit(grads(f)))):
+            print(f"--- {label}, {step}", flush=True)
+            print(device_profile(fn, *args, top=30, gaps=15), flush=True)
+    print(f"chunk under jit, T sharded over {n} devices, the segments' folds as a loop", cp_jit(T, n),
+          flush=True)
+    with mock.patch.object(segments, "SEQUENTIAL_PREFIX", 0):
+        print(f"chunk under jit, T sharded over {n} devices, the folds as a log-depth scan", cp_jit(T, n),
+              flush=True)
 
 
 def check(T, n, segments=None):
@@ -168,6 +190,11 @@ def main():
     p.add_argument("--limit", type=int, default=1 << 24)
     p.add_argument("--ts", default=None, help="T values to analyse, e.g. 1048576,1572864")
     p.add_argument("--out", default=None)
+    p.add_argument("--configs", default=None,
+                   help="only these jit rows on the first of --devices, each a ChunkConfig, e.g. "
+                        "'state_block_v=64;bwd_sweep_block_v=64' (';' between rows, ',' between fields)")
+    p.add_argument("--profile", action="store_true",
+                   help="only each kernel's time: one GPU at T / n against n devices at T")
     p.add_argument("--check", type=int, default=0, metavar="T",
                    help="first compare the 2-device jit path with one device at this T")
     p.add_argument("--jit", action="store_true",
@@ -183,6 +210,14 @@ def main():
     global JIT_PATH
     JIT_PATH = args.jit
     rows = {}
+    if args.profile:
+        return profile(args.T, devices[0])
+    if args.configs:
+        for row in args.configs.split(";"):
+            fields = {k: int(v) for k, v in (f.split("=") for f in row.split(","))}
+            print(f"chunk under jit, T sharded over {devices[0]} devices, {fields}",
+                  cp_jit(args.T, devices[0], **fields), flush=True)
+        return None
     if args.check:
         for n in devices:
             for seg in segment_rows:

@@ -31,10 +31,14 @@ def grads(f, argnums=(0, 1, 2, 3, 4)):
     return jax.grad(loss, argnums=argnums)
 
 
-def device_profile(f, *args, calls: int = 3, top: int = 12, device: str = "/device:GPU:0") -> str:
+def device_profile(
+    f, *args, calls: int = 3, top: int = 12, device: str = "/device:GPU:0", gaps: int = 0
+) -> str:
     """What one call of `f(*args)` runs on `device`, from a `jax.profiler` trace of `calls`
     calls (after a warm-up): per trace line (streams, XLA modules) the busy milliseconds per
-    call, then the `top` event names by time per call. A text table."""
+    call, then the `top` event names by time per call; with `gaps`, the device's idle time
+    within calls (no stream busy, gaps under 2 ms) and the longest `gaps` of those gaps with
+    the kernels either side. A text table."""
     import collections
     import glob
     import tempfile
@@ -61,4 +65,17 @@ def device_profile(f, *args, calls: int = 3, top: int = 12, device: str = "/devi
             for e in events:
                 names[e.name[:90]] += e.duration_ns / calls / 1e6
     rows += [f"    {ms:9.3f} ms  {name}" for name, ms in names.most_common(top)]
+    if gaps:
+        events = sorted((e.start_ns, e.start_ns + e.duration_ns, e.name[:60]) for line in plane.lines
+                         if line.name.startswith("Stream") for e in line.events)
+        idle, end, last = [], events[0][1], events[0][2]
+        for start, stop, name in events[1:]:
+            if 0 < start - end < 2_000_000:
+                idle.append((start - end, last, name))
+            if stop > end:
+                end, last = stop, name
+        rows.append(f"  idle within calls {sum(g for g, *_ in idle) / calls / 1e6:.3f} ms/call "
+                    f"in {len(idle) // calls} gaps/call; the longest:")
+        longest = sorted(idle, reverse=True)[:gaps]
+        rows += [f"    {g / 1e3:8.1f} us  after {a}  before {b}" for g, a, b in longest]
     return "\n".join(rows)

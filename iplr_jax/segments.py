@@ -68,16 +68,31 @@ def split(cu_chunks: jax.Array, num_chunks: int, segment_chunks: int) -> Segment
     return Segments(cu, seq, starts, jnp.clip(first, 0, ns - 1), jnp.clip(last, 0, ns - 1), empty)
 
 
+def _mm(x, y):
+    return jnp.einsum("...hij,...hjw->...hiw", x, y, precision=_HI)
+
+
+def _compose(e1, e2):
+    """(m2, c2) o (m1, c1) = (m2 m1, m2 c1 + c2), batched over segments and heads."""
+    (m1, c1), (m2, c2) = e1, e2
+    return _mm(m2, m1), _mm(m2, c1) + c2
+
+
+# Up to this many segments the prefix is a plain loop, one small product per segment: the
+# log-depth scan launches several times as many slices, products and concatenations, each a
+# separate small kernel on the GPU (benchmarks/NOTES.md, session 16).
+SEQUENTIAL_PREFIX = 16
+
+
 def _affine_prefix(m: jax.Array, c: jax.Array) -> jax.Array:
     """x_s = m_s x_{s-1} + c_s with m_0 = 0: the c part of the inclusive scan of the maps
-    (m_s, c_s), composed as (m2, c2) o (m1, c1) = (m2 m1, m2 c1 + c2). [NS, H, K, K], [NS, H, K, W]."""
-
-    def compose(e1, e2):
-        (m1, c1), (m2, c2) = e1, e2
-        mm = lambda x, y: jnp.einsum("shij,shjw->shiw", x, y, precision=_HI)  # noqa: E731
-        return mm(m2, m1), mm(m2, c1) + c2
-
-    return jax.lax.associative_scan(compose, (m, c))[1]
+    (m_s, c_s). [NS, H, K, K], [NS, H, K, W]."""
+    if m.shape[0] > SEQUENTIAL_PREFIX:
+        return jax.lax.associative_scan(_compose, (m, c))[1]
+    xs = [c[0]]
+    for s in range(1, m.shape[0]):
+        xs.append(_mm(m[s], xs[-1]) + c[s])
+    return jnp.stack(xs)
 
 
 def entering_states(summary: jax.Array, segs: Segments, h0: jax.Array) -> jax.Array:
