@@ -9,7 +9,8 @@ segment its own chain. A segment is affine in the state it starts from,
   1. a summary sweep gives every segment's `[h | M]` from a zero start (the state kernel run
      with K extra identity columns that read no values; `chunk._state_pass(summary=True)`);
   2. `entering_states` folds them, left to right within each sequence, into the state
-     entering every segment (a log-depth scan of affine maps over the segments);
+     entering every segment (a fold of affine maps: a loop over a few segments, a log-depth
+     scan over many);
   3. the ordinary sweep runs every segment from its entering state, writing the same
      residuals as an unsplit sweep.
 
