@@ -188,3 +188,20 @@ def test_sequence_summaries(rng, lens, impl):
             assert not np.any(fwd[n, ..., :V]) and not np.any(bwd[n, ..., :V])
         else:
             assert rel_err(fwd[n, ..., :V], h) < eps and rel_err(bwd[n, ..., :V], g) < eps
+
+
+@pytest.mark.parametrize("ns", [1, 5, 20])
+@pytest.mark.parametrize("sequential", [0, 64])
+def test_affine_prefix_loop_and_scan(rng, monkeypatch, ns, sequential):
+    """The fold of affine maps x_s = m_s x_{s-1} + c_s (x_0 = c_0) behind the segments' entering
+    states and summaries, as a loop (up to `SEQUENTIAL_PREFIX` segments) and as a log-depth
+    scan, against the float64 recurrence."""
+    monkeypatch.setattr(segments, "SEQUENTIAL_PREFIX", sequential)
+    m = rng.standard_normal((ns, 2, 8, 8)) / 3
+    c = rng.standard_normal((ns, 2, 8, 5))
+    want = [c[0]]
+    for s in range(1, ns):
+        want.append(np.einsum("hij,hjw->hiw", m[s], want[-1]) + c[s])
+    got = segments._affine_prefix(jnp.asarray(m, jnp.float32), jnp.asarray(c, jnp.float32))
+    assert got.shape == c.shape
+    assert rel_err(got, np.stack(want)) < 1e-5
