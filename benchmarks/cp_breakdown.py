@@ -34,7 +34,6 @@ from scaling import cp_inputs, median_ms
 from timing import device_profile, grads
 
 import iplr_jax
-from iplr_jax import segments
 from iplr_jax.context_parallel import chunk_cp
 
 H, K, V = 16, 128, 128
@@ -85,7 +84,7 @@ def profile(T, n):
             print(device_profile(fn, *args, top=30, gaps=15), flush=True)
     print(f"chunk under jit, T sharded over {n} devices, the segments' folds as a loop", cp_jit(T, n),
           flush=True)
-    with mock.patch.object(segments, "SEQUENTIAL_PREFIX", 0):
+    with mock.patch("iplr_jax.segments.SEQUENTIAL_PREFIX", 0):
         print(f"chunk under jit, T sharded over {n} devices, the folds as a log-depth scan", cp_jit(T, n),
               flush=True)
 
