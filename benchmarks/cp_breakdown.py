@@ -2,7 +2,8 @@
 
     python benchmarks/cp_breakdown.py --out cp_breakdown.json       # on a 2-GPU machine
 
-One sequence B1 H16 K=V=128, bf16, default implementation. Times (median of 10, ms):
+One sequence B1 H16 K=V=128, bf16, default implementation. Times (median of 10 samples of
+--back-to-back calls, 1 by default, ms):
   * plain `chunk` on one GPU at T (the baseline a user has without context parallelism) and at
     T / n for each n of --devices (one slice's own work);
   * `chunk` under jit with T sharded over n devices (the kernels' path), for each
@@ -30,14 +31,20 @@ import numpy as np
 from guard_cost import guard_form  # benchmarks/ is on sys.path as the script's folder
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
-from scaling import cp_inputs, median_ms
+from scaling import cp_inputs
 from timing import device_profile, grads
+from timing import median_ms as _median_ms
 
 import iplr_jax
 from iplr_jax.context_parallel import chunk_cp
 
 H, K, V = 16, 128, 128
 JIT_PATH = False  # --jit: the 2-GPU memory rows from `chunk` under jit (T sharded), not chunk_cp
+BACK_TO_BACK = 1  # --back-to-back: calls per timed sample (1: each call synced, its dispatch timed)
+
+
+def median_ms(fn, *args, reps=10):
+    return _median_ms(fn, *args, reps=reps, back_to_back=BACK_TO_BACK)
 
 
 def plain(T, width=V, reps=10):
@@ -192,6 +199,9 @@ def main():
     p.add_argument("--configs", default=None,
                    help="only these jit rows on the first of --devices, each a ChunkConfig, e.g. "
                         "'state_block_v=64;bwd_sweep_block_v=64' (';' between rows, ',' between fields)")
+    p.add_argument("--back-to-back", type=int, default=1,
+                   help="calls per timed sample: 1 times each call with its dispatch and sync; more "
+                        "overlap the dispatch with the previous call, as a training loop does")
     p.add_argument("--profile", action="store_true",
                    help="only each kernel's time: one GPU at T / n against n devices at T")
     p.add_argument("--check", type=int, default=0, metavar="T",
@@ -206,8 +216,8 @@ def main():
     args = p.parse_args()
     devices = tuple(int(n) for n in args.devices.split(","))
     segment_rows = tuple(None if s == "rule" else int(s) for s in args.segments.split(","))
-    global JIT_PATH
-    JIT_PATH = args.jit
+    global JIT_PATH, BACK_TO_BACK
+    JIT_PATH, BACK_TO_BACK = args.jit, args.back_to_back
     rows = {}
     if args.profile:
         return profile(args.T, devices[0])
