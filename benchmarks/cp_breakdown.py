@@ -149,7 +149,7 @@ def longest(n, limit, step=1 << 16):
 
     t1, t2 = 4 * unit, 8 * unit
     fits(t1), fits(t2)
-    per_token = (seen[t2] - seen[t1]) / (t2 - t1)
+    per_token = max(seen[t2] - seen[t1], 1) / (t2 - t1)  # bytes per token (> 0)
     T = min(limit, max(unit, int((cap - seen[t1]) / per_token + t1) // unit * unit))
     while T > unit and not fits(T):
         T -= unit
