@@ -91,9 +91,8 @@ def _state_kernel(
     the undecayed S0 (docs/gate.md).
 
     With `summary_blocks` (the number of V-blocks) the launch is a segment summary
-    (`segments`): programs past the V-blocks carry K identity columns that read no K, U or V,
-    so each sequence (segment) ends at [h | M] from a zero start; only that end state is
-    written.
+    (`segments`): programs past the V-blocks carry K identity columns that read no values, so
+    each sequence (segment) ends at [h | M] from a zero start; only that end state is written.
     """
     refs = list(refs)
     q_ref = refs.pop(0) if fuse else None
@@ -104,49 +103,42 @@ def _state_kernel(
     C, dt = chunk_size, k_ref.dtype
     n = pl.program_id(0)
     start, end = cu_ref[n], cu_ref[n + 1]
+    if summary_blocks:  # value columns from 0, identity columns from I (and no values)
+        j = pl.program_id(2)
+        takes_values = (j < summary_blocks).astype(F32)
+        s0 = identity_columns(ht_ref.shape, (j - summary_blocks) * ht_ref.shape[-1], j >= summary_blocks)
+    else:
+        takes_values, s0 = None, h0_ref[...].astype(F32)
 
-    def body(c, s, values=True):
+    def body(c, s):
         r = pl.ds(c * C, C)
         if residuals:
             h_ref[c] = s.astype(h_ref.dtype)
+        u = u_ref[r, :].astype(F32)
+        u = u if takes_values is None else takes_values * u
         if low_state:  # V2 = U + W S0
-            v2 = dot(w_ref[r, :], s.astype(dt))
+            v2 = u + dot(w_ref[r, :], s.astype(dt))
         else:
-            v2 = dot(w_ref[r, :].astype(F32), s, None, prec)
-        if values:
-            v2 = u_ref[r, :].astype(F32) + v2
+            v2 = u + dot(w_ref[r, :].astype(F32), s, None, prec)
         if residuals:
             vn_ref[r, :] = v2.astype(vn_ref.dtype)
-        b = b_ref[r, :]
-        k, v = (k_ref[r, :], v_ref[r, :]) if values else (None, None)
+        k, b, v = k_ref[r, :], b_ref[r, :], v_ref[r, :]
         if fuse:
             o = _chunk_output(q_ref[r, :], k, b, v, v2, s, dt, scale, low_v2, prec)
             o_ref[r, :] = o.astype(o_ref.dtype)
+        kv = dot(k, v, TN, None if is_low(dt) else prec)
+        if takes_values is not None:
+            kv = takes_values * kv
         if gated:
             s = gc_ref[c][:, None] * s
-        if values:  # S0 + K^T V + B^T V2
-            s = s + dot(k, v, TN, None if is_low(dt) else prec)
         if low_state:
-            return s + dot(b, v2.astype(dt), TN)
-        return s + dot(b.astype(F32), v2, TN, prec)
+            return s + kv + dot(b, v2.astype(dt), TN)
+        return s + kv + dot(b.astype(F32), v2, TN, prec)  # S0 + K^T V + B^T V2
 
     # A plain loop: Triton pipelines these tile loads itself, since they feed dots (loading the
     # next chunk by hand measured slower, benchmarks/NOTES.md).
-    if not summary_blocks:
-        ht_ref[...] = jax.lax.fori_loop(start, end, body, h0_ref[...].astype(F32))  # empty: h0
-    else:
-        # value columns from 0; identity columns from I, whose programs read no K, U, V and
-        # take no K^T V (two products a step instead of three)
-        j = pl.program_id(2)
-
-        @pl.when(j < summary_blocks)
-        def _():
-            ht_ref[...] = jax.lax.fori_loop(start, end, body, jnp.zeros(ht_ref.shape, F32))
-
-        @pl.when(j >= summary_blocks)
-        def _():
-            s0 = identity_columns(ht_ref.shape, (j - summary_blocks) * ht_ref.shape[-1], True)
-            ht_ref[...] = jax.lax.fori_loop(start, end, functools.partial(body, values=False), s0)
+    s = jax.lax.fori_loop(start, end, body, s0)
+    ht_ref[...] = s  # an empty sequence keeps h0
 
     if residuals or fuse:
         # The last program of each (head, V-block) zero-fills the padding chunks past

@@ -72,7 +72,7 @@ def _sweep_kernel(
 ):
     """One (sequence, head, V-block): dS from dht back to the sequence's first chunk. With
     `summary_blocks` (the number of V-blocks) a segment summary (`segments`): value columns
-    from 0, programs past them K identity columns that read no Q or dO, ending at [g | M^T]; only
+    from 0, programs past them K identity columns that read no dO, ending at [g | M^T]; only
     that start cotangent is written. With `scaled` (the gated chunk on decayed operands,
     `gate_factors`), two refs of per-chunk rows [NC, Kp] come first: dS_C is scaled by
     e^{G_C - Gm} on entering the chunk (and written so) and dS0 by e^{Gm} on leaving it."""
@@ -81,40 +81,33 @@ def _sweep_kernel(
     n = pl.program_id(0)
     c0, c1 = cu_ref[n], cu_ref[n + 1]
     incl = tri(C, strict=False)
-    mm = functools.partial(dot_as, dt=dt, f32_precision=f32_prec)
+    if summary_blocks:
+        j = pl.program_id(2)
+        takes_do = (j < summary_blocks).astype(jnp.float32)
+        ds0 = identity_columns(dh0_ref.shape, (j - summary_blocks) * dh0_ref.shape[-1], j >= summary_blocks)
+    else:
+        takes_do, ds0 = None, dht_ref[...].astype(jnp.float32)
 
-    def body(i, ds, values=True):
+    def body(i, ds):
         c = c1 - 1 - i
         if scaled:
             ds = into_ref[c][:, None] * ds
         if dsc_ref is not None:
             dsc_ref[c] = ds.astype(dsc_ref.dtype)  # cotangent of the state after chunk c
         rows = pl.ds(c * C, C)
-        b, w = b_ref[rows, :], w_ref[rows, :]
-        dv2 = mm(b, ds)
-        if values:
-            q, do = q_ref[rows, :], do_ref[rows, :]
-            mqb = mask(incl, scale * mm(q, b, tb=True))  # off the dS chain
-            dv2 = mm(mqb, do, ta=True) + dv2
-            ds = ds + scale * mm(q, do, ta=True)
-        ds = ds + mm(w, dv2, ta=True)
+        q, b, w, do = q_ref[rows, :], b_ref[rows, :], w_ref[rows, :], do_ref[rows, :]
+        mm = functools.partial(dot_as, dt=dt, f32_precision=f32_prec)
+        mqb = mask(incl, scale * mm(q, b, tb=True))  # off the dS chain
+        from_do = mm(mqb, do, ta=True)
+        from_q = scale * mm(q, do, ta=True)
+        if takes_do is not None:
+            from_do, from_q = takes_do * from_do, takes_do * from_q
+        dv2 = from_do + mm(b, ds)
+        ds = ds + from_q + mm(w, dv2, ta=True)
         return out_ref[c][:, None] * ds if scaled else ds
 
-    if not summary_blocks:
-        dh0_ref[...] = lax.fori_loop(0, c1 - c0, body, dht_ref[...].astype(jnp.float32))  # empty: dht
-    else:
-        # value columns from 0; identity columns from I, whose programs read no Q or dO and
-        # take only B dS and W^T dV2 (two products a step instead of five)
-        j = pl.program_id(2)
-
-        @pl.when(j < summary_blocks)
-        def _():
-            dh0_ref[...] = lax.fori_loop(0, c1 - c0, body, jnp.zeros(dh0_ref.shape, jnp.float32))
-
-        @pl.when(j >= summary_blocks)
-        def _():
-            ds0 = identity_columns(dh0_ref.shape, (j - summary_blocks) * dh0_ref.shape[-1], True)
-            dh0_ref[...] = lax.fori_loop(0, c1 - c0, functools.partial(body, values=False), ds0)
+    ds = lax.fori_loop(0, c1 - c0, body, ds0)
+    dh0_ref[...] = ds  # empty sequence: no iterations, dh0 = dht
 
 
 def _sweep(
